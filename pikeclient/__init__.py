@@ -1,0 +1,1 @@
+from pikeclient.client import BaseLLMClient

@@ -1,0 +1,80 @@
+"""Azure OpenAI: a deployment on ``https://<resource>.openai.azure.com``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+
+from pikeclient.backends.openai import OpenAIClient, check_url
+from pikeclient.errors import ConfigError
+
+ENTRA_SCOPE = "https://cognitiveservices.azure.com/.default"
+
+
+class AzureOpenAIClient(OpenAIClient):
+    """Chat completions on an Azure OpenAI deployment.
+
+    Args:
+        azure_endpoint: ``https://<resource>.openai.azure.com``.
+        deployment: the deployment name (what Azure routes on).
+        api_version: e.g. ``2024-10-21``.
+        model: the model behind the deployment (``gpt-4o``); used for token counting and cost.
+        api_key_env: environment variable holding the key; ignored with ``use_entra_id``.
+        use_entra_id: authenticate with Microsoft Entra ID (needs ``azure-identity``).
+    """
+
+    provider = "azure_openai"
+
+    def __init__(
+        self,
+        *,
+        azure_endpoint: str,
+        deployment: str,
+        api_version: str,
+        model: str,
+        api_key_env: str | None = "AZURE_OPENAI_API_KEY",
+        use_entra_id: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.azure_endpoint = check_url(azure_endpoint, "llm.azure_endpoint")
+        self.deployment = deployment
+        self.api_version = api_version
+        self.use_entra_id = use_entra_id
+        if not deployment:
+            raise ConfigError("llm.deployment is empty: name the Azure deployment to call")
+        # With Entra ID there is no key to read; OpenAIClient reads none when api_key_env is None.
+        super().__init__(model=model, api_key_env=None if use_entra_id else api_key_env, **kwargs)
+
+    def _azure_args(self) -> dict[str, Any]:
+        args = {k: v for k, v in self._sdk_args.items() if k != "api_key"}
+        args.update(azure_endpoint=self.azure_endpoint, azure_deployment=self.deployment, api_version=self.api_version)
+        if self.use_entra_id:
+            args["azure_ad_token_provider"] = _entra_token_provider()
+        else:
+            args["api_key"] = self._sdk_args["api_key"]
+        return args
+
+    def _make_sync(self) -> openai.AzureOpenAI:
+        return openai.AzureOpenAI(**self._azure_args())
+
+    def _make_async(self) -> openai.AsyncAzureOpenAI:
+        return openai.AsyncAzureOpenAI(**self._azure_args())
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "model": self.model,
+            "endpoint": self.azure_endpoint,
+            "deployment": self.deployment,
+            "api_version": self.api_version,
+            "stream": self.stream,
+        }
+
+
+def _entra_token_provider() -> Any:
+    try:
+        from azure.identity import DefaultAzureCredential, get_bearer_token_provider
+    except ImportError as error:
+        raise ConfigError("llm.use_entra_id=true needs azure-identity: pip install 'pikeclient[azure]'") from error
+    return get_bearer_token_provider(DefaultAzureCredential(), ENTRA_SCOPE)

@@ -1,0 +1,272 @@
+"""OpenAI and any OpenAI-compatible server (vLLM, Ollama, llama.cpp server) through the openai SDK."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpx2
+import openai
+
+from pikeclient.client import BaseLLMClient
+from pikeclient.errors import (
+    ConfigError,
+    LLMConnectionError,
+    LLMError,
+    LLMTimeoutError,
+    ServerError,
+    error_for_status,
+)
+from pikeclient.retry import parse_retry_after
+from pikeclient.tokens import TiktokenCounter
+from pikeclient.types import Completion, Message, SamplingParams, Usage
+
+# Sent when a server needs no key (local vLLM, Ollama): the SDK refuses an empty one.
+NO_KEY = "no-key"
+
+
+def read_api_key(env_var: str | None) -> str:
+    """The key from the environment variable the config names; keys never live in config files."""
+    if not env_var:
+        return NO_KEY
+    key = os.environ.get(env_var, "").strip()
+    if not key:
+        raise ConfigError(f"environment variable {env_var} is not set (it should hold the API key; see llm.api_key_env)")
+    return key
+
+
+class OpenAIClient(BaseLLMClient):
+    """Chat completions against OpenAI or an OpenAI-compatible ``base_url``.
+
+    Args:
+        model: model name sent to the server.
+        base_url: e.g. ``http://localhost:8000/v1`` for vLLM; None for api.openai.com.
+        api_key_env: name of the environment variable holding the key (None: server needs no key).
+        timeout: seconds for one attempt.
+        stream: stream the answer (gives time to first token).
+        max_tokens_field: ``max_tokens`` or ``max_completion_tokens`` (newer OpenAI models).
+        tokenizer_model: model name tiktoken should count with, when ``model`` is an alias.
+        default_headers: extra HTTP headers for every request.
+    """
+
+    provider = "openai"
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        base_url: str | None = None,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        organization: str | None = None,
+        timeout: float = 60.0,
+        stream: bool = False,
+        max_tokens_field: str = "max_tokens",
+        tokenizer_model: str | None = None,
+        default_headers: Mapping[str, str] | None = None,
+        **common: Any,
+    ) -> None:
+        super().__init__(model=model, **common)
+        if timeout <= 0:
+            raise ConfigError(f"llm.timeout={timeout} must be > 0 seconds")
+        if max_tokens_field not in ("max_tokens", "max_completion_tokens"):
+            raise ConfigError(f"llm.max_tokens_field={max_tokens_field!r}: allowed max_tokens, max_completion_tokens")
+        self.base_url = check_url(base_url, "llm.base_url") if base_url else None
+        self.stream = stream
+        self.timeout = timeout
+        self.max_tokens_field = max_tokens_field
+        self._counter = TiktokenCounter(tokenizer_model or model)
+        self._sdk_args: dict[str, Any] = {
+            "api_key": read_api_key(api_key_env),
+            "timeout": timeout,
+            "max_retries": 0,  # pikeclient's retry policy is the only one
+            "default_headers": dict(default_headers or {}) or None,
+        }
+        if organization:
+            self._sdk_args["organization"] = organization
+        self._sync: openai.OpenAI | None = None
+        self._async: openai.AsyncOpenAI | None = None
+
+    # -- SDK clients (created on first use, one pair per client object) ----------------------------
+
+    def _make_sync(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, **self._sdk_args)
+
+    def _make_async(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.base_url, **self._sdk_args)
+
+    @property
+    def sdk(self) -> openai.OpenAI:
+        if self._sync is None:
+            self._sync = self._make_sync()
+        return self._sync
+
+    @property
+    def async_sdk(self) -> openai.AsyncOpenAI:
+        if self._async is None:
+            self._async = self._make_async()
+        return self._async
+
+    def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+
+    async def aclose(self) -> None:
+        self.close()
+        if self._async is not None:
+            await self._async.close()
+            self._async = None
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "endpoint": str(self.sdk.base_url), "stream": self.stream}
+
+    # -- one attempt ------------------------------------------------------------------------------
+
+    def _complete(self, messages: list[Message], params: SamplingParams) -> Completion:
+        start = time.perf_counter()
+        try:
+            response = self.sdk.chat.completions.create(**self._request(messages, params))
+            if not self.stream:
+                return _completion(response)
+            return _consume_stream(response, start)
+        except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
+            raise translate_error(error) from error
+
+    async def _acomplete(self, messages: list[Message], params: SamplingParams) -> Completion:
+        start = time.perf_counter()
+        try:
+            response = await self.async_sdk.chat.completions.create(**self._request(messages, params))
+            if not self.stream:
+                return _completion(response)
+            return await _aconsume_stream(response, start)
+        except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
+            raise translate_error(error) from error
+
+    def _request(self, messages: list[Message], params: SamplingParams) -> dict[str, Any]:
+        request: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            self.max_tokens_field: params.max_tokens,
+        }
+        if params.stop:
+            request["stop"] = list(params.stop)
+        if params.seed is not None:
+            request["seed"] = params.seed
+        extra = {"top_k": params.top_k, "repetition_penalty": params.repetition_penalty}
+        extra = {k: v for k, v in extra.items() if v is not None}
+        if extra:  # not OpenAI parameters; vLLM and llama.cpp read them from the body
+            request["extra_body"] = extra
+        if self.stream:
+            request["stream"] = True
+            request["stream_options"] = {"include_usage": True}
+        return request
+
+    # -- token counting -----------------------------------------------------------------------------
+
+    def get_token_count(self, text: str) -> int:
+        return self._counter.count(text)
+
+    def count_message_tokens(self, messages: list[Message]) -> int:
+        return self._counter.count_messages(messages)
+
+
+def check_url(url: str, key: str) -> str:
+    """Fail at construction, not at the first request, on a URL without scheme or host."""
+    parsed = httpx2.URL(url) if "://" in url else None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ConfigError(f"{key}={url!r} is not an http(s) URL")
+    return url
+
+
+def _completion(response: Any) -> Completion:
+    if not getattr(response, "choices", None):
+        raise ServerError("server answered without choices")
+    choice = response.choices[0]
+    return Completion(
+        text=choice.message.content or "",
+        finish_reason=choice.finish_reason,
+        usage=_usage(response.usage),
+        model=response.model,
+    )
+
+
+def _usage(usage: Any) -> Usage:
+    if usage is None or usage.prompt_tokens is None or usage.completion_tokens is None:
+        return Usage()
+    return Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, source="server")
+
+
+class _StreamState:
+    """Accumulates a streamed answer; shared by the sync and async readers."""
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.parts: list[str] = []
+        self.ttft: float | None = None
+        self.finish_reason: str | None = None
+        self.usage = Usage()
+        self.model: str | None = None
+
+    def add(self, chunk: Any) -> None:
+        self.model = chunk.model or self.model
+        if chunk.usage is not None:
+            self.usage = _usage(chunk.usage)
+        for choice in chunk.choices or ():
+            content = choice.delta.content if choice.delta else None
+            if content:
+                if self.ttft is None:
+                    self.ttft = time.perf_counter() - self.start
+                self.parts.append(content)
+            if choice.finish_reason:
+                self.finish_reason = choice.finish_reason
+
+    def result(self) -> Completion:
+        if self.finish_reason is None:
+            # The server closed the stream before saying it was done: the answer may be cut.
+            raise LLMConnectionError("stream ended before the answer was complete")
+        return Completion("".join(self.parts), self.finish_reason, self.usage, self.ttft, self.model)
+
+
+def _consume_stream(stream: Any, start: float) -> Completion:
+    state = _StreamState(start)
+    with stream:
+        for chunk in stream:
+            state.add(chunk)
+    return state.result()
+
+
+async def _aconsume_stream(stream: Any, start: float) -> Completion:
+    state = _StreamState(start)
+    async with stream:
+        async for chunk in stream:
+            state.add(chunk)
+    return state.result()
+
+
+def translate_error(error: Exception) -> LLMError | Exception:
+    """Map an openai SDK or transport exception to pikeclient's error classes."""
+    if isinstance(error, LLMError):
+        return error
+    if isinstance(error, (openai.APITimeoutError, httpx2.TimeoutException)):
+        return LLMTimeoutError(f"timed out: {error}")
+    if isinstance(error, openai.APIStatusError):
+        return error_for_status(error.status_code, _status_message(error), parse_retry_after(error.response.headers))
+    if isinstance(error, (openai.APIConnectionError, httpx2.TransportError)):
+        return LLMConnectionError(f"connection failed: {error}")
+    if isinstance(error, (openai.APIResponseValidationError, json.JSONDecodeError)):
+        return ServerError(f"malformed response: {error}")
+    return error
+
+
+def _status_message(error: openai.APIStatusError) -> str:
+    body = error.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return error.message

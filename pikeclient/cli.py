@@ -1,0 +1,39 @@
+"""The command-line layer under run.py: run the experiment, print the summary, exit 1 on bad input."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from pikeclient.errors import PikeError
+from pikeclient.experiment import run_experiment
+from pikeclient.stats import format_summary
+
+log = logging.getLogger(__name__)
+
+
+def hydra_job_info() -> dict[str, Any]:
+    """What identifies this Hydra job: its choices, and for a sweep its folder and number."""
+    hydra = HydraConfig.get()
+    info: dict[str, Any] = {f"choice.{k}": v for k, v in hydra.runtime.choices.items() if not k.startswith("hydra")}
+    info["job_name"] = hydra.job.override_dirname or hydra.runtime.choices.get("llm", hydra.job.name)
+    if hydra.mode == RunMode.MULTIRUN:
+        info["sweep_dir"] = hydra.sweep.dir
+        info["job_num"] = hydra.job.num
+    return info
+
+
+def main(cfg: DictConfig) -> float | None:
+    """Run one job; return its median latency (what a Hydra sweeper such as Optuna minimises)."""
+    try:
+        stats = run_experiment(cfg, HydraConfig.get().runtime.output_dir, hydra_job_info())
+    except PikeError as error:
+        log.error("%s", error)
+        sys.exit(1)
+    print(format_summary(stats, f"pikeclient: {hydra_job_info()['job_name']}"))
+    return stats.metrics().get("latency_s_p50")

@@ -1,0 +1,128 @@
+"""The client interface every backend implements.
+
+A backend implements one attempt of a chat call (``_complete`` and ``_acomplete``) and token counting;
+this base class adds sampling defaults, the retry policy, timing and local token counting, the same
+way for every backend.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from pikeclient.retry import RetryOutcome, RetryPolicy
+from pikeclient.types import ChatResult, Completion, Message, SamplingParams, Usage, user_message
+
+
+class BaseLLMClient(abc.ABC):
+    """One interface for every LLM backend.
+
+    ``generate``/``agenerate`` take a prompt and return text; ``chat``/``achat`` take OpenAI-style
+    messages and return a :class:`ChatResult` with finish reason, usage, latency and attempts.
+    Sampling settings given per call override the client's defaults.
+    """
+
+    provider: ClassVar[str] = "unknown"
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        sampling: SamplingParams | Mapping[str, Any] | None = None,
+        retry: RetryPolicy | Mapping[str, Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.sampling = sampling if isinstance(sampling, SamplingParams) else SamplingParams.from_mapping(sampling)
+        self.retry = retry if isinstance(retry, RetryPolicy) else RetryPolicy(**dict(retry or {}))
+
+    # -- public API -------------------------------------------------------------------------------
+
+    def generate(self, prompt: str, **sampling: Any) -> str:
+        """Complete ``prompt`` (sent as one user message) and return the text."""
+        return self.chat(user_message(prompt), **sampling).text
+
+    async def agenerate(self, prompt: str, **sampling: Any) -> str:
+        """Async :meth:`generate`."""
+        return (await self.achat(user_message(prompt), **sampling)).text
+
+    def chat(self, messages: Sequence[Message], **sampling: Any) -> ChatResult:
+        """Send chat ``messages``; retries transient failures under the client's retry policy."""
+        messages, params = self._prepare(messages, sampling)
+        start = time.perf_counter()
+        outcome = self.retry.call(lambda: self._complete(messages, params))
+        return self._finish(messages, outcome, time.perf_counter() - start)
+
+    async def achat(self, messages: Sequence[Message], **sampling: Any) -> ChatResult:
+        """Async :meth:`chat`."""
+        messages, params = self._prepare(messages, sampling)
+        start = time.perf_counter()
+        outcome = await self.retry.acall(lambda: self._acomplete(messages, params))
+        return self._finish(messages, outcome, time.perf_counter() - start)
+
+    @abc.abstractmethod
+    def get_token_count(self, text: str) -> int | None:
+        """Tokens in ``text`` for this client's model, or None when no tokenizer is known."""
+
+    def count_message_tokens(self, messages: Sequence[Message]) -> int | None:
+        """Prompt tokens of ``messages`` as the model sees them; backends refine the formatting."""
+        counts = [self.get_token_count(m.get("content", "")) for m in messages]
+        return None if None in counts else sum(counts)
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies this client's endpoint in records and tags (never credentials)."""
+        return {"provider": self.provider, "model": self.model}
+
+    def close(self) -> None:
+        """Release connections or model memory. Safe to call twice."""
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __enter__(self) -> BaseLLMClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- backend hooks ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _complete(self, messages: list[Message], params: SamplingParams) -> Completion:
+        """One attempt; raise a :class:`pikeclient.errors.LLMError` subclass on failure."""
+
+    @abc.abstractmethod
+    async def _acomplete(self, messages: list[Message], params: SamplingParams) -> Completion:
+        """One attempt, async."""
+
+    # -- shared steps -----------------------------------------------------------------------------
+
+    def _prepare(self, messages: Sequence[Message], overrides: Mapping[str, Any]) -> tuple[list[Message], SamplingParams]:
+        if not messages:
+            raise ValueError("messages must not be empty")
+        return list(messages), self.sampling.merged(overrides)
+
+    def _finish(self, messages: list[Message], outcome: RetryOutcome[Completion], elapsed: float) -> ChatResult:
+        completion = outcome.value
+        return ChatResult(
+            text=completion.text,
+            finish_reason=completion.finish_reason,
+            usage=self._usage(messages, completion),
+            latency_s=elapsed - outcome.backoff_s,
+            attempts=outcome.attempts,
+            backoff_s=outcome.backoff_s,
+            ttft_s=completion.ttft_s,
+            model=completion.model or self.model,
+        )
+
+    def _usage(self, messages: list[Message], completion: Completion) -> Usage:
+        """The server's usage when complete, otherwise a local count (or an honest "none")."""
+        usage = completion.usage
+        if usage.source != "none" and usage.total_tokens is not None:
+            return usage
+        prompt = self.count_message_tokens(messages)
+        answer = self.get_token_count(completion.text)
+        if prompt is None or answer is None:
+            return Usage(source="none")
+        return Usage(prompt_tokens=prompt, completion_tokens=answer, source="local")

@@ -1,0 +1,112 @@
+"""Structured config: dataclass schemas registered in Hydra's ConfigStore, and validation.
+
+Types are checked when Hydra composes the config (a typo in a key or a string where a number belongs
+fails at load time); ranges are checked by :func:`validate`, which turns every problem into one line.
+The schemas use ``Optional``/``List`` because OmegaConf 2.3 does not read ``X | None`` annotations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional  # noqa: UP035 - OmegaConf 2.3 needs typing generics
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from pikeclient.errors import ConfigError
+from pikeclient.retry import RetryPolicy
+from pikeclient.types import SamplingParams
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: Optional[List[str]] = None
+    seed: Optional[int] = None
+    top_k: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+
+
+@dataclass
+class RetryConfig:
+    max_attempts: int = 4
+    initial_delay: float = 0.5
+    multiplier: float = 2.0
+    max_delay: float = 20.0
+    jitter: bool = True
+    max_retry_after: float = 60.0
+    deadline: Optional[float] = None
+
+
+@dataclass
+class DatasetConfig:
+    path: str = MISSING
+    limit: Optional[int] = None
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: Optional[str] = None
+    experiment_name: str = "pikeclient"
+    run_name: Optional[str] = None
+    log_records: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    concurrency: int = 8
+    records_file: str = "records.jsonl"
+
+
+@dataclass
+class PathsConfig:
+    runs_dir: str = MISSING
+
+
+@dataclass
+class Config:
+    """The root schema; ``llm`` is free-form because each backend takes its own arguments."""
+
+    llm: Any = MISSING
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def register_configs() -> None:
+    """Register the schemas; ``conf/config.yaml`` lists ``base_config`` first in its defaults."""
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+
+
+def sampling_params(cfg: DictConfig) -> SamplingParams:
+    return _checked("sampling", lambda: SamplingParams.from_mapping(OmegaConf.to_container(cfg.sampling)))
+
+
+def retry_policy(cfg: DictConfig) -> RetryPolicy:
+    return _checked("retry", lambda: RetryPolicy(**OmegaConf.to_container(cfg.retry)))
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check ranges the schema's types cannot express; raise ConfigError naming the key."""
+    sampling_params(cfg)
+    retry_policy(cfg)
+    if cfg.experiment.concurrency < 1:
+        raise ConfigError(f"experiment.concurrency={cfg.experiment.concurrency} is out of range: allowed >= 1")
+    if cfg.dataset.limit is not None and cfg.dataset.limit < 1:
+        raise ConfigError(f"dataset.limit={cfg.dataset.limit} is out of range: allowed >= 1")
+    if not OmegaConf.is_dict(cfg.llm) or "_target_" not in cfg.llm:
+        raise ConfigError("llm must name a backend with _target_ (choose a file in conf/llm/)")
+
+
+def _checked(group: str, build: Any) -> Any:
+    try:
+        return build()
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{group}.{error}") from error

@@ -1,0 +1,115 @@
+"""The experiment: push a prompt set through a client with bounded concurrency and record every call."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from pikeclient.client import BaseLLMClient
+from pikeclient.config import validate
+from pikeclient.dataset import PromptItem, load_prompts
+from pikeclient.errors import LLMError
+from pikeclient.factory import create_client
+from pikeclient.stats import RunStats
+
+log = logging.getLogger(__name__)
+
+
+def run_experiment(cfg: DictConfig, output_dir: str | Path, hydra_info: dict[str, Any] | None = None) -> RunStats:
+    """Run ``cfg``'s dataset through ``cfg``'s client; write records to ``output_dir``; log to MLflow.
+
+    Everything that can be checked before a call is made (config, dataset, credentials, model) is
+    checked first, so a bad input fails before an MLflow run or a records file exists.
+    """
+    validate(cfg)
+    prompts = load_prompts(cfg.dataset.path, cfg.dataset.limit)
+    client = create_client(cfg)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    records_path = output_dir / cfg.experiment.records_file
+    try:
+        with _tracked_run(cfg, client, hydra_info or {}) as run:
+            with records_path.open("w", encoding="utf-8") as sink:
+                stats = asyncio.run(run_prompts(client, prompts, cfg.experiment.concurrency, sink))
+            if run is not None:
+                run.log_results(stats.metrics(), records_path, output_dir, log_records=cfg.tracking.log_records)
+    finally:
+        client.close()
+    return stats
+
+
+async def run_prompts(
+    client: BaseLLMClient, prompts: Sequence[PromptItem], concurrency: int, sink: IO[str] | None = None
+) -> RunStats:
+    """Call ``client`` once per prompt, at most ``concurrency`` calls in flight; stream records to ``sink``.
+
+    A fixed pool of workers pulls prompts from one iterator, so no task is created per prompt and a
+    call's latency starts when the call starts, not while it waits for a free slot.
+    """
+    stats = RunStats()
+    pending = iter(enumerate(prompts))
+    progress = tqdm(total=len(prompts), desc="calls", unit="call", file=sys.stderr, disable=None, mininterval=0.5)
+
+    async def worker() -> None:
+        for index, item in pending:
+            record = await call_one(client, index, item)
+            stats.add(record)
+            if sink is not None:
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+            progress.update(1)
+
+    start = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(prompts)))))
+    finally:
+        stats.wall_s = time.perf_counter() - start
+        progress.close()
+        await client.aclose()
+    return stats
+
+
+async def call_one(client: BaseLLMClient, index: int, item: PromptItem) -> dict[str, Any]:
+    """One prompt's record: the answer with its measurements, or the error with its class."""
+    record: dict[str, Any] = {"index": index, "id": item.id, "prompt": item.prompt}
+    try:
+        result = await client.achat(item.messages)
+    except LLMError as error:
+        record.update(
+            response=None, finish_reason=None, usage={"prompt_tokens": None, "completion_tokens": None,
+                                                      "total_tokens": None, "source": "none"},
+            latency_s=None, attempts=error.attempts, backoff_s=error.backoff_s, ttft_s=None,
+            error=str(error), error_kind=error.kind,
+        )
+        return record
+    data = result.to_dict()
+    record.update(response=data.pop("text"), **data, error=None, error_kind=None)
+    return record
+
+
+@contextlib.contextmanager
+def _tracked_run(cfg: DictConfig, client: BaseLLMClient, hydra_info: dict[str, Any]) -> Iterator[Any]:
+    if not cfg.tracking.enabled:
+        yield None
+        return
+    from pikeclient.tracking import MlflowRun, default_tracking_uri, flatten
+
+    runs_dir = Path(cfg.paths.runs_dir)
+    uri = cfg.tracking.tracking_uri or default_tracking_uri(runs_dir)
+    description = client.describe()
+    tags = {f"pikeclient.{k}": str(v) for k, v in {**description, **hydra_info}.items()}
+    run_name = cfg.tracking.run_name or hydra_info.get("job_name") or description["provider"]
+    with MlflowRun(uri, cfg.tracking.experiment_name, run_name=run_name, tags=tags,
+                   artifact_root=str(runs_dir / "mlartifacts")) as run:
+        config = OmegaConf.to_container(cfg, resolve=True)
+        run.log_params({**flatten(config), **flatten({"client": description})})
+        yield run

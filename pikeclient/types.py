@@ -1,0 +1,125 @@
+"""Result and parameter types shared by every backend.
+
+Everything here is a small frozen dataclass: raw SDK objects never leave their backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+Message = Mapping[str, str]
+"""An OpenAI-style chat message: ``{"role": "user", "content": "..."}``."""
+
+TokenSource = Literal["server", "local", "none"]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token usage of one call and where the numbers came from.
+
+    ``source`` is ``"server"`` when the endpoint reported usage, ``"local"`` when pikeclient counted
+    the tokens with a tokenizer, and ``"none"`` when nothing trustworthy was available.
+    """
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    source: TokenSource = "none"
+
+    @property
+    def total_tokens(self) -> int | None:
+        if self.prompt_tokens is None or self.completion_tokens is None:
+            return None
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a backend returns for one successful attempt (before retry and timing are added)."""
+
+    text: str
+    finish_reason: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    ttft_s: float | None = None
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """The outcome of one chat call, retries included."""
+
+    text: str
+    finish_reason: str | None
+    usage: Usage
+    latency_s: float
+    attempts: int = 1
+    backoff_s: float = 0.0
+    ttft_s: float | None = None
+    model: str | None = None
+    cached: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["usage"]["total_tokens"] = self.usage.total_tokens
+        return data
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings. A client holds defaults; each call may override some of them."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] | None = None
+    seed: int | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+
+    def __post_init__(self) -> None:
+        check_range("temperature", self.temperature, 0.0, 2.0)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} is out of range: allowed (0, 1]")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} is out of range: allowed >= 1")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} is out of range: allowed >= 1")
+        if isinstance(self.stop, str) or isinstance(self.stop, list):
+            object.__setattr__(self, "stop", normalize_stop(self.stop))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> SamplingParams:
+        """Build from a config mapping, ignoring keys that are not sampling settings."""
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in (values or {}).items() if k in names}
+        if kwargs.get("stop") is not None:
+            kwargs["stop"] = normalize_stop(kwargs["stop"])
+        return cls(**kwargs)
+
+    def merged(self, overrides: Mapping[str, Any]) -> SamplingParams:
+        """Per-call overrides on top of the client's defaults; unknown names are an error."""
+        if not overrides:
+            return self
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown sampling parameter(s): {', '.join(unknown)}")
+        values = dict(overrides)
+        if values.get("stop") is not None:
+            values["stop"] = normalize_stop(values["stop"])
+        return replace(self, **values)
+
+
+def normalize_stop(stop: str | Sequence[str]) -> tuple[str, ...] | None:
+    items = (stop,) if isinstance(stop, str) else tuple(stop)
+    return tuple(s for s in items if s) or None
+
+
+def check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"{name}={value} is out of range: allowed [{low:g}, {high:g}]")
+
+
+def user_message(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]

@@ -1,0 +1,18 @@
+"""Run an experiment: ``python run.py [llm=...] [sampling.temperature=...]``; ``-m`` for a sweep."""
+
+import hydra
+from omegaconf import DictConfig
+
+from pikeclient.cli import main as run_job
+from pikeclient.config import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    return run_job(cfg)
+
+
+if __name__ == "__main__":
+    main()
