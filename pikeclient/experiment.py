@@ -103,7 +103,7 @@ def _tracked_run(cfg: DictConfig, client: BaseLLMClient, hydra_info: dict[str, A
         return
     from pikeclient.tracking import MlflowRun, default_tracking_uri, flatten
 
-    runs_dir = Path(cfg.paths.runs_dir)
+    runs_dir = Path(cfg.paths.runs_dir).resolve()  # jobs run in the launch directory (no chdir)
     uri = cfg.tracking.tracking_uri or default_tracking_uri(runs_dir)
     description = client.describe()
     tags = {f"pikeclient.{k}": str(v) for k, v in {**description, **hydra_info}.items()}

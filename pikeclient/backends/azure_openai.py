@@ -41,6 +41,7 @@ class AzureOpenAIClient(OpenAIClient):
         self.deployment = deployment
         self.api_version = api_version
         self.use_entra_id = use_entra_id
+        self._token_provider = _entra_token_provider() if use_entra_id else None
         if not deployment:
             raise ConfigError("llm.deployment is empty: name the Azure deployment to call")
         # With Entra ID there is no key to read; OpenAIClient reads none when api_key_env is None.
@@ -50,7 +51,7 @@ class AzureOpenAIClient(OpenAIClient):
         args = {k: v for k, v in self._sdk_args.items() if k != "api_key"}
         args.update(azure_endpoint=self.azure_endpoint, azure_deployment=self.deployment, api_version=self.api_version)
         if self.use_entra_id:
-            args["azure_ad_token_provider"] = _entra_token_provider()
+            args["azure_ad_token_provider"] = self._token_provider
         else:
             args["api_key"] = self._sdk_args["api_key"]
         return args

@@ -125,6 +125,7 @@ class FakeLLMServer:
 
     def _run(self, ready: threading.Event) -> None:
         self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
         self._server = self._loop.run_until_complete(asyncio.start_server(self._handle, self.host, self.port))
         self.port = self._server.sockets[0].getsockname()[1]
         ready.set()

@@ -1,0 +1,71 @@
+"""Local transformers backend on a tiny Llama built by the tests (save_pretrained, from_pretrained)."""
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from pikeclient.backends.hf_meta_llama import HFLocalClient  # noqa: E402
+from pikeclient.errors import BadRequestError, ConfigError  # noqa: E402
+from pikeclient.smoke_model import build_tiny_llama  # noqa: E402
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model):
+    return HFLocalClient(model=tiny_model, sampling={"max_tokens": 16}, batch_size=4)
+
+
+def test_greedy_is_deterministic_and_respects_max_new_tokens(llm):
+    first, second = llm.chat(MESSAGES), llm.chat(MESSAGES)
+    assert first.text == second.text and first.text
+    assert first.usage.completion_tokens <= 16 and first.finish_reason in ("length", "stop")
+    assert llm.chat(MESSAGES, max_tokens=3).usage.completion_tokens <= 3
+
+
+def test_token_counts_are_exact(llm):
+    result = llm.chat(MESSAGES)
+    templated = llm.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    assert result.usage.prompt_tokens == len(llm.tokenizer(templated, add_special_tokens=False)["input_ids"])
+    assert result.usage.source == "local"
+    assert llm.get_token_count("hello world") == len(llm.tokenizer("hello world", add_special_tokens=False)["input_ids"])
+
+
+def test_batched_equals_one_at_a_time(llm):
+    prompts = [[{"role": "user", "content": f"Explain item {i}" + " please" * i}] for i in range(7)]
+    single = [llm.chat(p).text for p in prompts]
+
+    async def batched():
+        return await asyncio.gather(*(llm.achat(p) for p in prompts))
+
+    assert [r.text for r in asyncio.run(batched())] == single
+
+
+def test_stop_strings_cut_the_text(llm):
+    full = llm.chat(MESSAGES, max_tokens=16).text
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    assert stop
+    cut = llm.chat(MESSAGES, max_tokens=16, stop=[stop])
+    assert stop not in cut.text and full.startswith(cut.text)
+    assert cut.finish_reason == "stop"
+
+
+def test_seed_makes_sampling_reproducible(llm):
+    a = llm.chat(MESSAGES, temperature=1.0, seed=7).text
+    b = llm.chat(MESSAGES, temperature=1.0, seed=7).text
+    assert a == b
+
+
+def test_model_without_chat_template(tmp_path):
+    path = build_tiny_llama(tmp_path / "no-template", chat_template=None)
+    c = HFLocalClient(model=str(path), sampling={"max_tokens": 4})
+    assert isinstance(c.generate("plain prompts still work"), str)
+    with pytest.raises(BadRequestError, match="no chat template"):
+        c.chat([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+
+
+def test_bad_model_path_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot load"):
+        HFLocalClient(model=str(tmp_path / "missing"))

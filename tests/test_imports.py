@@ -1,0 +1,40 @@
+"""API-only users never import torch or transformers; only the tracking module imports mlflow."""
+
+import subprocess
+import sys
+
+from tests.conftest import API_KEY
+
+
+def modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
+                         capture_output=True, text=True, check=True, env={"OPENAI_API_KEY": API_KEY, "PATH": ""})
+    return set(out.stdout.split())
+
+
+def test_import_pikeclient_leaves_heavy_modules_out():
+    loaded = modules_after("import pikeclient")
+    assert not {"torch", "transformers", "mlflow", "hydra"} & loaded
+
+
+def test_api_backend_call_leaves_torch_out(server):
+    code = (
+        "from pikeclient.backends.openai import OpenAIClient\n"
+        f"OpenAIClient(model='gpt-4o', base_url='{server.url}/v1').generate('hi')\n"
+    )
+    loaded = modules_after(code)
+    assert "openai" in loaded and not {"torch", "transformers"} & loaded
+
+
+def test_api_experiment_run_leaves_torch_out(server, tmp_path):
+    code = (
+        "import asyncio\n"
+        "from pikeclient.backends.openai import OpenAIClient\n"
+        "from pikeclient.experiment import run_prompts\n"
+        "from pikeclient.dataset import load_prompts\n"
+        f"c = OpenAIClient(model='gpt-4o', base_url='{server.url}/v1')\n"
+        "asyncio.run(run_prompts(c, load_prompts('pkg://pikeclient/data/prompts.jsonl'), 4))\n"
+        "import pikeclient.tracking\n"
+    )
+    loaded = modules_after(code)
+    assert "mlflow" in loaded and not {"torch", "transformers"} & loaded
