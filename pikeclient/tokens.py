@@ -15,7 +15,7 @@ import os
 import tempfile
 from collections.abc import Iterable
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pikeclient.types import Message
 
@@ -104,3 +104,64 @@ class TiktokenCounter:
                 if key == "name":
                     total += TOKENS_PER_NAME
         return total
+
+
+class HFTokenizerCounter:
+    """Counts with a Hugging Face tokenizer folder (``tokenizer.json``) through ``tokenizers`` alone.
+
+    Prompt counts are exact: the folder's chat template (``chat_template.jinja`` or the one in
+    ``tokenizer_config.json``) is rendered with Jinja as transformers would, without importing torch.
+    """
+
+    def __init__(self, path: str) -> None:
+        from pathlib import Path
+
+        from pikeclient.errors import ConfigError
+
+        folder = Path(path).expanduser()
+        file = folder / "tokenizer.json" if folder.is_dir() else folder
+        if not file.is_file():
+            raise ConfigError(f"llm.tokenizer={path!r}: no tokenizer.json there")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as error:
+            raise ConfigError("llm.tokenizer needs the tokenizers package: pip install tokenizers") from error
+        self.tokenizer = Tokenizer.from_file(str(file))
+        self.template, self.special = _chat_template(file.parent)
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def count_messages(self, messages: Iterable[Message]) -> int:
+        messages = list(messages)
+        if self.template is None:  # no template: the contents are all the model sees
+            return sum(self.count(m["content"]) for m in messages)
+        text = self.template.render(messages=messages, add_generation_prompt=True, **self.special)
+        return self.count(text)
+
+
+def _chat_template(folder: Any) -> tuple[Any, dict[str, str]]:
+    import json
+
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    special = {name: _token_text(config.get(name)) for name in ("bos_token", "eos_token")}
+    jinja_file = folder / "chat_template.jinja"
+    source = jinja_file.read_text() if jinja_file.is_file() else config.get("chat_template")
+    if not isinstance(source, str):
+        return None, special
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise_template_error
+    return env.from_string(source), special
+
+
+def _token_text(token: Any) -> str:
+    if isinstance(token, dict):  # older configs store AddedToken objects as dicts
+        return str(token.get("content", ""))
+    return str(token or "")
+
+
+def _raise_template_error(message: str) -> None:
+    raise ValueError(f"chat template: {message}")

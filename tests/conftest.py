@@ -26,6 +26,7 @@ def server():
 def api_env(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
     monkeypatch.setenv("AZURE_OPENAI_API_KEY", API_KEY)
+    monkeypatch.setenv("AZURE_LLAMA_API_KEY", API_KEY)
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,8 @@ def test_every_llm_group_instantiates(group, api_env, tiny_model, server):
         overrides.append(f"llm.base_url={server.url}/v1")
     if group == "azure_openai":
         overrides.append(f"llm.azure_endpoint={server.url}")
+    if group == "azure_meta_llama":
+        overrides += [f"llm.endpoint={server.url}", f"llm.tokenizer={tiny_model}"]
     client = create_client(compose_cfg(*overrides, "sampling.max_tokens=5"))
     result = client.chat([{"role": "user", "content": "hello"}])
     assert result.usage.source in ("server", "local") and result.usage.completion_tokens <= 5

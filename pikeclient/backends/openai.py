@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping
@@ -12,15 +11,8 @@ import httpx2
 import openai
 
 from pikeclient.client import BaseLLMClient
-from pikeclient.errors import (
-    ConfigError,
-    LLMConnectionError,
-    LLMError,
-    LLMTimeoutError,
-    ServerError,
-    error_for_status,
-)
-from pikeclient.retry import parse_retry_after
+from pikeclient.backends._http import status_error, transport_error
+from pikeclient.errors import ConfigError, LLMConnectionError, LLMError, LLMTimeoutError, ServerError
 from pikeclient.tokens import TiktokenCounter
 from pikeclient.types import Completion, Message, SamplingParams, Usage
 
@@ -248,25 +240,16 @@ async def _aconsume_stream(stream: Any, start: float) -> Completion:
     return state.result()
 
 
-def translate_error(error: Exception) -> LLMError | Exception:
+def translate_error(error: Exception) -> Exception:
     """Map an openai SDK or transport exception to pikeclient's error classes."""
     if isinstance(error, LLMError):
         return error
-    if isinstance(error, (openai.APITimeoutError, httpx2.TimeoutException)):
+    if isinstance(error, openai.APITimeoutError):
         return LLMTimeoutError(f"timed out: {error}")
     if isinstance(error, openai.APIStatusError):
-        return error_for_status(error.status_code, _status_message(error), parse_retry_after(error.response.headers))
-    if isinstance(error, (openai.APIConnectionError, httpx2.TransportError)):
+        return status_error(error.status_code, error.response.headers, error.body, error.message)
+    if isinstance(error, openai.APIConnectionError):
         return LLMConnectionError(f"connection failed: {error}")
-    if isinstance(error, (openai.APIResponseValidationError, json.JSONDecodeError)):
+    if isinstance(error, openai.APIResponseValidationError):
         return ServerError(f"malformed response: {error}")
-    return error
-
-
-def _status_message(error: openai.APIStatusError) -> str:
-    body = error.body
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and inner.get("message"):
-            return str(inner["message"])
-    return error.message
+    return transport_error(error) or error

@@ -1,0 +1,208 @@
+"""Meta Llama models hosted on Azure, in either of Azure's two wire formats.
+
+``api: chat_completions``: Azure AI serverless / Foundry model endpoints. POST
+``{endpoint}/chat/completions?api-version=...`` (or ``{endpoint}/models/chat/completions``), key as
+``api-key`` or ``Authorization: Bearer``; the answer carries usage.
+
+``api: aml_score``: Azure ML managed online endpoints. POST the scoring URL with ``Authorization:
+Bearer`` and ``azureml-model-deployment``; body ``{"input_data": {"input_string": [messages],
+"parameters": {...}}}``; answer ``{"output": "..."}`` without usage, so tokens are counted locally with
+the Llama tokenizer named in ``tokenizer`` (never a GPT encoding), or reported as not counted.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx2
+
+from pikeclient.backends._http import status_error, transport_error
+from pikeclient.backends.openai import check_url, read_api_key
+from pikeclient.client import BaseLLMClient
+from pikeclient.errors import ConfigError, ServerError
+from pikeclient.tokens import HFTokenizerCounter
+from pikeclient.types import Completion, Message, SamplingParams, Usage
+
+APIS = ("chat_completions", "aml_score")
+
+
+class AzureMetaLlamaClient(BaseLLMClient):
+    """Llama on Azure AI model inference or an Azure ML managed online endpoint.
+
+    Args:
+        endpoint: the serverless endpoint base (``https://x.models.ai.azure.com``) or the full AML
+            scoring URL (``https://x.<region>.inference.ml.azure.com/score``).
+        api: ``chat_completions`` or ``aml_score``.
+        model: the model name (sent as ``model`` on model-inference endpoints that host several).
+        api_version: query parameter for ``chat_completions`` (None: not sent).
+        route: ``chat/completions`` or ``models/chat/completions``.
+        deployment: AML deployment (``azureml-model-deployment`` header); None lets AML route.
+        auth: ``api-key`` or ``bearer`` (AML always uses bearer).
+        tokenizer: a Llama tokenizer folder or ``tokenizer.json`` for local counts.
+        timeout: seconds for one attempt.
+    """
+
+    provider = "azure_meta_llama"
+
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        api: str = "chat_completions",
+        model: str = "Meta-Llama-3.1-8B-Instruct",
+        api_version: str | None = "2024-05-01-preview",
+        route: str = "chat/completions",
+        deployment: str | None = None,
+        auth: str = "api-key",
+        api_key_env: str = "AZURE_LLAMA_API_KEY",
+        tokenizer: str | None = None,
+        timeout: float = 60.0,
+        **common: Any,
+    ) -> None:
+        super().__init__(model=model, **common)
+        if api not in APIS:
+            raise ConfigError(f"llm.api={api!r}: allowed {', '.join(APIS)}")
+        if auth not in ("api-key", "bearer"):
+            raise ConfigError(f"llm.auth={auth!r}: allowed api-key, bearer")
+        if timeout <= 0:
+            raise ConfigError(f"llm.timeout={timeout} must be > 0 seconds")
+        self.api = api
+        self.url = self._url(check_url(endpoint, "llm.endpoint"), api, route)
+        self.params = {"api-version": api_version} if api == "chat_completions" and api_version else {}
+        self.deployment = deployment
+        self.timeout = timeout
+        self._headers = self._auth_headers(read_api_key(api_key_env), auth, api, deployment)
+        self._counter = HFTokenizerCounter(tokenizer) if tokenizer else None
+        self._sync: httpx2.Client | None = None
+        self._async: httpx2.AsyncClient | None = None
+
+    @staticmethod
+    def _url(endpoint: str, api: str, route: str) -> str:
+        if api == "aml_score":
+            return endpoint  # the scoring URL as Azure ML shows it
+        if route not in ("chat/completions", "models/chat/completions"):
+            raise ConfigError(f"llm.route={route!r}: allowed chat/completions, models/chat/completions")
+        return f"{endpoint.rstrip('/')}/{route}"
+
+    @staticmethod
+    def _auth_headers(key: str, auth: str, api: str, deployment: str | None) -> dict[str, str]:
+        headers = {"content-type": "application/json"}
+        if api == "aml_score" or auth == "bearer":
+            headers["authorization"] = f"Bearer {key}"
+        else:
+            headers["api-key"] = key
+        if api == "aml_score" and deployment:
+            headers["azureml-model-deployment"] = deployment
+        return headers
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "endpoint": self.url, "api": self.api, "deployment": self.deployment}
+
+    # -- HTTP clients --------------------------------------------------------------------------
+
+    @property
+    def http(self) -> httpx2.Client:
+        if self._sync is None:
+            self._sync = httpx2.Client(timeout=self.timeout, headers=self._headers)
+        return self._sync
+
+    @property
+    def async_http(self) -> httpx2.AsyncClient:
+        if self._async is None:
+            self._async = httpx2.AsyncClient(timeout=self.timeout, headers=self._headers)
+        return self._async
+
+    def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+
+    async def aclose(self) -> None:
+        self.close()
+        if self._async is not None:
+            await self._async.aclose()
+            self._async = None
+
+    # -- one attempt ----------------------------------------------------------------------------
+
+    def _complete(self, messages: list[Message], params: SamplingParams) -> Completion:
+        start = time.perf_counter()
+        try:
+            response = self.http.post(self.url, params=self.params, json=self._body(messages, params))
+            return self._parse(response, start)
+        except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
+            raise transport_error(error) or error from error
+
+    async def _acomplete(self, messages: list[Message], params: SamplingParams) -> Completion:
+        start = time.perf_counter()
+        try:
+            response = await self.async_http.post(self.url, params=self.params, json=self._body(messages, params))
+            return self._parse(response, start)
+        except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
+            raise transport_error(error) or error from error
+
+    def _body(self, messages: list[Message], params: SamplingParams) -> dict[str, Any]:
+        if self.api == "aml_score":
+            parameters: dict[str, Any] = {
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "max_new_tokens": params.max_tokens,
+                "do_sample": params.temperature > 0,
+            }
+            if params.stop:
+                parameters["stop"] = list(params.stop)
+            if params.repetition_penalty is not None:
+                parameters["repetition_penalty"] = params.repetition_penalty
+            return {"input_data": {"input_string": messages, "parameters": parameters}}
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_tokens": params.max_tokens,
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.seed is not None:
+            body["seed"] = params.seed
+        return body
+
+    def _parse(self, response: httpx2.Response, start: float) -> Completion:
+        body = response.json() if response.content else None
+        if response.status_code >= 400:
+            raise status_error(response.status_code, response.headers, body, response.reason_phrase)
+        if self.api == "aml_score":
+            return _aml_completion(body)
+        return _chat_completion(body)
+
+    # -- token counting ---------------------------------------------------------------------------
+
+    def get_token_count(self, text: str) -> int | None:
+        return self._counter.count(text) if self._counter else None
+
+    def count_message_tokens(self, messages: list[Message]) -> int | None:
+        return self._counter.count_messages(messages) if self._counter else None
+
+
+def _aml_completion(body: Any) -> Completion:
+    output = body.get("output") if isinstance(body, dict) else None
+    if isinstance(output, list) and output:  # some Llama deployments wrap the answer in a list
+        output = output[0]
+    if isinstance(output, dict):
+        output = output.get("content")
+    if not isinstance(output, str):
+        raise ServerError("malformed response: no 'output' text")
+    return Completion(text=output, finish_reason=None)
+
+
+def _chat_completion(body: Any) -> Completion:
+    try:
+        choice = body["choices"][0]
+        text = choice["message"].get("content") or ""
+    except (KeyError, IndexError, TypeError, AttributeError) as error:
+        raise ServerError("malformed response: no choices") from error
+    usage = body.get("usage") or {}
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    reported = Usage(prompt, completion, "server") if prompt is not None and completion is not None else Usage()
+    return Completion(text=text, finish_reason=choice.get("finish_reason"), usage=reported, model=body.get("model"))
