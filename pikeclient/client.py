@@ -75,10 +75,10 @@ class BaseLLMClient(abc.ABC):
         return {"provider": self.provider, "model": self.model}
 
     def close(self) -> None:
-        """Release connections or model memory. Safe to call twice."""
+        """Release connections and workers. Safe to call twice."""
 
     async def aclose(self) -> None:
-        self.close()
+        """Release what is bound to the running event loop (async connections); the client stays usable."""
 
     def __enter__(self) -> BaseLLMClient:
         return self

@@ -119,7 +119,6 @@ class AzureMetaLlamaClient(BaseLLMClient):
             self._sync = None
 
     async def aclose(self) -> None:
-        self.close()
         if self._async is not None:
             await self._async.aclose()
             self._async = None

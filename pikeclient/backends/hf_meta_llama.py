@@ -1,6 +1,6 @@
 """A local causal language model through Hugging Face transformers (Meta Llama or any other).
 
-The only module that imports torch and transformers. Generation runs on one worker thread so the
+The only module that imports torch and transformers. All generation runs on one worker thread, so the
 event loop never blocks; concurrent async requests with the same sampling settings are grouped into
 left-padded batches, which give the same greedy output as one request at a time.
 """
@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+from transformers.generation.streamers import BaseStreamer
 
 from pikeclient.client import BaseLLMClient
 from pikeclient.errors import BadRequestError, ConfigError, ContextWindowError, ModelError
@@ -49,6 +51,23 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if device.type == "mps":
         return torch.float16
     return torch.float32
+
+
+class _FirstTokenTimer(BaseStreamer):
+    """Notes when generation produces its first new token (the first ``put`` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.puts = 0
+        self.ttft: float | None = None
+
+    def put(self, value: Any) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.ttft = time.perf_counter() - self.start
+
+    def end(self) -> None:
+        pass
 
 
 @dataclass
@@ -129,7 +148,9 @@ class HFLocalClient(BaseLLMClient):
     # -- one attempt --------------------------------------------------------------------------------
 
     def _complete(self, messages: list[Message], params: SamplingParams) -> Completion:
-        return self.generate_batch([self.encode_messages(messages)], params)[0]
+        # Sync calls run on the same worker thread as batches: torch keeps one OpenMP thread team per
+        # calling thread, and a second team spin-waiting on the same cores halves the first one's speed.
+        return self._worker.submit(self.generate_batch, [self.encode_messages(messages)], params).result()[0]
 
     async def _acomplete(self, messages: list[Message], params: SamplingParams) -> Completion:
         loop = asyncio.get_running_loop()
@@ -175,10 +196,29 @@ class HFLocalClient(BaseLLMClient):
         batch = {k: v.to(self.device) for k, v in batch.items()}
         if params.seed is not None:
             torch.manual_seed(params.seed)
+        timer = _FirstTokenTimer()
         with torch.inference_mode():
-            output = self.lm.generate(**batch, **self._generation_args(params))
+            output = self.lm.generate(**batch, **self._generation_args(params), streamer=timer)
         new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
-        return [self._completion(row, len(prompt), params) for row, prompt in zip(new_tokens, prompts)]
+        return [self._completion(row, len(prompt), params, timer.ttft) for row, prompt in zip(new_tokens, prompts)]
+
+    def stream(self, messages: Sequence[Message], **sampling: Any) -> Iterator[str]:
+        """Yield the answer's text as it is generated (no retry: a local model fails deterministically)."""
+        messages, params = self._prepare(messages, sampling)
+        ids = torch.tensor([self.encode_messages(messages)], device=self.device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        args = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "streamer": streamer,
+                **self._generation_args(params)}
+
+        def run() -> None:
+            with self._lock, torch.inference_mode():
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                self.lm.generate(**args)
+
+        future = self._worker.submit(run)
+        yield from (piece for piece in streamer if piece)
+        future.result()  # re-raise a generation error
 
     def _generation_args(self, params: SamplingParams) -> dict[str, Any]:
         args: dict[str, Any] = {
@@ -197,7 +237,8 @@ class HFLocalClient(BaseLLMClient):
             args.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         return args
 
-    def _completion(self, tokens: list[int], prompt_len: int, params: SamplingParams) -> Completion:
+    def _completion(self, tokens: list[int], prompt_len: int, params: SamplingParams,
+                    ttft: float | None) -> Completion:
         generated, finish = self._trim(tokens)
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
         for stop in params.stop or ():
@@ -206,7 +247,7 @@ class HFLocalClient(BaseLLMClient):
         usage = Usage(prompt_tokens=prompt_len, completion_tokens=len(generated) + (finish == "stop_eos"),
                       source="local")
         return Completion(text=text, finish_reason="stop" if finish == "stop_eos" else finish, usage=usage,
-                          model=self.model)
+                          ttft_s=ttft, model=self.model)
 
     def _trim(self, tokens: list[int]) -> tuple[list[int], str]:
         """Generated tokens without padding, and why generation ended for this row."""

@@ -107,7 +107,6 @@ class OpenAIClient(BaseLLMClient):
             self._sync = None
 
     async def aclose(self) -> None:
-        self.close()
         if self._async is not None:
             await self._async.close()
             self._async = None

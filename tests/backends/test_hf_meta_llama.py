@@ -69,3 +69,38 @@ def test_model_without_chat_template(tmp_path):
 def test_bad_model_path_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot load"):
         HFLocalClient(model=str(tmp_path / "missing"))
+
+
+def test_time_to_first_token_is_measured(llm):
+    result = llm.chat(MESSAGES)
+    assert result.ttft_s is not None and 0 < result.ttft_s <= result.latency_s
+
+
+def test_stream_yields_the_same_text_as_chat(llm):
+    pieces = list(llm.stream(MESSAGES))
+    assert len(pieces) > 1
+    assert "".join(pieces) == llm.chat(MESSAGES).text
+
+
+def test_out_of_memory_is_a_model_error_and_not_retried(llm, monkeypatch):
+    import torch
+
+    from pikeclient.errors import ModelError
+
+    calls = []
+
+    def boom(*args, **kwargs):
+        calls.append(1)
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(llm.lm, "generate", boom)
+    with pytest.raises(ModelError, match="out of memory"):
+        llm.chat(MESSAGES)
+    assert len(calls) == 1
+
+
+def test_context_window_is_checked_before_generation(llm):
+    from pikeclient.errors import ContextWindowError
+
+    with pytest.raises(ContextWindowError, match="takes at most"):
+        llm.chat([{"role": "user", "content": "word " * 2000}])

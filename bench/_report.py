@@ -1,0 +1,37 @@
+"""Shared by the benchmarks: the machine and versions, and appending results to bench/RESULTS.md."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def machine() -> str:
+    cores = os.cpu_count()
+    versions = []
+    for name in ("openai", "mlflow", "torch", "transformers"):
+        try:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return f"{platform.machine()} {cores} cores, Python {platform.python_version()}; " + ", ".join(versions)
+
+
+def append(title: str, rows: list[tuple[str, str]], notes: str = "") -> str:
+    """Append a dated section to RESULTS.md and return its text."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"## {title} ({now})", "", f"Machine: {machine()}", "", "| measure | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    if notes:
+        lines += ["", notes]
+    text = "\n".join(lines) + "\n\n"
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nEach section is appended by a bench script; newest last.\n\n")
+    with RESULTS.open("a") as f:
+        f.write(text)
+    return text
