@@ -34,6 +34,20 @@ def main(cfg: DictConfig) -> float | None:
         stats = run_experiment(cfg, HydraConfig.get().runtime.output_dir, hydra_job_info())
     except PikeError as error:
         log.error("%s", error)
+        _fail_sweep(cfg)
         sys.exit(1)
     print(format_summary(stats, f"pikeclient: {hydra_job_info()['job_name']}"))
     return stats.metrics().get("latency_s_p50")
+
+
+def _fail_sweep(cfg: DictConfig) -> None:
+    """A failed job ends the sweep (Hydra skips on_multirun_end then): mark its parent run FAILED."""
+    if HydraConfig.get().mode != RunMode.MULTIRUN or not cfg.tracking.enabled:
+        return
+    from pikeclient.sweep import read_parent
+
+    parent = read_parent(HydraConfig.get().sweep.dir)
+    if parent is not None:
+        from pikeclient.tracking import close_parent_run
+
+        close_parent_run(parent, "FAILED")

@@ -8,7 +8,7 @@ The schemas use ``Optional``/``List`` because OmegaConf 2.3 does not read ``X | 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional  # noqa: UP035 - OmegaConf 2.3 needs typing generics
+from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf 2.3 needs typing generics
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -53,6 +53,20 @@ class TrackingConfig:
     experiment_name: str = "pikeclient"
     run_name: Optional[str] = None
     log_records: bool = True
+    traces: bool = True
+
+
+@dataclass
+class ModelPrice:
+    input: float = MISSING
+    output: float = MISSING
+
+
+@dataclass
+class PricingConfig:
+    currency: str = "USD"
+    models: Dict[str, ModelPrice] = field(default_factory=dict)
+    deployments: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,6 +90,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    pricing: PricingConfig = field(default_factory=PricingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 

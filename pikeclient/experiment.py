@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from pikeclient.client import BaseLLMClient
 from pikeclient.config import validate
+from pikeclient.cost import find_price
 from pikeclient.dataset import PromptItem, load_prompts
 from pikeclient.errors import LLMError
 from pikeclient.factory import create_client
@@ -37,10 +38,18 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path, hydra_info: dict[str
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     records_path = output_dir / cfg.experiment.records_file
+    price = find_price(OmegaConf.to_container(cfg.pricing), client.describe())
     try:
         with _tracked_run(cfg, client, hydra_info or {}) as run:
-            with records_path.open("w", encoding="utf-8") as sink:
-                stats = asyncio.run(run_prompts(client, prompts, cfg.experiment.concurrency, sink))
+            traces = run.trace_writer(client.describe()) if run is not None and cfg.tracking.traces else None
+            try:
+                with records_path.open("w", encoding="utf-8") as sink:
+                    stats = asyncio.run(run_prompts(client, prompts, cfg.experiment.concurrency, sink,
+                                                    on_record=traces.add if traces else None))
+            finally:
+                if traces is not None:
+                    traces.close()
+            stats.price = price
             if run is not None:
                 run.log_results(stats.metrics(), records_path, output_dir, log_records=cfg.tracking.log_records)
     finally:
@@ -49,7 +58,11 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path, hydra_info: dict[str
 
 
 async def run_prompts(
-    client: BaseLLMClient, prompts: Sequence[PromptItem], concurrency: int, sink: IO[str] | None = None
+    client: BaseLLMClient,
+    prompts: Sequence[PromptItem],
+    concurrency: int,
+    sink: IO[str] | None = None,
+    on_record: Callable[[dict[str, Any], PromptItem], None] | None = None,
 ) -> RunStats:
     """Call ``client`` once per prompt, at most ``concurrency`` calls in flight; stream records to ``sink``.
 
@@ -66,6 +79,8 @@ async def run_prompts(
             stats.add(record)
             if sink is not None:
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+            if on_record is not None:
+                on_record(record, item)
             progress.update(1)
 
     start = time.perf_counter()
@@ -80,7 +95,7 @@ async def run_prompts(
 
 async def call_one(client: BaseLLMClient, index: int, item: PromptItem) -> dict[str, Any]:
     """One prompt's record: the answer with its measurements, or the error with its class."""
-    record: dict[str, Any] = {"index": index, "id": item.id, "prompt": item.prompt}
+    record: dict[str, Any] = {"index": index, "id": item.id, "prompt": item.prompt, "start_time": time.time()}
     try:
         result = await client.achat(item.messages)
     except LLMError as error:
@@ -101,15 +116,17 @@ def _tracked_run(cfg: DictConfig, client: BaseLLMClient, hydra_info: dict[str, A
     if not cfg.tracking.enabled:
         yield None
         return
-    from pikeclient.tracking import MlflowRun, default_tracking_uri, flatten
+    from pikeclient.sweep import read_parent
+    from pikeclient.tracking import MlflowRun, artifact_root, flatten, tracking_uri
 
-    runs_dir = Path(cfg.paths.runs_dir).resolve()  # jobs run in the launch directory (no chdir)
-    uri = cfg.tracking.tracking_uri or default_tracking_uri(runs_dir)
     description = client.describe()
     tags = {f"pikeclient.{k}": str(v) for k, v in {**description, **hydra_info}.items()}
+    parent = read_parent(hydra_info["sweep_dir"]) if "sweep_dir" in hydra_info else None
+    if parent is not None:
+        tags["mlflow.parentRunId"] = parent["run_id"]
     run_name = cfg.tracking.run_name or hydra_info.get("job_name") or description["provider"]
-    with MlflowRun(uri, cfg.tracking.experiment_name, run_name=run_name, tags=tags,
-                   artifact_root=str(runs_dir / "mlartifacts")) as run:
+    with MlflowRun(tracking_uri(cfg), cfg.tracking.experiment_name, run_name=run_name, tags=tags,
+                   artifact_root=artifact_root(cfg)) as run:
         config = OmegaConf.to_container(cfg, resolve=True)
         run.log_params({**flatten(config), **flatten({"client": description})})
         yield run

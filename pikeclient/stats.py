@@ -7,6 +7,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from pikeclient.cost import Price, cost_metrics
+
 
 def percentile(values: list[float], q: float) -> float:
     """Linear-interpolated percentile (numpy's default method); ``values`` must be non-empty."""
@@ -29,7 +31,9 @@ class RunStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     uncounted: int = 0
+    cache_hits: int = 0
     wall_s: float = 0.0
+    price: Price | None = None
 
     def add(self, record: dict[str, Any]) -> None:
         self.calls += 1
@@ -37,6 +41,9 @@ class RunStats:
         self.backoff_s += record.get("backoff_s") or 0.0
         if record["error"] is not None:
             self.errors[record["error_kind"]] += 1
+            return
+        if record.get("cached"):  # paid for in an earlier run; not a latency measurement
+            self.cache_hits += 1
             return
         self.latencies.append(record["latency_s"])
         if record.get("ttft_s") is not None:
@@ -50,7 +57,7 @@ class RunStats:
 
     @property
     def ok(self) -> int:
-        return len(self.latencies)
+        return len(self.latencies) + self.cache_hits
 
     @property
     def error_count(self) -> int:
@@ -64,6 +71,7 @@ class RunStats:
             "errors": self.error_count,
             "retries": self.retries,
             "backoff_s_total": self.backoff_s,
+            "cache_hits": self.cache_hits,
             "wall_s": self.wall_s,
         }
         out.update({f"errors_{kind}": count for kind, count in self.errors.items()})
@@ -71,7 +79,7 @@ class RunStats:
             out.update(_distribution("latency_s", self.latencies))
         if self.ttfts:
             out.update({f"ttft_s_p{q}": percentile(self.ttfts, q) for q in (50, 90)})
-        counted = self.ok - self.uncounted
+        counted = len(self.latencies) - self.uncounted
         if counted:
             out.update(
                 prompt_tokens_total=self.prompt_tokens,
@@ -82,6 +90,7 @@ class RunStats:
             )
             if self.wall_s > 0:
                 out["output_tokens_per_s"] = self.completion_tokens / self.wall_s
+            out.update(cost_metrics(self.price, self.prompt_tokens, self.completion_tokens, self.uncounted))
         return out
 
 
@@ -106,6 +115,7 @@ def format_summary(stats: RunStats, title: str) -> str:
         ("latency p50 / p95 (s)", f"{num('latency_s_p50')} / {num('latency_s_p95')}"),
         ("tokens in / out", f"{num('prompt_tokens_total', '{:.0f}')} / {num('completion_tokens_total', '{:.0f}')}"),
         ("output tokens/s", num("output_tokens_per_s", "{:.1f}")),
+        ("cost", next((f"{v:.4f} {k.removeprefix('cost_').upper()}" for k, v in m.items() if k.startswith("cost_")), "-")),
         ("wall time (s)", f"{stats.wall_s:.2f}"),
     ]
     width = max(len(k) for k, _ in rows)
