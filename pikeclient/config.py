@@ -7,7 +7,9 @@ The schemas use ``Optional``/``List`` because OmegaConf 2.3 does not read ``X | 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf 2.3 needs typing generics
 
 from hydra.core.config_store import ConfigStore
@@ -125,3 +127,20 @@ def _checked(group: str, build: Any) -> Any:
         return build()
     except (ValueError, TypeError) as error:
         raise ConfigError(f"{group}.{error}") from error
+
+
+def default_tracking_uri(runs_dir: str | os.PathLike[str]) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else one sqlite store for all runs and sweep jobs."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
+
+
+def tracking_uri(cfg: Any) -> str:
+    """The store a config logs to: ``tracking.tracking_uri``, else the default above."""
+    return cfg.tracking.tracking_uri or default_tracking_uri(cfg.paths.runs_dir)
+
+
+def artifact_root(cfg: Any) -> str:
+    return str(Path(cfg.paths.runs_dir).resolve() / "mlartifacts")

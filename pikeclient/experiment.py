@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -16,11 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from pikeclient.client import BaseLLMClient
-from pikeclient.config import validate
+from pikeclient.config import artifact_root, tracking_uri, validate
 from pikeclient.cost import find_price
 from pikeclient.dataset import PromptItem, load_prompts
 from pikeclient.errors import LLMError
 from pikeclient.factory import create_client
+from pikeclient.sidecar import TrackingSidecar
 from pikeclient.stats import RunStats
 
 log = logging.getLogger(__name__)
@@ -39,19 +39,18 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path, hydra_info: dict[str
     output_dir.mkdir(parents=True, exist_ok=True)
     records_path = output_dir / cfg.experiment.records_file
     price = find_price(OmegaConf.to_container(cfg.pricing), client.describe())
+    tracking = start_tracking(cfg, client, hydra_info or {}) if cfg.tracking.enabled else None
     try:
-        with _tracked_run(cfg, client, hydra_info or {}) as run:
-            traces = run.trace_writer(client.describe()) if run is not None and cfg.tracking.traces else None
-            try:
-                with records_path.open("w", encoding="utf-8") as sink:
-                    stats = asyncio.run(run_prompts(client, prompts, cfg.experiment.concurrency, sink,
-                                                    on_record=traces.add if traces else None))
-            finally:
-                if traces is not None:
-                    traces.close()
-            stats.price = price
-            if run is not None:
-                run.log_results(stats.metrics(), records_path, output_dir, log_records=cfg.tracking.log_records)
+        with records_path.open("w", encoding="utf-8") as sink:
+            stats = asyncio.run(run_prompts(client, prompts, cfg.experiment.concurrency, sink,
+                                            on_record=tracking.add if tracking else None))
+        stats.price = price
+        if tracking is not None:
+            tracking.finish(stats.metrics(), records_path, output_dir, log_records=cfg.tracking.log_records)
+    except BaseException as error:
+        if tracking is not None:
+            tracking.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
     finally:
         client.close()
     return stats
@@ -111,22 +110,22 @@ async def call_one(client: BaseLLMClient, index: int, item: PromptItem) -> dict[
     return record
 
 
-@contextlib.contextmanager
-def _tracked_run(cfg: DictConfig, client: BaseLLMClient, hydra_info: dict[str, Any]) -> Iterator[Any]:
-    if not cfg.tracking.enabled:
-        yield None
-        return
+def start_tracking(cfg: DictConfig, client: BaseLLMClient, hydra_info: dict[str, Any]) -> TrackingSidecar:
+    """Start the MLflow run in the tracking process; a sweep's job becomes a child of the sweep's run."""
     from pikeclient.sweep import read_parent
-    from pikeclient.tracking import MlflowRun, artifact_root, flatten, tracking_uri
 
     description = client.describe()
     tags = {f"pikeclient.{k}": str(v) for k, v in {**description, **hydra_info}.items()}
     parent = read_parent(hydra_info["sweep_dir"]) if "sweep_dir" in hydra_info else None
     if parent is not None:
         tags["mlflow.parentRunId"] = parent["run_id"]
-    run_name = cfg.tracking.run_name or hydra_info.get("job_name") or description["provider"]
-    with MlflowRun(tracking_uri(cfg), cfg.tracking.experiment_name, run_name=run_name, tags=tags,
-                   artifact_root=artifact_root(cfg)) as run:
-        config = OmegaConf.to_container(cfg, resolve=True)
-        run.log_params({**flatten(config), **flatten({"client": description})})
-        yield run
+    return TrackingSidecar({
+        "tracking_uri": tracking_uri(cfg),
+        "experiment_name": cfg.tracking.experiment_name,
+        "run_name": cfg.tracking.run_name or hydra_info.get("job_name") or description["provider"],
+        "tags": tags,
+        "artifact_root": artifact_root(cfg),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "client": description,
+        "traces": cfg.tracking.traces,
+    })

@@ -17,7 +17,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from pikeclient.errors import ConfigError
-from pikeclient.tracking import default_tracking_uri
+from pikeclient.config import default_tracking_uri
 
 
 @dataclass(frozen=True)

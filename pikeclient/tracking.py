@@ -6,12 +6,13 @@ marks a run FAILED or KILLED when the experiment does not finish.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
+import sys
 import os
-import queue
 import re
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -23,6 +24,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracing.constant import SpanAttributeKey
 from mlflow.tracking import MlflowClient
 
+from pikeclient.config import artifact_root, tracking_uri
+
 log = logging.getLogger(__name__)
 
 # MLflow's limits for one log_batch call.
@@ -32,23 +35,6 @@ MAX_PARAM_LENGTH = 6000
 
 # Keys whose values are credentials (api_key_env holds a variable *name*, which is safe to log).
 _SECRET_KEY = re.compile(r"^(.*_)?(api_?key|key|token|secret|password|credential)$", re.IGNORECASE)
-
-
-def default_tracking_uri(runs_dir: str | os.PathLike[str]) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else one sqlite store for all runs and sweep jobs."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
-
-
-def tracking_uri(cfg: Any) -> str:
-    """The store a config logs to: ``tracking.tracking_uri``, else the default above."""
-    return cfg.tracking.tracking_uri or default_tracking_uri(cfg.paths.runs_dir)
-
-
-def artifact_root(cfg: Any) -> str:
-    return str(Path(cfg.paths.runs_dir).resolve() / "mlartifacts")
 
 
 def open_parent_run(cfg: Any, sweep_dir: Path) -> dict[str, str]:
@@ -88,7 +74,7 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class MlflowRun:
-    """One MLflow run, used as a context manager around the work it records."""
+    """One MLflow run, logged in batches through one ``MlflowClient``."""
 
     def __init__(
         self,
@@ -106,16 +92,8 @@ class MlflowRun:
         self.run_id = run.info.run_id
         log.info("MLflow run %s in experiment %r (%s)", self.run_id, experiment_name, tracking_uri)
 
-    def __enter__(self) -> MlflowRun:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if exc_type is None:
-            status = "FINISHED"
-        elif issubclass(exc_type, KeyboardInterrupt):
-            status = "KILLED"
-        else:
-            status = "FAILED"
+    def end(self, status: str) -> None:
+        """FINISHED, FAILED or KILLED."""
         self.client.set_terminated(self.run_id, status)
 
     def log_params(self, params: Mapping[str, str]) -> None:
@@ -139,18 +117,10 @@ class MlflowRun:
         for chunk in _chunks(list(metrics), MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=chunk)
 
-    def trace_writer(self, client: Mapping[str, Any]) -> TraceWriter:
-        return TraceWriter(self, client)
-
     def log_results(self, metrics: Mapping[str, float], records_path: Path, output_dir: Path,
                     *, log_records: bool = True) -> None:
-        """Run metrics, per-call series (step = prompt index) and the run's files as artifacts."""
+        """Run metrics and the run's files as artifacts (the per-call series were logged live)."""
         self.log_metrics(metrics)
-        latency, tokens = read_series(records_path)
-        self._log_metric_objects(
-            [Metric("call_latency_s", v, 0, step) for step, v in latency]
-            + [Metric("call_completion_tokens", v, 0, step) for step, v in tokens]
-        )
         if log_records:
             self.log_artifact(records_path)
             self.client.log_table(self.run_id, records_table(records_path), "records_table.json")
@@ -179,20 +149,6 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str
         return experiment.experiment_id
 
 
-def read_series(records_path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(index, latency) and (index, completion tokens) of the successful calls in a records file."""
-    latency: list[tuple[int, float]] = []
-    tokens: list[tuple[int, float]] = []
-    with records_path.open(encoding="utf-8") as lines:
-        for line in lines:
-            record = json.loads(line)
-            if record["error"] is None and not record.get("cached"):
-                latency.append((record["index"], record["latency_s"]))
-                if record["usage"]["completion_tokens"] is not None:
-                    tokens.append((record["index"], record["usage"]["completion_tokens"]))
-    return latency, tokens
-
-
 def records_table(records_path: Path) -> dict[str, list]:
     """Per-call records as columns, for MLflow's table view in the run's artifacts."""
     columns = ["index", "id", "prompt", "response", "finish_reason", "latency_s", "ttft_s", "attempts",
@@ -207,58 +163,47 @@ def records_table(records_path: Path) -> dict[str, list]:
     return table
 
 
-class TraceWriter:
-    """One MLflow trace (a single LLM span) per call, written on a background thread in batches.
+class CallLogger:
+    """Logs finished calls in batches: the per-call metric series (step = prompt index) and, when
+    ``traces`` is on, one MLflow trace (a single LLM span) per call.
 
-    Spans are built with the timestamps the calls really had and written through the run's own store
-    (``log_spans``: many traces in one transaction), then linked to the run. MLflow's fluent tracing
-    would export through its global tracking URI, one trace at a time.
+    Spans carry the timestamps the calls really had and go through the run's own store (``log_spans``:
+    many traces in one transaction), then are linked to the run; MLflow's fluent tracing would export
+    through its global tracking URI, one trace at a time.
     """
 
-    BATCH = 200
     LINK_BATCH = 100
 
-    def __init__(self, run: MlflowRun, client: Mapping[str, Any]) -> None:
+    def __init__(self, run: MlflowRun, client: Mapping[str, Any], *, traces: bool) -> None:
         self.run = run
         self.model = str(client.get("model"))
         self.provider = str(client.get("provider"))
+        self.traces = traces
         # MlflowClient has no public batch span API; its store has (sqlite, MLflow server).
         self.store = run.client._tracking_client.store
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.trace_ids: list[str] = []
-        self.failed = False
-        self.thread = threading.Thread(target=self._work, name="mlflow-traces", daemon=True)
-        self.thread.start()
+        self.traces_failed = False
 
-    def add(self, record: Mapping[str, Any], item: Any) -> None:
-        """Queue one call (called on the event loop: building and writing happen on the thread)."""
-        self.queue.put((record, item.messages))
+    def write(self, calls: list[tuple[Mapping[str, Any], Any]]) -> None:
+        """Log a batch of (record, messages)."""
+        if not calls:
+            return
+        self.run._log_metric_objects(_series(record for record, _ in calls))
+        if self.traces and not self.traces_failed:
+            self._write_spans([self._span(record, messages) for record, messages in calls])
 
-    def close(self) -> int:
-        """Write what is queued, link the traces to the run; returns how many were written."""
-        self.queue.put(None)
-        self.thread.join()
+    def close(self) -> None:
+        """Link the written traces to the run."""
         for chunk in _chunks(self.trace_ids, self.LINK_BATCH):
             self.run.client.link_traces_to_run(chunk, self.run.run_id)
-        self.run.log_tags({"pikeclient.traces": str(len(self.trace_ids))})
-        return len(self.trace_ids)
+        if self.traces:
+            self.run.log_tags({"pikeclient.traces": str(len(self.trace_ids))})
 
-    def _work(self) -> None:
-        done = False
-        while not done:
-            batch = [self.queue.get()]
-            while len(batch) < self.BATCH and not self.queue.empty():
-                batch.append(self.queue.get())
-            done = batch[-1] is None or None in batch
-            spans = [self._span(*entry) for entry in batch if entry is not None]
-            if spans and not self.failed:
-                self._write(spans)
-
-    def _write(self, spans: list[Span]) -> None:
+    def _write_spans(self, spans: list[Span]) -> None:
         try:
             self.store.log_spans(self.run.experiment_id, spans)
         except Exception as error:  # noqa: BLE001 - traces are extra: the run's results stay intact
-            self.failed = True
+            self.traces_failed = True
             log.warning("writing traces failed; no more traces for this run: %s", error)
             return
         self.trace_ids.extend(span.trace_id for span in spans)
@@ -295,6 +240,83 @@ class TraceWriter:
         })
 
 
+def _series(records: Iterable[Mapping[str, Any]]) -> list[Metric]:
+    """Per-call latency and completion tokens of answered, non-cached calls (step = prompt index)."""
+    metrics = []
+    for record in records:
+        if record["error"] is None and not record.get("cached"):
+            when = int(record["start_time"] * 1000)
+            metrics.append(Metric("call_latency_s", record["latency_s"], when, record["index"]))
+            if record["usage"]["completion_tokens"] is not None:
+                metrics.append(Metric("call_completion_tokens", record["usage"]["completion_tokens"], when,
+                                      record["index"]))
+    return metrics
+
+
+def sidecar_main(conn: Any) -> None:
+    """The tracking process (see pikeclient.sidecar): start the run, log calls as they come, end it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the experiment's; it says how the run ends
+    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        _, setup = conn.recv()
+        run = MlflowRun(setup["tracking_uri"], setup["experiment_name"], run_name=setup["run_name"],
+                        tags=setup["tags"], artifact_root=setup["artifact_root"])
+        run.log_params({**flatten(setup["config"]), **flatten({"client": setup["client"]})})
+        calls = CallLogger(run, setup["client"], traces=setup["traces"])
+    except Exception as error:  # noqa: BLE001 - reported to the experiment as one line
+        conn.send(("error", _one_line(error)))
+        return
+    conn.send(("ready", run.run_id))
+    import pandas  # noqa: F401 - log_table needs it at the end; importing now keeps it off the run's tail
+
+    status = "KILLED"  # unless told otherwise: the experiment process died
+    buffer: list = []
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except EOFError:
+                break
+            if message[0] == "calls":
+                buffer.extend(message[1])
+                if len(buffer) >= 500 or not conn.poll():  # write when caught up, or in 500s
+                    calls.write(buffer)
+                    buffer = []
+            elif message[0] == "finish":
+                calls.write(buffer)
+                buffer = []
+                calls.close()
+                _, metrics, records_path, output_dir, log_records = message
+                run.log_results(metrics, Path(records_path), Path(output_dir), log_records=log_records)
+                status = "FINISHED"
+                conn.send(("done", run.run_id))
+                break
+            elif message[0] == "end":
+                status = message[1]
+                break
+    except Exception as error:  # noqa: BLE001 - the run is marked FAILED and the reason sent back
+        status = "FAILED"
+        log.error("tracking failed: %s", error)
+        with contextlib.suppress(OSError):
+            conn.send(("error", _one_line(error)))
+    finally:
+        with contextlib.suppress(Exception):
+            calls.write(buffer)  # what arrived before a failure or a kill is still logged
+            if status != "FINISHED":
+                calls.close()
+        run.end(status)
+
+
+def _one_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def _chunks(items: list, size: int) -> Iterable[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+if __name__ == "__main__":
+    from multiprocessing.connection import Connection
+
+    sidecar_main(Connection(int(sys.argv[1])))

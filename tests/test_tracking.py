@@ -140,3 +140,22 @@ def test_failed_job_marks_the_sweep_failed(server, tmp_path):
     runs = mlflow_runs(tmp_path / "runs")
     [parent] = [r for r in runs if r["tags"].get("pikeclient.role") == "sweep"]
     assert parent["status"] == "FAILED"
+
+
+def test_mlflow_ui_serves_the_sweep(sweep, tmp_path):
+    from pikeclient.ui_check import find_chromium, free_port, mlflow_ui, screenshot, served_sweep
+
+    root, client, experiment = sweep
+    with mlflow_ui(f"sqlite:///{root / 'runs' / 'mlflow.db'}", free_port()) as base:
+        served = served_sweep(base, "pikeclient")
+        children, [parent] = children_and_parent(client, experiment)
+        assert served["parent"] == parent.info.run_id
+        assert set(served["children"]) == {c.info.run_id for c in children}
+        for child in children:
+            assert served["children"][child.info.run_id]["calls"] == child.data.metrics["calls"]
+        chromium = find_chromium()
+        if chromium is not None:
+            from pikeclient.ui_check import compare_url
+
+            png = screenshot(compare_url(base, served), tmp_path / "compare.png", chromium)
+            assert png.read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,66 @@
+"""Benchmark plumbing: a loopback server in its own process, generated prompt sets, composed configs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "sk-bench"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def loopback_server(latency: float = 0.0) -> Iterator[str]:
+    """The fake OpenAI server in a separate process (so it does not share the client's GIL); yields /v1 URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "pikeclient.testing.server", "--port", str(port), "--latency", str(latency),
+               "--no-log"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def write_prompts(path: Path, n: int) -> Path:
+    """``n`` distinct short prompts (a benchmark measures the client, not the prompt)."""
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"p{i}", "prompt": f"Benchmark prompt number {i}: say something short."}) + "\n")
+    return path
+
+
+def compose_config(*overrides: str, runs_dir: Path) -> DictConfig:
+    from pikeclient.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.runs_dir = str(runs_dir)
+    return cfg
+
+
+def ratio(value: float, baseline: float) -> str:
+    return f"{value / baseline:.3f}x"

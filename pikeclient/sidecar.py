@@ -1,0 +1,124 @@
+"""The experiment's side of tracking: MLflow runs in a separate process, fed through a pipe.
+
+The experiment process never imports mlflow. Importing it (~2 s), opening the store (~1 s) and
+MLflow's ORM work per logged value all happen on another core while the calls run, so tracking neither
+slows the calls down nor adds GIL pauses to the latencies being measured. When the experiment process
+dies (even by SIGKILL), the sidecar sees its pipe close and marks the run KILLED.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from pikeclient.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SEND_BATCH = 64  # calls per pipe message: fewer syscalls and pickles, still near-live in the UI
+
+
+class TrackingSidecar:
+    """Starts the tracking process; ``add`` each call, then ``finish`` or ``end`` the run."""
+
+    def __init__(self, setup: Mapping[str, Any], *, ready_timeout: float = 120.0) -> None:
+        # A plain subprocess on a socketpair: unlike multiprocessing's spawn it does not re-import the
+        # caller's __main__ (which fails for stdin scripts and notebooks); fork after threads is unsafe.
+        ours, theirs = socket.socketpair()
+        self.process = subprocess.Popen([sys.executable, "-m", "pikeclient.tracking", str(theirs.fileno())],
+                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.conn = Connection(ours.detach())
+        self._send(("setup", dict(setup)))
+        self.ready_timeout = ready_timeout
+        self.run_id: str | None = None
+        self.pending: list[tuple[dict[str, Any], Any]] = []
+        self.closed = False
+
+    def add(self, record: Mapping[str, Any], item: Any) -> None:
+        """Queue one finished call; raises ConfigError if the sidecar could not start the run."""
+        self.pending.append((dict(record), list(item.messages)))
+        if len(self.pending) >= SEND_BATCH:
+            self._flush()
+        if self.run_id is None and self.conn.poll():
+            self._receive_ready()
+
+    def wait_ready(self) -> str:
+        if self.run_id is None:
+            if not self.conn.poll(self.ready_timeout):
+                raise ConfigError(f"tracking did not start within {self.ready_timeout:.0f} s")
+            self._receive_ready()
+        assert self.run_id is not None
+        return self.run_id
+
+    def finish(self, metrics: Mapping[str, float], records_path: Path, output_dir: Path, *, log_records: bool) -> str:
+        """Log the run's results and mark it FINISHED; returns the run id."""
+        self._flush()
+        run_id = self.wait_ready()
+        self._send(("finish", dict(metrics), str(records_path), str(output_dir), log_records))
+        self._expect("done")
+        self._close()
+        return run_id
+
+    def end(self, status: str) -> None:
+        """End the run as FAILED or KILLED (what was logged so far stays)."""
+        if self.closed:
+            return
+        try:
+            self._flush()
+            self._send(("end", status))
+        except ConfigError:
+            pass  # the sidecar is gone already; it ended the run itself
+        self._close()
+
+    def _flush(self) -> None:
+        if self.pending:
+            self._send(("calls", self.pending))
+            self.pending = []
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self.conn.send(message)
+        except (OSError, BrokenPipeError) as error:
+            raise ConfigError(f"the tracking process stopped: {self._exit_reason()}") from error
+
+    def _receive_ready(self) -> None:
+        kind, value = self._recv()
+        if kind == "error":
+            self._close()
+            raise ConfigError(f"tracking: {value}")
+        self.run_id = value
+        log.info("MLflow run %s", value)
+
+    def _expect(self, expected: str) -> None:
+        kind, value = self._recv()
+        if kind == "error":
+            raise ConfigError(f"tracking: {value}")
+        if kind != expected:
+            raise ConfigError(f"tracking: unexpected answer {kind!r}")
+
+    def _recv(self) -> tuple[str, Any]:
+        try:
+            return self.conn.recv()
+        except EOFError as error:
+            raise ConfigError(f"the tracking process stopped: {self._exit_reason()}") from error
+
+    def _exit_reason(self) -> str:
+        try:
+            return f"exit code {self.process.wait(5)}"
+        except subprocess.TimeoutExpired:
+            return "no answer"
+
+    def _close(self) -> None:
+        self.closed = True
+        self.conn.close()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
