@@ -36,6 +36,11 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s", error)
         _fail_sweep(cfg)
         sys.exit(1)
+    except KeyboardInterrupt:
+        log.error("interrupted: the MLflow run is marked KILLED; answers so far are cached, "
+                  "so running the same command again calls only the prompts still missing")
+        _fail_sweep(cfg)
+        sys.exit(130)
     print(format_summary(stats, f"pikeclient: {hydra_job_info()['job_name']}"))
     return stats.metrics().get("latency_s_p50")
 

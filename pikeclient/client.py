@@ -12,6 +12,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+from pikeclient.errors import ContextWindowError
+from pikeclient.ratelimit import RateLimiter
 from pikeclient.retry import RetryOutcome, RetryPolicy
 from pikeclient.types import ChatResult, Completion, Message, SamplingParams, Usage, user_message
 
@@ -32,10 +34,14 @@ class BaseLLMClient(abc.ABC):
         model: str,
         sampling: SamplingParams | Mapping[str, Any] | None = None,
         retry: RetryPolicy | Mapping[str, Any] | None = None,
+        rate_limit: RateLimiter | Mapping[str, Any] | None = None,
+        context_window: int | None = None,
     ) -> None:
         self.model = model
         self.sampling = sampling if isinstance(sampling, SamplingParams) else SamplingParams.from_mapping(sampling)
         self.retry = retry if isinstance(retry, RetryPolicy) else RetryPolicy(**dict(retry or {}))
+        self.rate_limit = rate_limit if isinstance(rate_limit, RateLimiter) else RateLimiter(**dict(rate_limit or {}))
+        self.context_window = context_window
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -50,16 +56,44 @@ class BaseLLMClient(abc.ABC):
     def chat(self, messages: Sequence[Message], **sampling: Any) -> ChatResult:
         """Send chat ``messages``; retries transient failures under the client's retry policy."""
         messages, params = self._prepare(messages, sampling)
+        quota, throttled = self._quota_tokens(messages, params), [0.0]
+
+        def attempt() -> Completion:
+            if self.rate_limit.active:
+                waited = time.perf_counter()
+                self.rate_limit.acquire(quota)
+                throttled[0] += time.perf_counter() - waited
+            return self._complete(messages, params)
+
         start = time.perf_counter()
-        outcome = self.retry.call(lambda: self._complete(messages, params))
-        return self._finish(messages, outcome, time.perf_counter() - start)
+        outcome = self.retry.call(attempt)
+        return self._finish(messages, outcome, time.perf_counter() - start, throttled[0])
 
     async def achat(self, messages: Sequence[Message], **sampling: Any) -> ChatResult:
         """Async :meth:`chat`."""
         messages, params = self._prepare(messages, sampling)
+        quota, throttled = self._quota_tokens(messages, params), [0.0]
+
+        async def attempt() -> Completion:
+            if self.rate_limit.active:
+                waited = time.perf_counter()
+                await self.rate_limit.aacquire(quota)
+                throttled[0] += time.perf_counter() - waited
+            return await self._acomplete(messages, params)
+
         start = time.perf_counter()
-        outcome = await self.retry.acall(lambda: self._acomplete(messages, params))
-        return self._finish(messages, outcome, time.perf_counter() - start)
+        outcome = await self.retry.acall(attempt)
+        return self._finish(messages, outcome, time.perf_counter() - start, throttled[0])
+
+    def check_context(self, messages: Sequence[Message], **sampling: Any) -> None:
+        """Raise ContextWindowError when prompt plus ``max_tokens`` cannot fit the model's window."""
+        if not self.context_window:
+            return
+        prompt = self.count_message_tokens(list(messages))
+        limit = self.sampling.merged(sampling).max_tokens
+        if prompt is not None and prompt + limit > self.context_window:
+            raise ContextWindowError(f"prompt has {prompt} tokens; with max_tokens={limit} it exceeds the "
+                                     f"{self.context_window}-token context window of {self.model}")
 
     @abc.abstractmethod
     def get_token_count(self, text: str) -> int | None:
@@ -103,15 +137,24 @@ class BaseLLMClient(abc.ABC):
             raise ValueError("messages must not be empty")
         return list(messages), self.sampling.merged(overrides)
 
-    def _finish(self, messages: list[Message], outcome: RetryOutcome[Completion], elapsed: float) -> ChatResult:
+    def _quota_tokens(self, messages: list[Message], params: SamplingParams) -> int:
+        """What a call counts against a tokens-per-minute quota: prompt tokens plus max_tokens."""
+        if self.rate_limit.tokens is None:
+            return 0
+        return (self.count_message_tokens(messages) or 0) + params.max_tokens
+
+    def _finish(self, messages: list[Message], outcome: RetryOutcome[Completion], elapsed: float,
+                throttled: float = 0.0) -> ChatResult:
+        """Latency is the time in attempts: retry waits and rate-limit waits are reported apart."""
         completion = outcome.value
         return ChatResult(
             text=completion.text,
             finish_reason=completion.finish_reason,
             usage=self._usage(messages, completion),
-            latency_s=elapsed - outcome.backoff_s,
+            latency_s=elapsed - outcome.backoff_s - throttled,
             attempts=outcome.attempts,
             backoff_s=outcome.backoff_s,
+            throttle_s=throttled,
             ttft_s=completion.ttft_s,
             model=completion.model or self.model,
         )

@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pikeclient.errors import ConfigError
+from pikeclient.ratelimit import RateLimiter
 from pikeclient.retry import RetryPolicy
 from pikeclient.types import SamplingParams
 
@@ -40,6 +41,19 @@ class RetryConfig:
     jitter: bool = True
     max_retry_after: float = 60.0
     deadline: Optional[float] = None
+
+
+@dataclass
+class RateLimitConfig:
+    requests_per_minute: Optional[float] = None
+    tokens_per_minute: Optional[float] = None
+
+
+@dataclass
+class CacheConfig:
+    mode: str = "use"
+    scope: str = "run"
+    path: str = MISSING
 
 
 @dataclass
@@ -75,6 +89,7 @@ class PricingConfig:
 class ExperimentConfig:
     concurrency: int = 8
     records_file: str = "records.jsonl"
+    fail_fast: bool = False
 
 
 @dataclass
@@ -89,6 +104,8 @@ class Config:
     llm: Any = MISSING
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
@@ -110,10 +127,19 @@ def retry_policy(cfg: DictConfig) -> RetryPolicy:
     return _checked("retry", lambda: RetryPolicy(**OmegaConf.to_container(cfg.retry)))
 
 
+def rate_limiter(cfg: DictConfig) -> RateLimiter:
+    return _checked("rate_limit", lambda: RateLimiter(**OmegaConf.to_container(cfg.rate_limit)))
+
+
 def validate(cfg: DictConfig) -> None:
     """Check ranges the schema's types cannot express; raise ConfigError naming the key."""
     sampling_params(cfg)
     retry_policy(cfg)
+    rate_limiter(cfg)
+    if cfg.cache.mode not in ("use", "refresh", "off"):
+        raise ConfigError(f"cache.mode={cfg.cache.mode!r}: allowed use, refresh, off")
+    if cfg.cache.scope not in ("run", "shared"):
+        raise ConfigError(f"cache.scope={cfg.cache.scope!r}: allowed run, shared")
     if cfg.experiment.concurrency < 1:
         raise ConfigError(f"experiment.concurrency={cfg.experiment.concurrency} is out of range: allowed >= 1")
     if cfg.dataset.limit is not None and cfg.dataset.limit < 1:

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -18,12 +18,19 @@ from pikeclient.client import BaseLLMClient
 from pikeclient.config import artifact_root, tracking_uri, validate
 from pikeclient.cost import find_price
 from pikeclient.dataset import PromptItem, load_prompts
-from pikeclient.errors import LLMError
+from pikeclient.cache import ResponseCache, cache_key, scope_of
+from pikeclient.errors import ConfigError, ContextWindowError, LLMError, PikeError
 from pikeclient.factory import create_client
 from pikeclient.sidecar import TrackingSidecar
 from pikeclient.stats import RunStats
 
 log = logging.getLogger(__name__)
+
+NON_RETRYABLE = ("auth", "bad_request", "context_window", "model")
+
+
+class RunStopped(PikeError):
+    """The experiment stopped early (authentication failed, or fail_fast met an error)."""
 
 
 def run_experiment(cfg: DictConfig, output_dir: str | Path, hydra_info: dict[str, Any] | None = None) -> RunStats:
@@ -35,15 +42,18 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path, hydra_info: dict[str
     validate(cfg)
     prompts = load_prompts(cfg.dataset.path, cfg.dataset.limit)
     client = create_client(cfg)
+    check_prompts_fit(client, prompts)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     records_path = output_dir / cfg.experiment.records_file
     price = find_price(OmegaConf.to_container(cfg.pricing), client.describe())
+    cache = ResponseCache(cfg.cache.path, cfg.cache.mode)
     tracking = start_tracking(cfg, client, hydra_info or {}) if cfg.tracking.enabled else None
     try:
         with records_path.open("w", encoding="utf-8") as sink:
             stats = asyncio.run(run_prompts(client, prompts, cfg.experiment.concurrency, sink,
-                                            on_record=tracking.add if tracking else None))
+                                            on_record=tracking.add if tracking else None, cache=cache,
+                                            cache_scope=cache_scope(cfg), fail_fast=cfg.experiment.fail_fast))
         stats.price = price
         if tracking is not None:
             tracking.finish(stats.metrics(), records_path, output_dir, log_records=cfg.tracking.log_records)
@@ -52,8 +62,28 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path, hydra_info: dict[str
             tracking.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
     finally:
+        cache.close()
         client.close()
     return stats
+
+
+def cache_scope(cfg: DictConfig) -> str | None:
+    if cfg.cache.scope == "shared":
+        return None
+    keys = ("llm", "retry", "rate_limit")
+    settings = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in keys}
+    return scope_of({**settings, "concurrency": cfg.experiment.concurrency})
+
+
+def check_prompts_fit(client: BaseLLMClient, prompts: Sequence[PromptItem]) -> None:
+    """Every prompt fits the model's context window (when it is known), before any call is made."""
+    if client.context_window is None:
+        return
+    for item in prompts:
+        try:
+            client.check_context(item.messages)
+        except ContextWindowError as error:
+            raise ConfigError(f"dataset prompt {item.id!r}: {error}") from None
 
 
 async def run_prompts(
@@ -62,25 +92,37 @@ async def run_prompts(
     concurrency: int,
     sink: IO[str] | None = None,
     on_record: Callable[[dict[str, Any], PromptItem], None] | None = None,
+    cache: ResponseCache | None = None,
+    cache_scope: str | None = None,
+    fail_fast: bool = False,
 ) -> RunStats:
     """Call ``client`` once per prompt, at most ``concurrency`` calls in flight; stream records to ``sink``.
 
     A fixed pool of workers pulls prompts from one iterator, so no task is created per prompt and a
-    call's latency starts when the call starts, not while it waits for a free slot.
+    call's latency starts when the call starts, not while it waits for a free slot. Answers found in
+    ``cache`` are not called again. An authentication error stops the run (every further call would
+    fail the same way), and so does any error retrying cannot fix when ``fail_fast`` is set.
     """
     stats = RunStats()
     pending = iter(enumerate(prompts))
+    stop: list[str] = []
     progress = tqdm(total=len(prompts), desc="calls", unit="call", file=sys.stderr, disable=None, mininterval=0.5)
+    identity = client.describe()
 
     async def worker() -> None:
         for index, item in pending:
-            record = await call_one(client, index, item)
+            if stop:
+                return
+            record = await call_one(client, index, item, cache, identity, cache_scope)
             stats.add(record)
             if sink is not None:
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
             if on_record is not None:
                 on_record(record, item)
             progress.update(1)
+            kind = record["error_kind"]
+            if kind == "auth" or (fail_fast and kind in NON_RETRYABLE):
+                stop.append(f"{kind} error on prompt {item.id!r}: {record['error']}")
 
     start = time.perf_counter()
     try:
@@ -89,14 +131,22 @@ async def run_prompts(
         stats.wall_s = time.perf_counter() - start
         progress.close()
         await client.aclose()
+    if stop:
+        raise RunStopped(f"stopped after {stats.calls} of {len(prompts)} prompts: {stop[0]}")
     return stats
 
 
-async def call_one(client: BaseLLMClient, index: int, item: PromptItem) -> dict[str, Any]:
+async def call_one(client: BaseLLMClient, index: int, item: PromptItem, cache: ResponseCache | None = None,
+                   identity: Mapping[str, Any] | None = None, cache_scope: str | None = None) -> dict[str, Any]:
     """One prompt's record: the answer with its measurements, or the error with its class."""
     record: dict[str, Any] = {"index": index, "id": item.id, "prompt": item.prompt, "start_time": time.time()}
+    key = cache_key(identity or client.describe(), item.messages, client.sampling, cache_scope) if cache else None
     try:
-        result = await client.achat(item.messages)
+        result = cache.get(key) if cache else None
+        if result is None:
+            result = await client.achat(item.messages)
+            if cache:
+                cache.put(key, result)
     except LLMError as error:
         record.update(
             response=None, finish_reason=None, usage={"prompt_tokens": None, "completion_tokens": None,

@@ -21,8 +21,9 @@ def create_client(cfg: DictConfig) -> BaseLLMClient:
     log.info("Instantiating client <%s>", cfg.llm._target_)
     sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
     retry = OmegaConf.to_container(cfg.retry, resolve=True)
+    rate_limit = OmegaConf.to_container(cfg.rate_limit, resolve=True)
     try:
-        client = instantiate(cfg.llm, sampling=sampling, retry=retry, _convert_="all")
+        client = instantiate(cfg.llm, sampling=sampling, retry=retry, rate_limit=rate_limit, _convert_="all")
     except InstantiationException as error:
         cause = error.__cause__
         if isinstance(cause, PikeError):

@@ -116,10 +116,20 @@ class RetryPolicy:
         return tracker.outcome(retrying(tracker.count(fn)))
 
     async def acall(self, fn: Callable[[], Awaitable[T]]) -> RetryOutcome[T]:
-        """Run the coroutine factory ``fn`` under this policy."""
+        """Run the coroutine factory ``fn`` under this policy; ``deadline`` cuts even a running attempt."""
         tracker = _Tracker()
         retrying = tenacity.AsyncRetrying(sleep=tracker.asleep, **self._tenacity_args(tracker))
-        return tracker.outcome(await retrying(tracker.acount(fn)))
+        deadline = asyncio.timeout(self.deadline)
+        try:
+            async with deadline:
+                value = await retrying(tracker.acount(fn))
+        except TimeoutError as error:
+            if not deadline.expired():
+                raise
+            timeout = LLMTimeoutError(f"call deadline of {self.deadline:g} s passed")
+            tracker.stamp(timeout)
+            raise timeout from error
+        return tracker.outcome(value)
 
     def _tenacity_args(self, tracker: _Tracker) -> dict:
         stop = tenacity.stop_after_attempt(self.max_attempts)

@@ -62,8 +62,8 @@ class TrackingSidecar:
         self._flush()
         run_id = self.wait_ready()
         self._send(("finish", dict(metrics), str(records_path), str(output_dir), log_records))
-        self._expect("done")
-        self._close()
+        self._expect("done")  # the run is FINISHED in the store; the process may take a moment to exit
+        self._close(wait=False)
         return run_id
 
     def end(self, status: str) -> None:
@@ -115,9 +115,11 @@ class TrackingSidecar:
         except subprocess.TimeoutExpired:
             return "no answer"
 
-    def _close(self) -> None:
+    def _close(self, wait: bool = True) -> None:
         self.closed = True
         self.conn.close()
+        if not wait:
+            return  # subprocess reaps it once it has exited
         try:
             self.process.wait(60)
         except subprocess.TimeoutExpired:

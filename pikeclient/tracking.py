@@ -289,8 +289,9 @@ def sidecar_main(conn: Any) -> None:
                 _, metrics, records_path, output_dir, log_records = message
                 run.log_results(metrics, Path(records_path), Path(output_dir), log_records=log_records)
                 status = "FINISHED"
+                run.end(status)  # before answering: the experiment need not wait for this process to exit
                 conn.send(("done", run.run_id))
-                break
+                return
             elif message[0] == "end":
                 status = message[1]
                 break
@@ -300,11 +301,11 @@ def sidecar_main(conn: Any) -> None:
         with contextlib.suppress(OSError):
             conn.send(("error", _one_line(error)))
     finally:
-        with contextlib.suppress(Exception):
-            calls.write(buffer)  # what arrived before a failure or a kill is still logged
-            if status != "FINISHED":
+        if status != "FINISHED":  # a finished run was ended before the answer was sent
+            with contextlib.suppress(Exception):
+                calls.write(buffer)  # what arrived before a failure or a kill is still logged
                 calls.close()
-        run.end(status)
+            run.end(status)
 
 
 def _one_line(error: BaseException) -> str:

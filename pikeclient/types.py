@@ -55,6 +55,7 @@ class ChatResult:
     latency_s: float
     attempts: int = 1
     backoff_s: float = 0.0
+    throttle_s: float = 0.0
     ttft_s: float | None = None
     model: str | None = None
     cached: bool = False

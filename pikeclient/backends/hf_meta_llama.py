@@ -111,7 +111,8 @@ class HFLocalClient(BaseLLMClient):
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = _load_tokenizer(tokenizer or model, trust_remote_code)
         self.lm = _load_model(model, self.device, self.dtype, trust_remote_code, attn_implementation)
-        self.context_size = getattr(self.lm.config, "max_position_embeddings", None)
+        if self.context_window is None:
+            self.context_window = getattr(self.lm.config, "max_position_embeddings", None)
         self._eos_ids = _eos_ids(self.lm, self.tokenizer)
         self._lock = threading.Lock()  # one generate at a time on the model
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-generate")
@@ -135,8 +136,8 @@ class HFLocalClient(BaseLLMClient):
             ids = self.tokenizer(messages[0]["content"])["input_ids"]  # a plain prompt
         else:
             raise BadRequestError(f"{self.model} has no chat template: pass a plain prompt, not chat messages")
-        if self.context_size and len(ids) >= self.context_size:
-            raise ContextWindowError(f"prompt has {len(ids)} tokens; {self.model} takes at most {self.context_size}")
+        if self.context_window and len(ids) >= self.context_window:
+            raise ContextWindowError(f"prompt has {len(ids)} tokens; {self.model} takes at most {self.context_window}")
         return ids
 
     def get_token_count(self, text: str) -> int:

@@ -19,6 +19,12 @@ from pikeclient.types import Completion, Message, SamplingParams, Usage
 # Sent when a server needs no key (local vLLM, Ollama): the SDK refuses an empty one.
 NO_KEY = "no-key"
 
+# Context windows of OpenAI models (prompt + completion tokens), for checks before any call.
+CONTEXT_WINDOWS = {
+    "gpt-4.1": 1_047_576, "gpt-4.1-mini": 1_047_576, "gpt-4o": 128_000, "gpt-4o-mini": 128_000,
+    "gpt-4-turbo": 128_000, "gpt-4": 8_192, "gpt-35-turbo": 16_385, "gpt-3.5-turbo": 16_385,
+}
+
 
 def read_api_key(env_var: str | None) -> str:
     """The key from the environment variable the config names; keys never live in config files."""
@@ -70,6 +76,8 @@ class OpenAIClient(BaseLLMClient):
         self.timeout = timeout
         self.max_tokens_field = max_tokens_field
         self._counter = TiktokenCounter(tokenizer_model or model)
+        if self.context_window is None:
+            self.context_window = CONTEXT_WINDOWS.get(tokenizer_model or model)
         self._sdk_args: dict[str, Any] = {
             "api_key": read_api_key(api_key_env),
             "timeout": timeout,
