@@ -1,9 +1,12 @@
 """Run an experiment: ``python run.py [llm=...] [sampling.temperature=...]``; ``-m`` for a sweep."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from pikeclient.cli import main as run_job
+from pikeclient.cli import refuse_secret_overrides
 from pikeclient.config import register_configs
 
 register_configs()
@@ -15,4 +18,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    refuse_secret_overrides(sys.argv[1:])  # before Hydra saves the overrides anywhere
     main()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
@@ -15,6 +18,34 @@ from pikeclient.experiment import run_experiment
 from pikeclient.stats import format_summary
 
 log = logging.getLogger(__name__)
+
+# Override keys that hold credentials (api_key_env names a variable: that one is fine).
+_SECRET_KEY = re.compile(r"^(.*_)?(api_?key|access_key|secret|password|token|credential)$", re.IGNORECASE)
+_SECRET_VALUE = re.compile(r"^(sk-[A-Za-z0-9_\-]{16,}|[0-9a-f]{32}|[A-Za-z0-9+/]{60,}={0,2})$")
+
+
+def secret_overrides(args: list[str], environ: Mapping[str, str]) -> list[str]:
+    """Command-line overrides that carry a credential; Hydra would save them in .hydra/overrides.yaml."""
+    secrets = {v for k, v in environ.items() if _SECRET_KEY.search(k.removesuffix("_ENV")) and len(v) >= 8}
+    found = []
+    for arg in args:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep:
+            continue
+        name = key.rsplit(".", 1)[-1]
+        if (_SECRET_KEY.search(name) and not name.endswith("_env")) or value in secrets or _SECRET_VALUE.match(value):
+            found.append(key)
+    return found
+
+
+def refuse_secret_overrides(args: list[str]) -> None:
+    """Exit before Hydra starts (and writes anything) when a key is passed on the command line."""
+    found = secret_overrides(args, os.environ)
+    if found:
+        print(f"error: {', '.join(found)}: credentials must not be passed on the command line (Hydra saves "
+              "overrides in the job's .hydra folder); put the key in the environment variable that "
+              "llm.api_key_env names", file=sys.stderr)
+        sys.exit(2)
 
 
 def hydra_job_info() -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 Two token buckets refilled continuously: requests per minute, and tokens per minute where a request
 costs its prompt tokens plus ``max_tokens`` (how Azure OpenAI counts a request against its quota).
+A bucket holds 10 seconds' worth: Azure enforces per-minute quotas over short windows, so a burst of a
+whole minute's quota would still be answered with 429s.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import time
 
 class _Bucket:
     def __init__(self, per_minute: float) -> None:
-        self.capacity = per_minute
-        self.level = per_minute
+        self.capacity = per_minute / 6  # 10 seconds' worth
+        self.level = self.capacity
         self.rate = per_minute / 60.0
         self.stamp = time.monotonic()
 

@@ -266,7 +266,8 @@ def sidecar_main(conn: Any) -> None:
     except Exception as error:  # noqa: BLE001 - reported to the experiment as one line
         conn.send(("error", _one_line(error)))
         return
-    conn.send(("ready", run.run_id))
+    with contextlib.suppress(OSError):  # the experiment may have ended already: its last messages still wait
+        conn.send(("ready", run.run_id))
     import pandas  # noqa: F401 - log_table needs it at the end; importing now keeps it off the run's tail
 
     status = "KILLED"  # unless told otherwise: the experiment process died
@@ -275,7 +276,7 @@ def sidecar_main(conn: Any) -> None:
         while True:
             try:
                 message = conn.recv()
-            except EOFError:
+            except (EOFError, OSError):  # the experiment process is gone
                 break
             if message[0] == "calls":
                 buffer.extend(message[1])
@@ -290,7 +291,8 @@ def sidecar_main(conn: Any) -> None:
                 run.log_results(metrics, Path(records_path), Path(output_dir), log_records=log_records)
                 status = "FINISHED"
                 run.end(status)  # before answering: the experiment need not wait for this process to exit
-                conn.send(("done", run.run_id))
+                with contextlib.suppress(OSError):
+                    conn.send(("done", run.run_id))
                 return
             elif message[0] == "end":
                 status = message[1]

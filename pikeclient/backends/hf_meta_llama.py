@@ -137,7 +137,8 @@ class HFLocalClient(BaseLLMClient):
         else:
             raise BadRequestError(f"{self.model} has no chat template: pass a plain prompt, not chat messages")
         if self.context_window and len(ids) >= self.context_window:
-            raise ContextWindowError(f"prompt has {len(ids)} tokens; {self.model} takes at most {self.context_window}")
+            raise ContextWindowError(f"prompt has {len(ids)} tokens; the context window of {self.model} is "
+                                     f"{self.context_window}")
         return ids
 
     def get_token_count(self, text: str) -> int:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-FAULTS = ("429", "500", "503", "drop", "hang", "malformed", "cut_stream")
+FAULTS = ("400", "429", "500", "503", "drop", "hang", "malformed", "cut_stream")
 
 
 @dataclass
@@ -200,7 +200,7 @@ class FakeLLMServer:
             return 401
         if route == "azure_openai" and "api-version" not in parse_qs(query):
             return 404
-        if fault in ("429", "500", "503"):
+        if fault in ("400", "429", "500", "503"):
             return int(fault)
         return 200
 
@@ -218,7 +218,8 @@ class FakeLLMServer:
             value = self.faults.retry_after
             name = self.faults.retry_after_header
             extra[name] = str(int(value * 1000)) if name.endswith("-ms") else f"{value:g}"
-        messages = {401: "Incorrect API key provided", 429: "Rate limit reached", 404: "Resource not found"}
+        messages = {400: "Invalid request: unsupported parameter", 401: "Incorrect API key provided",
+                    429: "Rate limit reached", 404: "Resource not found"}
         body = {"error": {"message": messages.get(status, "The server had an error"), "code": str(status)}}
         return await self._send_json(writer, status, body, extra)
 

@@ -1,0 +1,251 @@
+"""Faults, resume after a crash, Ctrl-C, rate limits, bad input and secrets, end to end."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+
+import pytest
+
+from pikeclient.cli import secret_overrides
+from pikeclient.ratelimit import RateLimiter
+from pikeclient.testing.server import FakeLLMServer, FaultPlan
+from tests.conftest import API_KEY, REPO, files_containing, mlflow_runs, run_py
+
+RETRY_AFTER = 0.05
+
+
+def write_dataset(path, n):
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"q{i}", "prompt": f"question {i} asks something"}) + "\n")
+    return path
+
+
+def read_records(root):
+    [path] = (root / "runs" / "outputs").rglob("records.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def openai_args(server, dataset, *extra):
+    return ("llm=openai", f"llm.base_url={server.url}/v1", f"dataset.path={dataset}", "retry.initial_delay=0.01",
+            "retry.max_delay=0.05", *extra)
+
+
+def test_mixed_faults_every_prompt_has_exactly_one_record(tmp_path):
+    faults = FaultPlan(rates={"429": 0.15, "500": 0.05, "503": 0.05, "drop": 0.05, "hang": 0.03, "malformed": 0.03,
+                              "cut_stream": 0.04}, retry_after=RETRY_AFTER, hang_s=3, seed=7)
+    dataset = write_dataset(tmp_path / "prompts.jsonl", 300)
+    with FakeLLMServer(api_key=API_KEY, faults=faults) as server:
+        proc = run_py(*openai_args(server, dataset, "llm.stream=true", "llm.timeout=0.5", "retry.max_attempts=4",
+                                   "experiment.concurrency=16"), cwd=tmp_path, env={"OPENAI_API_KEY": API_KEY})
+        log = list(server.log)
+    assert proc.returncode == 0, proc.stderr
+    records = read_records(tmp_path)
+    assert sorted(r["id"] for r in records) == sorted(f"q{i}" for i in range(300))
+
+    sent = Counter(request.prompt for request in log)
+    for record in records:
+        assert sent[record["prompt"]] == record["attempts"], record  # never more requests than attempts
+        assert (record["error"] is None) == (record["response"] is not None)
+        assert record["response"] != "" or record["error"] is None
+    failed = [r for r in records if r["error"]]
+    assert {r["error_kind"] for r in failed} <= {"rate_limit", "server", "connection", "timeout"}
+
+    by_prompt = defaultdict(list)
+    for request in log:
+        by_prompt[request.prompt].append(request)
+    waits = [b.time - a.time for requests in by_prompt.values() for a, b in zip(requests, requests[1:])
+             if a.fault == "429"]
+    assert waits and min(waits) >= RETRY_AFTER * 0.98  # server-side: the client waited as told
+
+
+def test_sigkill_then_rerun_calls_only_missing_prompts(tmp_path):
+    dataset = write_dataset(tmp_path / "prompts.jsonl", 120)
+    env = {**os.environ, "OPENAI_API_KEY": API_KEY}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with FakeLLMServer(api_key=API_KEY, latency=0.05) as server:
+        args = openai_args(server, dataset, "experiment.concurrency=4")
+        first = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=tmp_path, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while len(server.log) < 50 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        answered_first = {r.prompt for r in server.log if r.status == 200}
+        before = len(server.log)
+        proc = run_py(*args, cwd=tmp_path, env={"OPENAI_API_KEY": API_KEY})
+        second = server.log[before:]
+    assert proc.returncode == 0, proc.stderr
+    [_, final] = sorted((tmp_path / "runs" / "outputs").rglob("records.jsonl"))  # first, then second run
+    records = [json.loads(line) for line in final.read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == sorted(f"q{i}" for i in range(120))
+    cached = {r["prompt"] for r in records if r["cached"]}
+    called = Counter(request.prompt for request in second)
+    assert len(cached) >= 40 and cached <= answered_first
+    assert set(called) == {r["prompt"] for r in records if not r["cached"]}
+    assert max(called.values()) == 1  # nothing asked twice
+    assert len(answered_first & set(called)) <= 4  # at most the calls in flight at the kill
+    statuses = sorted(r["status"] for r in mlflow_runs(tmp_path / "runs"))
+    assert statuses == ["FINISHED", "KILLED"]
+
+
+def test_sigint_stops_cleanly_and_marks_the_run_killed(tmp_path):
+    dataset = write_dataset(tmp_path / "prompts.jsonl", 200)
+    env = {**os.environ, "OPENAI_API_KEY": API_KEY}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with FakeLLMServer(api_key=API_KEY, latency=0.05) as server:
+        proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *openai_args(server, dataset)], cwd=tmp_path,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while len(server.log) < 30 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    [run] = mlflow_runs(tmp_path / "runs")
+    assert run["status"] == "KILLED"
+    records = read_records(tmp_path)
+    assert 0 < len(records) < 200 and len({r["id"] for r in records}) == len(records)
+
+
+def test_auth_error_stops_the_run_at_once(server, tmp_path):
+    dataset = write_dataset(tmp_path / "prompts.jsonl", 100)
+    proc = run_py(*openai_args(server, dataset, "experiment.concurrency=4"), cwd=tmp_path,
+                  env={"OPENAI_API_KEY": "sk-wrong-PLANTED-key-123456"})
+    assert proc.returncode == 1
+    assert "auth error" in proc.stderr and "stopped after" in proc.stderr
+    assert len(server.log) <= 8  # the calls already in flight, not 100
+    [run] = mlflow_runs(tmp_path / "runs")
+    assert run["status"] == "FAILED"
+    assert files_containing(tmp_path, "sk-wrong-PLANTED-key-123456") == []
+
+
+def test_fail_fast_stops_at_a_non_retryable_error(server, tmp_path):
+    server.faults = FaultPlan(script=["ok"] * 5 + ["400"])
+    dataset = write_dataset(tmp_path / "prompts.jsonl", 100)
+    proc = run_py(*openai_args(server, dataset, "experiment.concurrency=1", "experiment.fail_fast=true"),
+                  cwd=tmp_path, env={"OPENAI_API_KEY": API_KEY})
+    assert proc.returncode == 1 and "bad_request error on prompt 'q5'" in proc.stderr
+    assert len(server.log) == 6
+
+
+def test_without_fail_fast_errors_are_recorded_and_the_run_goes_on(server, tmp_path):
+    server.faults = FaultPlan(script=["ok"] * 5 + ["400"])
+    dataset = write_dataset(tmp_path / "prompts.jsonl", 20)
+    proc = run_py(*openai_args(server, dataset, "experiment.concurrency=1"), cwd=tmp_path,
+                  env={"OPENAI_API_KEY": API_KEY})
+    assert proc.returncode == 0, proc.stderr
+    records = read_records(tmp_path)
+    assert [r["error_kind"] for r in records].count("bad_request") == 1 and len(records) == 20
+    assert "bad_request=1" in proc.stdout
+
+
+def test_cache_off_and_refresh(server, tmp_path):
+    dataset = write_dataset(tmp_path / "prompts.jsonl", 5)
+    env = {"OPENAI_API_KEY": API_KEY}
+    for mode, expected_requests in (("use", 5), ("use", 0), ("refresh", 5), ("off", 5)):
+        before = len(server.log)
+        proc = run_py(*openai_args(server, dataset, f"cache.mode={mode}", "tracking=none"), cwd=tmp_path, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert len(server.log) - before == expected_requests, mode
+
+
+def test_cache_is_scoped_to_the_experiment(server, tmp_path):
+    dataset = write_dataset(tmp_path / "prompts.jsonl", 3)
+    env = {"OPENAI_API_KEY": API_KEY}
+    for args in (("experiment.concurrency=1",), ("experiment.concurrency=2",), ("experiment.concurrency=1",)):
+        run_py(*openai_args(server, dataset, "tracking=none", *args), cwd=tmp_path, env=env)
+    assert len(server.log) == 6  # a different concurrency is measured anew; the same one is resumed
+    run_py(*openai_args(server, dataset, "tracking=none", "cache.scope=shared"), cwd=tmp_path, env=env)
+    run_py(*openai_args(server, dataset, "tracking=none", "cache.scope=shared", "experiment.concurrency=3"),
+           cwd=tmp_path, env=env)
+    assert len(server.log) == 9
+
+
+def test_requests_per_minute_limit_paces_calls():
+    limiter = RateLimiter(requests_per_minute=600)  # 10 s worth = 100 at once, then 10 a second
+    start = time.monotonic()
+    for _ in range(105):
+        limiter.acquire()
+    assert 0.4 <= time.monotonic() - start <= 1.5
+
+
+def test_tokens_per_minute_counts_prompt_plus_max_tokens(server, api_env):
+    from pikeclient.backends.openai import OpenAIClient
+
+    client = OpenAIClient(model="gpt-4o", base_url=f"{server.url}/v1", sampling={"max_tokens": 50},
+                          rate_limit={"tokens_per_minute": 3600})  # 600 tokens at once, 60 a second
+    start = time.monotonic()
+    results = [client.chat([{"role": "user", "content": "hi"}]) for _ in range(12)]  # ~60 tokens each
+    elapsed = time.monotonic() - start
+    assert 0.5 <= elapsed <= 4
+    assert sum(r.throttle_s for r in results) > 0.4 and all(r.latency_s < 0.5 for r in results)
+
+
+def test_call_deadline_cuts_a_hanging_attempt(api_env):
+    import asyncio
+
+    from pikeclient.backends.openai import OpenAIClient
+    from pikeclient.errors import LLMTimeoutError
+
+    with FakeLLMServer(api_key=API_KEY, faults=FaultPlan(rates={"hang": 1.0}, hang_s=5)) as server:
+        client = OpenAIClient(model="gpt-4o", base_url=f"{server.url}/v1", timeout=30, retry={"deadline": 0.3})
+        start = time.monotonic()
+        with pytest.raises(LLMTimeoutError, match="deadline"):
+            asyncio.run(client.achat([{"role": "user", "content": "hi"}]))
+        assert time.monotonic() - start < 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("llm=openai", "llm.timeout=-1"), "llm.timeout=-1 must be > 0 seconds"),
+        (("llm=openai", "llm.base_url=not a url"), "is not an http(s) URL"),
+        (("rate_limit.requests_per_minute=-5",), "rate_limit.requests_per_minute=-5.0 is out of range"),
+        (("cache.mode=sometimes",), "cache.mode='sometimes'"),
+        (("retry.deadline=0",), "retry.deadline=0.0 is out of range"),
+        (("experiment.concurrency=many",), "could not be converted to Integer"),
+        (("bogus_key=1",), "Could not override 'bogus_key'"),
+    ],
+)
+def test_bad_config_values(args, message, tmp_path):
+    proc = run_py(*args, cwd=tmp_path, env={"OPENAI_API_KEY": API_KEY})
+    assert proc.returncode != 0 and message in proc.stderr + proc.stdout
+    assert not list(tmp_path.rglob("records.jsonl"))
+
+
+def test_non_utf8_dataset(tmp_path):
+    (tmp_path / "bad.jsonl").write_bytes(b'{"id": "a", "prompt": "ok"}\n{"id": "b", "prompt": "caf\xe9"}\n')
+    proc = run_py("dataset.path=bad.jsonl", "tracking=none", cwd=tmp_path)
+    assert proc.returncode == 1 and "bad.jsonl:2: not UTF-8" in proc.stderr
+
+
+def test_prompt_longer_than_the_context_window(tmp_path, tiny_model):
+    (tmp_path / "long.jsonl").write_text(json.dumps({"id": "huge", "prompt": "word " * 3000}) + "\n")
+    proc = run_py("llm=hf_meta_llama", f"llm.model={tiny_model}", "dataset.path=long.jsonl", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "dataset prompt 'huge'" in proc.stderr and "context window" in proc.stderr
+    assert not (tmp_path / "runs" / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["llm.api_key=sk-abcdefghijklmnopqrstuvwx", "+llm.azure_ad_token=xyz", "llm.model=sk-abcdefghijklmnopqrstuvwx",
+     f"llm.organization={API_KEY}"],
+)
+def test_keys_on_the_command_line_are_refused_before_anything_is_written(override, tmp_path):
+    proc = run_py("llm=openai", override, cwd=tmp_path, env={"OPENAI_API_KEY": API_KEY})
+    assert proc.returncode == 2 and "must not be passed on the command line" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_secret_detection_leaves_ordinary_overrides_alone():
+    args = ["llm=openai", "llm.api_key_env=MY_KEY", "sampling.max_tokens=64", "llm.model=gpt-4o"]
+    assert secret_overrides(args, {"MY_KEY": "sk-1234567890abcdef"}) == []
+    assert secret_overrides(["llm.model=sk-1234567890abcdef"], {"MY_KEY": "sk-1234567890abcdef"}) == ["llm.model"]
