@@ -35,3 +35,8 @@ def append(title: str, rows: list[tuple[str, str]], notes: str = "") -> str:
     with RESULTS.open("a") as f:
         f.write(text)
     return text
+
+
+def emit(title: str, rows: list[tuple[str, str]], *, to_results: bool) -> None:
+    """Print the figures; with ``to_results`` also append them to RESULTS.md."""
+    print(append(title, rows) if to_results else "\n".join(f"{k}: {v}" for k, v in rows))

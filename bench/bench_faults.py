@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import API_KEY, REPO, write_prompts  # noqa: E402
-from bench._report import append  # noqa: E402
+from bench._report import emit  # noqa: E402
 from pikeclient.testing.server import FakeLLMServer, FaultPlan  # noqa: E402
 
 
@@ -64,10 +64,7 @@ def main() -> None:
         ("duplicates", f"{extra_requests} extra requests, {duplicate_records} extra records"),
         ("wall time", f"{wall:.1f} s (process start to exit, concurrency {args.concurrency})"),
     ]
-    text = "\n".join(f"{k}: {v}" for k, v in rows)
-    if not args.no_append:
-        text = append(f"Fault run ({args.prompts} prompts)", rows)
-    print(text)
+    emit(f"Fault run ({args.prompts} prompts)", rows, to_results=not args.no_append)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._report import append  # noqa: E402
+from bench._report import emit  # noqa: E402
 from pikeclient.backends.hf_meta_llama import HFLocalClient  # noqa: E402
 from pikeclient.dataset import load_prompts  # noqa: E402
 from pikeclient.experiment import run_prompts  # noqa: E402
@@ -74,10 +74,7 @@ def main() -> None:
         (f"batched (batch {args.batch})", f"{bat_tokens} tokens in {bat_s:.2f} s = {bat_tps:.0f} tokens/s"),
         ("ratio batched / one at a time", f"**{bat_tps / seq_tps:.1f}x** (target >= 6x at batch 16 on CPU)"),
     ]
-    text = "\n".join(f"{k}: {v}" for k, v in rows)
-    if not args.no_append:
-        text = append("Local model: batched vs one at a time", rows)
-    print(text)
+    emit("Local model: batched vs one at a time", rows, to_results=not args.no_append)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import API_KEY, REPO, loopback_server, ratio, write_prompts  # noqa: E402
-from bench._report import append  # noqa: E402
+from bench._report import emit  # noqa: E402
 
 # Each contender runs in a fresh process; it prints its wall time (s) for the calls.
 PIKECLIENT = """
@@ -131,11 +131,8 @@ def main() -> None:
             ("ideal (calls x latency / concurrency)", f"{ideal:.2f} s")]
     rows += [(name, f"{wall:.2f} s ({ratio(wall, raw)} raw SDK)") for name, wall in walls.items()]
     rows.append(("target", "pikeclient <= 1.05x raw SDK"))
-    text = "\n".join(f"{k}: {v}" for k, v in rows)
-    if not args.no_append:
-        text = append(f"Async throughput ({args.calls} calls, latency {args.latency:g} s, "
-                      f"concurrency {args.concurrency}); median of {args.repeats}", rows)
-    print(text)
+    emit(f"Async throughput ({args.calls} calls, latency {args.latency:g} s, "
+                      f"concurrency {args.concurrency}); median of {args.repeats}", rows, to_results=not args.no_append)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import API_KEY, REPO, loopback_server, ratio, write_prompts  # noqa: E402
-from bench._report import append  # noqa: E402
+from bench._report import emit  # noqa: E402
 
 VARIANTS = {
     "tracking off": ["tracking=none"],
@@ -75,10 +75,7 @@ def main() -> None:
             ("repeats (median shown)", str(args.repeats))]
     rows += [(name, f"{wall:.2f} s ({ratio(wall, base)})") for name, wall in walls.items()]
     rows.append(("target", "tracking on <= 1.10x tracking off"))
-    text = "\n".join(f"{k}: {v}" for k, v in rows)
-    if not args.no_append:
-        text = append(f"Tracking overhead ({args.calls} calls, latency {args.latency:g} s)", rows)
-    print(text)
+    emit(f"Tracking overhead ({args.calls} calls, latency {args.latency:g} s)", rows, to_results=not args.no_append)
 
 
 if __name__ == "__main__":

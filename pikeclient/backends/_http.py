@@ -3,12 +3,51 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import httpx2
 
 from pikeclient.errors import LLMConnectionError, LLMError, LLMTimeoutError, ServerError, error_for_status
 from pikeclient.retry import parse_retry_after
+
+S = TypeVar("S")
+A = TypeVar("A")
+
+
+class LazyClients(Generic[S, A]):
+    """A sync and an async HTTP client, each made on first use and closed on request.
+
+    The async one belongs to the event loop that first used it; ``aclose`` releases it (at the end of
+    an ``asyncio.run``), and the next use makes a new one.
+    """
+
+    def __init__(self, make_sync: Callable[[], S], make_async: Callable[[], A]) -> None:
+        self._make_sync, self._make_async = make_sync, make_async
+        self._sync: S | None = None
+        self._async: A | None = None
+
+    @property
+    def sync(self) -> S:
+        if self._sync is None:
+            self._sync = self._make_sync()
+        return self._sync
+
+    @property
+    def aio(self) -> A:
+        if self._async is None:
+            self._async = self._make_async()
+        return self._async
+
+    def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()  # type: ignore[attr-defined]
+            self._sync = None
+
+    async def aclose(self) -> None:
+        if self._async is not None:
+            client, self._async = self._async, None
+            await (getattr(client, "aclose", None) or client.close)()
 
 
 def transport_error(error: Exception) -> LLMError | None:

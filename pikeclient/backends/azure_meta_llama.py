@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx2
 
-from pikeclient.backends._http import status_error, transport_error
+from pikeclient.backends._http import LazyClients, status_error, transport_error
 from pikeclient.backends.openai import check_url, read_api_key
 from pikeclient.client import BaseLLMClient
 from pikeclient.errors import ConfigError, ServerError
@@ -74,8 +74,10 @@ class AzureMetaLlamaClient(BaseLLMClient):
         self.timeout = timeout
         self._headers = self._auth_headers(read_api_key(api_key_env), auth, api, deployment)
         self._counter = HFTokenizerCounter(tokenizer) if tokenizer else None
-        self._sync: httpx2.Client | None = None
-        self._async: httpx2.AsyncClient | None = None
+        self._clients: LazyClients[httpx2.Client, httpx2.AsyncClient] = LazyClients(
+            lambda: httpx2.Client(timeout=self.timeout, headers=self._headers),
+            lambda: httpx2.AsyncClient(timeout=self.timeout, headers=self._headers),
+        )
 
     @staticmethod
     def _url(endpoint: str, api: str, route: str) -> str:
@@ -99,36 +101,18 @@ class AzureMetaLlamaClient(BaseLLMClient):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "endpoint": self.url, "api": self.api, "deployment": self.deployment}
 
-    # -- HTTP clients --------------------------------------------------------------------------
-
-    @property
-    def http(self) -> httpx2.Client:
-        if self._sync is None:
-            self._sync = httpx2.Client(timeout=self.timeout, headers=self._headers)
-        return self._sync
-
-    @property
-    def async_http(self) -> httpx2.AsyncClient:
-        if self._async is None:
-            self._async = httpx2.AsyncClient(timeout=self.timeout, headers=self._headers)
-        return self._async
-
     def close(self) -> None:
-        if self._sync is not None:
-            self._sync.close()
-            self._sync = None
+        self._clients.close()
 
     async def aclose(self) -> None:
-        if self._async is not None:
-            await self._async.aclose()
-            self._async = None
+        await self._clients.aclose()
 
     # -- one attempt ----------------------------------------------------------------------------
 
     def _complete(self, messages: list[Message], params: SamplingParams) -> Completion:
         start = time.perf_counter()
         try:
-            response = self.http.post(self.url, params=self.params, json=self._body(messages, params))
+            response = self._clients.sync.post(self.url, params=self.params, json=self._body(messages, params))
             return self._parse(response, start)
         except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
             raise transport_error(error) or error from error
@@ -136,7 +120,7 @@ class AzureMetaLlamaClient(BaseLLMClient):
     async def _acomplete(self, messages: list[Message], params: SamplingParams) -> Completion:
         start = time.perf_counter()
         try:
-            response = await self.async_http.post(self.url, params=self.params, json=self._body(messages, params))
+            response = await self._clients.aio.post(self.url, params=self.params, json=self._body(messages, params))
             return self._parse(response, start)
         except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
             raise transport_error(error) or error from error

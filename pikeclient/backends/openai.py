@@ -11,7 +11,7 @@ import httpx2
 import openai
 
 from pikeclient.client import BaseLLMClient
-from pikeclient.backends._http import status_error, transport_error
+from pikeclient.backends._http import LazyClients, status_error, transport_error
 from pikeclient.errors import ConfigError, LLMConnectionError, LLMError, LLMTimeoutError, ServerError
 from pikeclient.tokens import TiktokenCounter
 from pikeclient.types import Completion, Message, SamplingParams, Usage
@@ -86,8 +86,7 @@ class OpenAIClient(BaseLLMClient):
         }
         if organization:
             self._sdk_args["organization"] = organization
-        self._sync: openai.OpenAI | None = None
-        self._async: openai.AsyncOpenAI | None = None
+        self._clients: LazyClients[openai.OpenAI, openai.AsyncOpenAI] = LazyClients(self._make_sync, self._make_async)
 
     # -- SDK clients (created on first use, one pair per client object) ----------------------------
 
@@ -99,25 +98,17 @@ class OpenAIClient(BaseLLMClient):
 
     @property
     def sdk(self) -> openai.OpenAI:
-        if self._sync is None:
-            self._sync = self._make_sync()
-        return self._sync
+        return self._clients.sync
 
     @property
     def async_sdk(self) -> openai.AsyncOpenAI:
-        if self._async is None:
-            self._async = self._make_async()
-        return self._async
+        return self._clients.aio
 
     def close(self) -> None:
-        if self._sync is not None:
-            self._sync.close()
-            self._sync = None
+        self._clients.close()
 
     async def aclose(self) -> None:
-        if self._async is not None:
-            await self._async.close()
-            self._async = None
+        await self._clients.aclose()
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "endpoint": str(self.sdk.base_url), "stream": self.stream}

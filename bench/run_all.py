@@ -1,0 +1,48 @@
+"""Run every benchmark and append its figures to bench/RESULTS.md: ``python bench/run_all.py``.
+
+Each figure is a ratio against a baseline measured in the same run; none of this is a test.
+Pass --quick for smaller sizes (a smoke check of the benchmarks themselves).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+FULL = [
+    ["bench_throughput.py"],                              # 1. async throughput vs raw AsyncOpenAI
+    ["bench_sync.py"],                                    # 2. per-call overhead, sync
+    ["bench_tracking.py", "--repeats", "5"],              # 3. tracking on vs off, 5,000 calls
+    ["bench_startup.py"],                                 # 4. start-up vs a minimal script
+    ["bench_memory.py"],                                  # 5. peak RSS, 10,000 prompts
+    ["bench_local.py"],                                   # 6. local model, batched vs one at a time
+    ["bench_faults.py"],                                  #    reliability figures
+]
+QUICK = [
+    ["bench_throughput.py", "--calls", "200", "--repeats", "1", "--no-append"],
+    ["bench_sync.py", "--calls", "100", "--repeats", "1", "--no-append"],
+    ["bench_tracking.py", "--calls", "500", "--no-append"],
+    ["bench_startup.py", "--repeats", "1", "--no-append"],
+    ["bench_memory.py", "--prompts", "500", "--no-append"],
+    ["bench_local.py", "--prompts", "16", "--repeats", "1", "--no-append"],
+    ["bench_faults.py", "--prompts", "100", "--no-append"],
+]
+
+
+def main() -> int:
+    plan = QUICK if "--quick" in sys.argv else FULL
+    failed = []
+    for args in plan:
+        print(f"== {' '.join(args)}", flush=True)
+        if subprocess.run([sys.executable, str(HERE / args[0]), *args[1:]]).returncode != 0:
+            failed.append(args[0])
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
