@@ -48,6 +48,7 @@ def peak_kib(pid: int) -> int | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=10_000)
+    parser.add_argument("--override", action="append", default=[], help="extra run.py override, repeatable")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     env = {**os.environ, "OPENAI_API_KEY": API_KEY}
@@ -55,7 +56,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, loopback_server(0.0) as url:
         dataset = write_prompts(Path(tmp) / "prompts.jsonl", args.prompts)
         command = [sys.executable, str(REPO / "run.py"), "llm=openai", f"llm.base_url={url}",
-                   f"dataset.path={dataset}", "experiment.concurrency=32", "cache.mode=off"]
+                   f"dataset.path={dataset}", "experiment.concurrency=32", "cache.mode=off", *args.override]
         process = subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         peaks: dict[str, int] = {}
         start = time.perf_counter()
@@ -68,7 +69,7 @@ def main() -> None:
         wall = time.perf_counter() - start
         if process.returncode != 0:
             raise SystemExit(process.stderr.read().decode()[-3000:])
-    rows = [("prompts", f"{args.prompts} (tracking on, traces on), {wall:.1f} s")]
+    rows = [("prompts", f"{args.prompts}, {wall:.1f} s; overrides: {' '.join(args.override) or 'none'}")]
     rows += [(f"peak RSS, {name}", f"{kib / 1024:.0f} MiB") for name, kib in peaks.items()]
     rows.append(("target", "<= 400 MB"))
     emit(f"Memory, {args.prompts}-prompt API run", rows, to_results=not args.no_append)

@@ -38,3 +38,18 @@ def test_api_experiment_run_leaves_torch_out(server, tmp_path):
     )
     loaded = modules_after(code)
     assert "mlflow" in loaded and not {"torch", "transformers"} & loaded
+
+
+def test_run_py_with_an_api_backend_never_imports_torch(server, tmp_path):
+    from tests.conftest import REPO
+
+    code = (
+        "import atexit, runpy, sys\n"
+        "atexit.register(lambda: print('HEAVY', sorted({'torch', 'transformers'} & set(sys.modules))))\n"
+        f"sys.argv = ['run.py', 'llm=openai', 'llm.base_url={server.url}/v1', 'dataset.limit=2', 'tracking=none']\n"
+        f"runpy.run_path({str(REPO / 'run.py')!r}, run_name='__main__')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={"OPENAI_API_KEY": API_KEY, "PATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout
