@@ -10,12 +10,9 @@ as a further peer when it is installed.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

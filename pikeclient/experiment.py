@@ -14,11 +14,11 @@ from typing import IO, Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from pikeclient.cache import ResponseCache, cache_key, scope_of
 from pikeclient.client import BaseLLMClient
 from pikeclient.config import artifact_root, tracking_uri, validate
 from pikeclient.cost import find_price
 from pikeclient.dataset import PromptItem, load_prompts
-from pikeclient.cache import ResponseCache, cache_key, scope_of
 from pikeclient.errors import ConfigError, ContextWindowError, LLMError, PikeError
 from pikeclient.factory import create_client
 from pikeclient.sidecar import TrackingSidecar
