@@ -23,6 +23,7 @@ from mlflow.entities.span import Span
 from mlflow.exceptions import MlflowException
 from mlflow.tracing.constant import SpanAttributeKey
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
 from pikeclient.config import artifact_root, tracking_uri
 
@@ -123,7 +124,9 @@ class MlflowRun:
         self.log_metrics(metrics)
         if log_records:
             self.log_artifact(records_path)
-            self.client.log_table(self.run_id, records_table(records_path), "records_table.json")
+            self.log_artifact(write_records_table(records_path, output_dir / "records_table.json"))
+            # What log_table adds, so the UI lists the file as a table.
+            self.log_tags({MLFLOW_LOGGED_ARTIFACTS: json.dumps([{"path": "records_table.json", "type": "table"}])})
         self.log_artifact(output_dir / ".hydra", "hydra")
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
@@ -149,18 +152,24 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str
         return experiment.experiment_id
 
 
-def records_table(records_path: Path) -> dict[str, list]:
-    """Per-call records as columns, for MLflow's table view in the run's artifacts."""
-    columns = ["index", "id", "prompt", "response", "finish_reason", "latency_s", "ttft_s", "attempts",
-               "prompt_tokens", "completion_tokens", "cached", "error_kind", "error"]
-    table: dict[str, list] = {c: [] for c in columns}
-    with records_path.open(encoding="utf-8") as lines:
-        for line in lines:
+TABLE_COLUMNS = ("index", "id", "prompt", "response", "finish_reason", "latency_s", "ttft_s", "attempts",
+                 "prompt_tokens", "completion_tokens", "cached", "error_kind", "error")
+
+
+def write_records_table(records_path: Path, table_path: Path) -> Path:
+    """Per-call records as the JSON table MLflow's UI shows (pandas' ``orient="split"`` layout).
+
+    Written row by row: ``MlflowClient.log_table`` would build a DataFrame of every record first
+    (44 MiB more at 10,000 records).
+    """
+    with records_path.open(encoding="utf-8") as lines, table_path.open("w", encoding="utf-8") as out:
+        out.write(f'{{"columns": {json.dumps(list(TABLE_COLUMNS))}, "data": [')
+        for number, line in enumerate(lines):
             record = json.loads(line)
             flat = {**record, **{k: record["usage"].get(k) for k in ("prompt_tokens", "completion_tokens")}}
-            for column in columns:
-                table[column].append(flat.get(column))
-    return table
+            out.write(("," if number else "") + json.dumps([flat.get(c) for c in TABLE_COLUMNS], ensure_ascii=False))
+        out.write("]}")
+    return table_path
 
 
 class CallLogger:
@@ -268,7 +277,6 @@ def sidecar_main(conn: Any) -> None:
         return
     with contextlib.suppress(OSError):  # the experiment may have ended already: its last messages still wait
         conn.send(("ready", run.run_id))
-    import pandas  # noqa: F401 - log_table needs it at the end; importing now keeps it off the run's tail
 
     status = "KILLED"  # unless told otherwise: the experiment process died
     buffer: list = []

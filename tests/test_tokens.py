@@ -35,3 +35,22 @@ def test_chat_overhead():
     messages = [{"role": "user", "content": "hello world"}]
     # 3 per message + role "user" (1) + content (2) + 3 priming the reply
     assert counter.count_messages(messages) == 3 + 1 + 2 + 3
+
+
+def test_upper_bound_never_undercounts_and_needs_no_encoder():
+    counter = TiktokenCounter("gpt-4o")
+    messages = [{"role": "system", "content": "Be brief. Ünïcödé ✓ 中文"}, {"role": "user", "content": "x" * 500}]
+    bound = counter.upper_bound(messages)
+    assert "encoding" not in counter.__dict__  # not built yet
+    assert bound >= counter.count_messages(messages)
+
+
+def test_openai_context_check_encodes_only_prompts_that_may_not_fit(server, api_env):
+    from pikeclient.backends.openai import OpenAIClient
+    from pikeclient.errors import ContextWindowError
+
+    client = OpenAIClient(model="gpt-4", base_url=f"{server.url}/v1", sampling={"max_tokens": 100})
+    client.check_context([{"role": "user", "content": "short"}])
+    assert "encoding" not in client._counter.__dict__
+    with pytest.raises(ContextWindowError, match="8192-token context window"):
+        client.check_context([{"role": "user", "content": "word " * 9000}])

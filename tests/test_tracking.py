@@ -91,12 +91,16 @@ def test_one_llm_trace_per_call_linked_to_the_run(sweep):
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"] > 0
 
 
-def test_table_artifact_and_hydra_folder(sweep):
-    _, client, experiment = sweep
+def test_table_artifact_and_hydra_folder(sweep, monkeypatch):
+    root, client, experiment = sweep
     run = children_and_parent(client, experiment)[0][0]
     paths = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"records.jsonl", "records_table.json", "hydra"} <= paths
     assert "table" in run.data.tags.get("mlflow.loggedArtifacts", "")
+    # load_table searches runs through the global tracking URI, not the client's.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'runs' / 'mlflow.db'}")
+    table = client.load_table(experiment, "records_table.json", run_ids=[run.info.run_id])
+    assert len(table) == run.data.metrics["calls"] and {"prompt", "response", "latency_s"} <= set(table.columns)
 
 
 def test_no_key_anywhere(sweep):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx2
@@ -163,6 +163,12 @@ class OpenAIClient(BaseLLMClient):
 
     def count_message_tokens(self, messages: list[Message]) -> int:
         return self._counter.count_messages(messages)
+
+    def check_context(self, messages: Sequence[Message], **sampling: Any) -> None:
+        # Most prompts fit by their byte length alone; only the others are encoded.
+        limit = self.sampling.merged(sampling).max_tokens
+        if self.context_window and self._counter.upper_bound(messages) + limit > self.context_window:
+            super().check_context(messages, **sampling)
 
 
 def check_url(url: str, key: str) -> str:
