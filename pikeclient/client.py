@@ -27,6 +27,9 @@ class BaseLLMClient(abc.ABC):
     """
 
     provider: ClassVar[str] = "unknown"
+    # True when calls compute on this machine's CPU or GPU: the tracking process then finishes its
+    # start-up before the first call instead of competing with the model for the cores.
+    computes_locally: ClassVar[bool] = False
 
     def __init__(
         self,

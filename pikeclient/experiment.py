@@ -50,6 +50,8 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path, hydra_info: dict[str
     cache = ResponseCache(cfg.cache.path, cfg.cache.mode)
     tracking = start_tracking(cfg, client, hydra_info or {}) if cfg.tracking.enabled else None
     try:
+        if tracking is not None and client.computes_locally:
+            tracking.wait_ready()  # MLflow's start-up (~3 s of CPU) would slow the first generations
         with records_path.open("w", encoding="utf-8") as sink:
             stats = asyncio.run(run_prompts(client, prompts, cfg.experiment.concurrency, sink,
                                             on_record=tracking.add if tracking else None, cache=cache,

@@ -90,6 +90,7 @@ class HFLocalClient(BaseLLMClient):
     """
 
     provider = "hf_local"
+    computes_locally = True
 
     def __init__(
         self,
