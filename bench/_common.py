@@ -8,20 +8,25 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from pikeclient.testing.server import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "sk-bench"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def interleaved_medians(contenders: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Each contender's median wall time; rounds interleave them, so drift on the machine hits all alike."""
+    walls: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, run in contenders.items():
+            walls[name].append(run())
+    return {name: sorted(values)[len(values) // 2] for name, values in walls.items()}
 
 
 @contextlib.contextmanager

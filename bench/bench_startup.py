@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import API_KEY, REPO, loopback_server, ratio  # noqa: E402
+from bench._common import API_KEY, REPO, interleaved_medians, loopback_server, ratio  # noqa: E402
 from bench._report import emit  # noqa: E402
 
 MINIMAL = """
@@ -60,11 +60,8 @@ def main() -> None:
                 "cache.mode=off"]
         minimal = [sys.executable, "-c", MINIMAL, url, store]
         timed(pike, root, env), timed(minimal, root, env)  # creates the store; warms the page cache
-        walls: dict[str, list[float]] = {"minimal SDK + MLflow script": [], "python run.py llm=openai": []}
-        for _ in range(args.repeats):
-            walls["minimal SDK + MLflow script"].append(timed(minimal, root, env))
-            walls["python run.py llm=openai"].append(timed(pike, root, env))
-    med = {k: sorted(v)[len(v) // 2] for k, v in walls.items()}
+        med = interleaved_medians({"minimal SDK + MLflow script": lambda: timed(minimal, root, env),
+                                   "python run.py llm=openai": lambda: timed(pike, root, env)}, args.repeats)
     base = med["minimal SDK + MLflow script"]
     rows = [(k, f"{v:.2f} s ({ratio(v, base)})") for k, v in med.items()]
     rows.append(("torch / transformers imported by an API run", "never (tests/test_imports.py)"))

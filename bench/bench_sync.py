@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import openai  # noqa: E402
 
-from bench._common import API_KEY, loopback_server, ratio  # noqa: E402
+from bench._common import API_KEY, interleaved_medians, loopback_server, ratio  # noqa: E402
 from bench._report import emit  # noqa: E402
 from pikeclient.backends.openai import OpenAIClient  # noqa: E402
 
@@ -55,11 +55,8 @@ def main() -> None:
     args = parser.parse_args()
     with loopback_server(0.0) as url:
         raw(url, 50), pike(url, 50)  # warm: connections, encoders, imports
-        walls: dict[str, list[float]] = {"raw openai.OpenAI": [], "pikeclient generate": []}
-        for _ in range(args.repeats):  # interleaved
-            walls["raw openai.OpenAI"].append(raw(url, args.calls))
-            walls["pikeclient generate"].append(pike(url, args.calls))
-    med = {k: sorted(v)[len(v) // 2] for k, v in walls.items()}
+        med = interleaved_medians({"raw openai.OpenAI": lambda: raw(url, args.calls),
+                                   "pikeclient generate": lambda: pike(url, args.calls)}, args.repeats)
     base = med["raw openai.OpenAI"]
     rows = [("calls (sequential, zero latency)", str(args.calls))]
     rows += [(k, f"{v:.2f} s = {v / args.calls * 1000:.2f} ms/call ({ratio(v, base)})") for k, v in med.items()]

@@ -10,6 +10,7 @@ as a further peer when it is installed.
 from __future__ import annotations
 
 import argparse
+import functools
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import API_KEY, REPO, loopback_server, ratio, write_prompts  # noqa: E402
+from bench._common import API_KEY, REPO, interleaved_medians, loopback_server, ratio, write_prompts  # noqa: E402
 from bench._report import emit  # noqa: E402
 
 # Each contender runs in a fresh process; it prints its wall time (s) for the calls.
@@ -106,11 +107,8 @@ def measure(calls: int, latency: float, concurrency: int, repeats: int) -> dict[
         codes = {"raw openai.AsyncOpenAI + semaphore": RAW_SDK, "pikeclient run_prompts": PIKECLIENT}
         if has_litellm():
             codes["litellm.acompletion + semaphore"] = LITELLM
-        walls: dict[str, list[float]] = {name: [] for name in codes}
-        for _ in range(repeats):  # interleaved, so drift on the machine hits both sides alike
-            for name, code in codes.items():
-                walls[name].append(contender(code, url, dataset, concurrency))
-    return {name: sorted(values)[len(values) // 2] for name, values in walls.items()}
+        runs = {name: functools.partial(contender, code, url, dataset, concurrency) for name, code in codes.items()}
+        return interleaved_medians(runs, repeats)
 
 
 def main() -> None:

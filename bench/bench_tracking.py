@@ -9,6 +9,7 @@ the same loopback server process; the figure is wall time against the tracking-o
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import API_KEY, REPO, loopback_server, ratio, write_prompts  # noqa: E402
+from bench._common import API_KEY, REPO, interleaved_medians, loopback_server, ratio, write_prompts  # noqa: E402
 from bench._report import emit  # noqa: E402
 
 VARIANTS = {
@@ -64,11 +65,9 @@ def main() -> None:
         dataset = write_prompts(Path(tmp) / "prompts.jsonl", args.calls)
         # Creates the store (MLflow's first use builds ~60 tables: once per store, not per run).
         run_variant(url, dataset, ["dataset.limit=200"], args.concurrency, runs)
-        walls: dict[str, list[float]] = {name: [] for name in VARIANTS}
-        for _ in range(args.repeats):  # interleaved, so drift on the machine hits every variant alike
-            for name, overrides in VARIANTS.items():
-                walls[name].append(run_variant(url, dataset, overrides, args.concurrency, runs))
-        walls = {name: sorted(values)[len(values) // 2] for name, values in walls.items()}
+        variants = {name: functools.partial(run_variant, url, dataset, overrides, args.concurrency, runs)
+                    for name, overrides in VARIANTS.items()}
+        walls = interleaved_medians(variants, args.repeats)
     base = walls["tracking off"]
     rows = [("calls, server latency, concurrency", f"{args.calls}, {args.latency:g} s, {args.concurrency}"),
             ("repeats (median shown)", str(args.repeats))]

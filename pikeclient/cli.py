@@ -13,27 +13,26 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from pikeclient.config import is_secret_name
 from pikeclient.errors import PikeError
 from pikeclient.experiment import run_experiment
 from pikeclient.stats import format_summary
 
 log = logging.getLogger(__name__)
 
-# Override keys that hold credentials (api_key_env names a variable: that one is fine).
-_SECRET_KEY = re.compile(r"^(.*_)?(api_?key|access_key|secret|password|token|credential)$", re.IGNORECASE)
 _SECRET_VALUE = re.compile(r"^(sk-[A-Za-z0-9_\-]{16,}|[0-9a-f]{32}|[A-Za-z0-9+/]{60,}={0,2})$")
 
 
 def secret_overrides(args: list[str], environ: Mapping[str, str]) -> list[str]:
     """Command-line overrides that carry a credential; Hydra would save them in .hydra/overrides.yaml."""
-    secrets = {v for k, v in environ.items() if _SECRET_KEY.search(k.removesuffix("_ENV")) and len(v) >= 8}
+    secrets = {v for k, v in environ.items() if is_secret_name(k) and len(v) >= 8}
     found = []
     for arg in args:
         key, sep, value = arg.lstrip("+~").partition("=")
         if not sep:
             continue
         name = key.rsplit(".", 1)[-1]
-        if (_SECRET_KEY.search(name) and not name.endswith("_env")) or value in secrets or _SECRET_VALUE.match(value):
+        if is_secret_name(name) or value in secrets or _SECRET_VALUE.match(value):
             found.append(key)
     return found
 

@@ -8,6 +8,7 @@ The schemas use ``Optional``/``List`` because OmegaConf 2.3 does not read ``X | 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf 2.3 needs typing generics
@@ -153,6 +154,15 @@ def _checked(group: str, build: Any) -> Any:
         return build()
     except (ValueError, TypeError) as error:
         raise ConfigError(f"{group}.{error}") from error
+
+
+# Config keys and environment variables whose values are credentials. ``api_key_env`` names a
+# variable and is safe; a bare ``key`` is, but ``cache_key`` or ``bogus_key`` are not.
+_SECRET_NAME = re.compile(r"^((.*_)?(api_?key|access_key|secret|password|token|credential)|key)$", re.IGNORECASE)
+
+
+def is_secret_name(name: str) -> bool:
+    return bool(_SECRET_NAME.match(name))
 
 
 def default_tracking_uri(runs_dir: str | os.PathLike[str]) -> str:

@@ -64,18 +64,6 @@ class ModelError(LLMError):
     kind = "model"
 
 
-ERROR_KINDS: tuple[str, ...] = (
-    "rate_limit",
-    "timeout",
-    "server",
-    "connection",
-    "auth",
-    "bad_request",
-    "context_window",
-    "model",
-    "error",
-)
-
 _CONTEXT_MARKERS = ("context_length_exceeded", "maximum context length", "context window", "too many tokens")
 
 

@@ -15,8 +15,10 @@ import os
 import tempfile
 from collections.abc import Iterable
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pikeclient.errors import ConfigError
 from pikeclient.types import Message
 
 if TYPE_CHECKING:
@@ -131,10 +133,6 @@ class HFTokenizerCounter:
     """
 
     def __init__(self, path: str) -> None:
-        from pathlib import Path
-
-        from pikeclient.errors import ConfigError
-
         folder = Path(path).expanduser()
         file = folder / "tokenizer.json" if folder.is_dir() else folder
         if not file.is_file():

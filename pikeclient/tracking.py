@@ -12,7 +12,6 @@ import logging
 import signal
 import sys
 import os
-import re
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -25,7 +24,7 @@ from mlflow.tracing.constant import SpanAttributeKey
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
-from pikeclient.config import artifact_root, tracking_uri
+from pikeclient.config import artifact_root, is_secret_name, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +33,6 @@ MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAM_LENGTH = 6000
 
-# Keys whose values are credentials (api_key_env holds a variable *name*, which is safe to log).
-_SECRET_KEY = re.compile(r"^(.*_)?(api_?key|key|token|secret|password|credential)$", re.IGNORECASE)
 
 
 def open_parent_run(cfg: Any, sweep_dir: Path) -> dict[str, str]:
@@ -65,7 +62,7 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
-        if _SECRET_KEY.search(str(key)):
+        if is_secret_name(str(key)):
             continue
         if isinstance(value, Mapping):
             flat.update(flatten(value, f"{name}."))
@@ -108,11 +105,6 @@ class MlflowRun:
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
         self._log_metric_objects(Metric(k, float(v), now, step) for k, v in metrics.items())
-
-    def log_series(self, name: str, values: Iterable[float]) -> None:
-        """A metric series with step = position (per-call latency, tokens), in batches."""
-        now = int(time.time() * 1000)
-        self._log_metric_objects(Metric(name, float(v), now, step) for step, v in enumerate(values))
 
     def _log_metric_objects(self, metrics: Iterable[Metric]) -> None:
         for chunk in _chunks(list(metrics), MAX_METRICS_PER_BATCH):

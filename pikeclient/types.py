@@ -86,17 +86,14 @@ class SamplingParams:
             raise ValueError(f"max_tokens={self.max_tokens} is out of range: allowed >= 1")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k={self.top_k} is out of range: allowed >= 1")
-        if isinstance(self.stop, str) or isinstance(self.stop, list):
+        if self.stop is not None:  # a string, a list or a tuple: always a tuple of non-empty strings
             object.__setattr__(self, "stop", normalize_stop(self.stop))
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> SamplingParams:
         """Build from a config mapping, ignoring keys that are not sampling settings."""
         names = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in (values or {}).items() if k in names}
-        if kwargs.get("stop") is not None:
-            kwargs["stop"] = normalize_stop(kwargs["stop"])
-        return cls(**kwargs)
+        return cls(**{k: v for k, v in (values or {}).items() if k in names})
 
     def merged(self, overrides: Mapping[str, Any]) -> SamplingParams:
         """Per-call overrides on top of the client's defaults; unknown names are an error."""
@@ -106,10 +103,7 @@ class SamplingParams:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise TypeError(f"unknown sampling parameter(s): {', '.join(unknown)}")
-        values = dict(overrides)
-        if values.get("stop") is not None:
-            values["stop"] = normalize_stop(values["stop"])
-        return replace(self, **values)
+        return replace(self, **overrides)
 
 
 def normalize_stop(stop: str | Sequence[str]) -> tuple[str, ...] | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,13 +20,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from pikeclient.testing.server import free_port
+
 REQUIRED_METRICS = ("calls", "latency_s_p50", "latency_s_p95")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager

@@ -19,12 +19,20 @@ import argparse
 import asyncio
 import json
 import random
+import socket
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+def free_port() -> int:
+    """A port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 
 FAULTS = ("400", "429", "500", "503", "drop", "hang", "malformed", "cut_stream")
 
