@@ -1,7 +1,9 @@
 """The one retry mechanism every backend goes through (built on tenacity).
 
 Four small pieces, after the openai SDK's own retry code: parse the server's delay, decide whether to
-retry, compute the wait, and sleep (the only difference between the sync and async paths).
+retry, compute the wait, and sleep (the only difference between the sync and async paths). The first
+attempt runs outside tenacity's loop, which is built only after a failure and then decides exactly as
+for every later attempt: a call that succeeds at once costs no more than the SDK call itself.
 """
 
 from __future__ import annotations
@@ -111,18 +113,22 @@ class RetryPolicy:
 
     def call(self, fn: Callable[[], T]) -> RetryOutcome[T]:
         """Run ``fn`` under this policy (blocking)."""
-        tracker = _Tracker()
-        retrying = tenacity.Retrying(sleep=tracker.sleep, **self._tenacity_args(tracker))
-        return tracker.outcome(retrying(tracker.count(fn)))
+        tracker, start = _Tracker(), time.monotonic()
+        attempt = tracker.count(fn)
+        try:  # the first attempt runs bare: most calls succeed, and tenacity's loop costs ~0.1 ms a call
+            return tracker.outcome(attempt())
+        except Exception as error:  # noqa: BLE001 - tenacity decides below, as for every later attempt
+            first = error
+        retrying = tenacity.Retrying(sleep=tracker.sleep, **self._tenacity_args(tracker, start))
+        return tracker.outcome(retrying(_replay(first, attempt)))
 
     async def acall(self, fn: Callable[[], Awaitable[T]]) -> RetryOutcome[T]:
         """Run the coroutine factory ``fn`` under this policy; ``deadline`` cuts even a running attempt."""
         tracker = _Tracker()
-        retrying = tenacity.AsyncRetrying(sleep=tracker.asleep, **self._tenacity_args(tracker))
         deadline = asyncio.timeout(self.deadline)
         try:
             async with deadline:
-                value = await retrying(tracker.acount(fn))
+                value = await self._aretry(tracker, tracker.acount(fn))
         except TimeoutError as error:
             if not deadline.expired():
                 raise
@@ -131,17 +137,50 @@ class RetryPolicy:
             raise timeout from error
         return tracker.outcome(value)
 
-    def _tenacity_args(self, tracker: _Tracker) -> dict:
-        stop = tenacity.stop_after_attempt(self.max_attempts)
-        if self.deadline is not None:
-            stop = stop | tenacity.stop_before_delay(self.deadline)
+    async def _aretry(self, tracker: _Tracker, attempt: Callable[[], Awaitable[T]]) -> T:
+        start = time.monotonic()
+        try:  # bare first attempt, as in call()
+            return await attempt()
+        except Exception as error:  # noqa: BLE001 - tenacity decides below
+            first = error
+        retrying = tenacity.AsyncRetrying(sleep=tracker.asleep, **self._tenacity_args(tracker, start))
+        return await retrying(_areplay(first, attempt))
+
+    def _tenacity_args(self, tracker: _Tracker, start: float) -> dict:
         return {
-            "stop": stop,
+            "stop": lambda state: self._stop(state.attempt_number, time.monotonic() - start + state.upcoming_sleep),
             "wait": lambda state: self.wait_seconds(state.attempt_number, state.outcome.exception()),
             "retry": tenacity.retry_if_exception(should_retry),
             "before_sleep": _log_retry,
             "retry_error_callback": tracker.give_up,
         }
+
+    def _stop(self, attempts: int, seconds_at_next: float) -> bool:
+        """No attempt after the last allowed one, nor one that would start past the deadline."""
+        return attempts >= self.max_attempts or (self.deadline is not None and seconds_at_next >= self.deadline)
+
+
+def _replay(first: Exception, attempt: Callable[[], T]) -> Callable[[], T]:
+    """``attempt``, except that its first call re-raises the failure the bare first attempt already had."""
+    pending = [first]
+
+    def again() -> T:
+        if pending:
+            raise pending.pop()
+        return attempt()
+
+    return again
+
+
+def _areplay(first: Exception, attempt: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
+    pending = [first]
+
+    async def again() -> T:
+        if pending:
+            raise pending.pop()
+        return await attempt()
+
+    return again
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,55 @@ def test_async_path_counts_the_same():
     assert (outcome.value, outcome.attempts) == ("ok", 2)
 
 
+def test_single_attempt_policy_never_retries():
+    with pytest.raises(ServerError) as caught:
+        RetryPolicy(max_attempts=1).call(failing([ServerError("a", status=500)]))
+    assert (caught.value.attempts, caught.value.backoff_s) == (1, 0.0)
+
+
+def test_deadline_counts_the_first_attempt():
+    def slow_failure():
+        time.sleep(0.25)
+        raise ServerError("slow", status=500)
+
+    policy = RetryPolicy(max_attempts=5, initial_delay=0.1, jitter=False, deadline=0.3)
+    with pytest.raises(ServerError) as caught:
+        policy.call(slow_failure)
+    assert caught.value.attempts == 1  # 0.25 s spent + 0.1 s wait would start past the 0.3 s deadline
+
+
+def test_first_failure_is_logged_and_programming_errors_pass_through(caplog):
+    caplog.set_level("INFO", logger="pikeclient.retry")
+    RetryPolicy(initial_delay=0.001).call(failing([ServerError("boom", status=503)]))
+    assert "attempt 1 failed (ServerError: boom)" in caplog.text
+    calls = []
+
+    def buggy():
+        calls.append(1)
+        raise KeyError("not an LLM error")
+
+    with pytest.raises(KeyError):
+        RetryPolicy(initial_delay=0.001).call(buggy)
+    assert calls == [1]
+
+
+def test_async_non_retryable_and_give_up_count_attempts():
+    async def attempts_of(policy, errors):
+        pending = list(errors)
+
+        async def call():
+            raise pending.pop(0)
+
+        try:
+            await policy.acall(call)
+        except (AuthError, ServerError) as error:
+            return type(error), error.attempts
+
+    policy = RetryPolicy(max_attempts=3, initial_delay=0.001)
+    assert asyncio.run(attempts_of(policy, [AuthError("no", status=401)])) == (AuthError, 1)
+    assert asyncio.run(attempts_of(policy, [ServerError(str(i), status=500) for i in range(3)])) == (ServerError, 3)
+
+
 @pytest.mark.parametrize("bad", [{"max_attempts": 0}, {"initial_delay": -1}, {"multiplier": 0.5}, {"deadline": 0}])
 def test_bad_policy_values(bad):
     with pytest.raises(ValueError, match="out of range"):
