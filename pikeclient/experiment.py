@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -40,31 +41,38 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path, hydra_info: dict[str
     checked first, so a bad input fails before an MLflow run or a records file exists.
     """
     validate(cfg)
-    prompts = load_prompts(cfg.dataset.path, cfg.dataset.limit)
-    client = create_client(cfg)
-    check_prompts_fit(client, prompts)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    records_path = output_dir / cfg.experiment.records_file
-    price = find_price(OmegaConf.to_container(cfg.pricing), client.describe())
-    cache = ResponseCache(cfg.cache.path, cfg.cache.mode)
-    tracking = start_tracking(cfg, client, hydra_info or {}) if cfg.tracking.enabled else None
+    # The tracking process imports MLflow (~2 s of CPU) on another core while this one loads the
+    # prompts and the client; it creates a run only when start_tracking says so.
+    tracking = TrackingSidecar() if cfg.tracking.enabled else None
     try:
-        if tracking is not None and client.computes_locally:
-            tracking.wait_ready()  # MLflow's start-up (~3 s of CPU) would slow the first generations
-        with records_path.open("w", encoding="utf-8") as sink:
-            stats = asyncio.run(run_prompts(client, prompts, cfg.experiment.concurrency, sink,
-                                            on_record=tracking.add if tracking else None, cache=cache,
-                                            cache_scope=cache_scope(cfg), fail_fast=cfg.experiment.fail_fast))
-        stats.price = price
-        if tracking is not None:
-            tracking.finish(stats.metrics(), records_path, output_dir, log_records=cfg.tracking.log_records)
+        return _run(cfg, Path(output_dir), hydra_info or {}, tracking)
     except BaseException as error:
         if tracking is not None:
             tracking.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
+
+
+def _run(cfg: DictConfig, output_dir: Path, hydra_info: dict[str, Any], tracking: TrackingSidecar | None) -> RunStats:
+    prompts = load_prompts(cfg.dataset.path, cfg.dataset.limit)
+    client = create_client(cfg)
+    try:
+        check_prompts_fit(client, prompts)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        records_path = output_dir / cfg.experiment.records_file
+        price = find_price(OmegaConf.to_container(cfg.pricing), client.describe())
+        with contextlib.closing(ResponseCache(cfg.cache.path, cfg.cache.mode)) as cache:
+            if tracking is not None:
+                start_tracking(tracking, cfg, client, hydra_info)
+                if client.computes_locally:
+                    tracking.wait_ready()  # MLflow's start-up (~3 s of CPU) would slow the first generations
+            with records_path.open("w", encoding="utf-8") as sink:
+                stats = asyncio.run(run_prompts(client, prompts, cfg.experiment.concurrency, sink,
+                                                on_record=tracking.add if tracking else None, cache=cache,
+                                                cache_scope=cache_scope(cfg), fail_fast=cfg.experiment.fail_fast))
+            stats.price = price
+            if tracking is not None:
+                tracking.finish(stats.metrics(), records_path, output_dir, log_records=cfg.tracking.log_records)
     finally:
-        cache.close()
         client.close()
     return stats
 
@@ -162,7 +170,7 @@ async def call_one(client: BaseLLMClient, index: int, item: PromptItem, cache: R
     return record
 
 
-def start_tracking(cfg: DictConfig, client: BaseLLMClient, hydra_info: dict[str, Any]) -> TrackingSidecar:
+def start_tracking(tracking: TrackingSidecar, cfg: DictConfig, client: BaseLLMClient, hydra_info: dict[str, Any]) -> None:
     """Start the MLflow run in the tracking process; a sweep's job becomes a child of the sweep's run."""
     from pikeclient.sweep import read_parent
 
@@ -171,7 +179,7 @@ def start_tracking(cfg: DictConfig, client: BaseLLMClient, hydra_info: dict[str,
     parent = read_parent(hydra_info["sweep_dir"]) if "sweep_dir" in hydra_info else None
     if parent is not None:
         tags["mlflow.parentRunId"] = parent["run_id"]
-    return TrackingSidecar({
+    tracking.start({
         "tracking_uri": tracking_uri(cfg),
         "experiment_name": cfg.tracking.experiment_name,
         "run_name": cfg.tracking.run_name or hydra_info.get("job_name") or description["provider"],

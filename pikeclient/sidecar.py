@@ -25,21 +25,27 @@ SEND_BATCH = 64  # calls per pipe message: fewer syscalls and pickles, still nea
 
 
 class TrackingSidecar:
-    """Starts the tracking process; ``add`` each call, then ``finish`` or ``end`` the run."""
+    """Starts the tracking process; ``start`` the run, ``add`` each call, then ``finish`` or ``end`` it."""
 
-    def __init__(self, setup: Mapping[str, Any], *, ready_timeout: float = 120.0) -> None:
+    def __init__(self, *, ready_timeout: float = 120.0) -> None:
         # A plain subprocess on a socketpair: unlike multiprocessing's spawn it does not re-import the
         # caller's __main__ (which fails for stdin scripts and notebooks); fork after threads is unsafe.
+        # It imports MLflow at once, then waits for ``start``: nothing is written before that.
         ours, theirs = socket.socketpair()
         self.process = subprocess.Popen([sys.executable, "-m", "pikeclient.tracking", str(theirs.fileno())],
                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         theirs.close()
         self.conn = Connection(ours.detach())
-        self._send(("setup", dict(setup)))
         self.ready_timeout = ready_timeout
+        self.started = False
         self.run_id: str | None = None
         self.pending: list[tuple[dict[str, Any], Any]] = []
         self.closed = False
+
+    def start(self, setup: Mapping[str, Any]) -> None:
+        """Create the MLflow run described by ``setup`` (tracking URI, experiment, tags, params)."""
+        self._send(("setup", dict(setup)))
+        self.started = True
 
     def add(self, record: Mapping[str, Any], item: Any) -> None:
         """Queue one finished call; raises ConfigError if the sidecar could not start the run."""
@@ -67,8 +73,12 @@ class TrackingSidecar:
         return run_id
 
     def end(self, status: str) -> None:
-        """End the run as FAILED or KILLED (what was logged so far stays)."""
+        """End the run as FAILED or KILLED (what was logged so far stays); before ``start``, just stop."""
         if self.closed:
+            return
+        if not self.started:  # no run exists yet: stop the process (it may still be importing MLflow)
+            self.process.terminate()
+            self._close()
             return
         try:
             self._flush()

@@ -260,6 +260,9 @@ def sidecar_main(conn: Any) -> None:
     logging.basicConfig(level=logging.WARNING, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
         _, setup = conn.recv()
+    except (EOFError, OSError):  # the experiment stopped before it was ready to start a run
+        return
+    try:
         run = MlflowRun(setup["tracking_uri"], setup["experiment_name"], run_name=setup["run_name"],
                         tags=setup["tags"], artifact_root=setup["artifact_root"])
         run.log_params({**flatten(setup["config"]), **flatten({"client": setup["client"]})})
