@@ -21,10 +21,12 @@ API_KEY = "sk-bench"
 
 
 def interleaved_medians(contenders: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
-    """Each contender's median wall time; rounds interleave them, so drift on the machine hits all alike."""
+    """Each contender's median wall time; rounds interleave them, so drift on the machine hits all alike,
+    and every other round runs them in reverse order, so none always goes first (or right after another)."""
     walls: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, run in contenders.items():
+    for round_number in range(repeats):
+        order = list(contenders.items())
+        for name, run in order[::-1] if round_number % 2 else order:
             walls[name].append(run())
     return {name: sorted(values)[len(values) // 2] for name, values in walls.items()}
 

@@ -50,7 +50,7 @@ def pike(url: str, calls: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     with loopback_server(0.0) as url:

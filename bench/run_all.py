@@ -16,6 +16,7 @@ FULL = [
     ["bench_throughput.py"],                              # 1. async throughput vs raw AsyncOpenAI
     ["bench_sync.py"],                                    # 2. per-call overhead, sync
     ["bench_tracking.py", "--repeats", "5"],              # 3. tracking on vs off, 5,000 calls
+    ["bench_tracking.py", "--calls", "1000", "--latency", "0.3", "--repeats", "3"],  #    same, at an API-like latency
     ["bench_startup.py"],                                 # 4. start-up vs a minimal script
     ["bench_memory.py"],                                  # 5. peak RSS, 10,000 prompts
     ["bench_local.py"],                                   # 6. local model, batched vs one at a time
