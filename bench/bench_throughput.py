@@ -1,10 +1,12 @@
 """Async throughput: pikeclient's runner (retry and token counting on, tracking off) vs the raw SDK.
 
     python bench/bench_throughput.py [--calls 1000] [--latency 0.1] [--concurrency 32] [--no-append]
+                                     [--litellm-python PATH]
 
 The raw baseline is ``openai.AsyncOpenAI`` with an asyncio semaphore, the same prompts, the same
 loopback server process. Also printed: the ideal wall time, calls x latency / concurrency, and LiteLLM
-as a further peer when it is installed.
+as a further peer when it is installed. LiteLLM pins ``openai<3``, so it cannot share pikeclient's
+environment: give ``--litellm-python`` the interpreter of a separate venv with ``pip install litellm``.
 """
 
 from __future__ import annotations
@@ -88,26 +90,33 @@ print(time.perf_counter() - start)
 """
 
 
-def contender(code: str, url: str, dataset: Path, concurrency: int) -> float:
-    env = {"OPENAI_API_KEY": API_KEY, "PATH": "", "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", code.format(repo=str(REPO)), url, str(dataset), str(concurrency)],
+def contender(code: str, url: str, dataset: Path, concurrency: int, python: str = sys.executable) -> float:
+    # LITELLM_LOCAL_MODEL_COST_MAP: LiteLLM would otherwise fetch its price list from GitHub on import.
+    env = {"OPENAI_API_KEY": API_KEY, "PATH": "", "PYTHONPATH": str(REPO), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    out = subprocess.run([python, "-c", code.format(repo=str(REPO)), url, str(dataset), str(concurrency)],
                          capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def has_litellm() -> bool:
-    return subprocess.run([sys.executable, "-c", "import litellm"], capture_output=True).returncode == 0
+def litellm_versions(python: str) -> str | None:
+    """"litellm X, openai Y" in ``python``'s environment, or None when litellm is not installed there."""
+    code = ("import importlib.metadata as m, litellm; "
+            "print(f\"litellm {m.version('litellm')}, openai {m.version('openai')}\")")
+    env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "PATH": ""}
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env)
+    return out.stdout.strip().splitlines()[-1] if out.returncode == 0 else None
 
 
-def measure(calls: int, latency: float, concurrency: int, repeats: int) -> dict[str, float]:
+def measure(calls: int, latency: float, concurrency: int, repeats: int, litellm_python: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp, loopback_server(latency) as url:
         dataset = write_prompts(Path(tmp) / "prompts.jsonl", calls)
-        codes = {"raw openai.AsyncOpenAI + semaphore": RAW_SDK, "pikeclient run_prompts": PIKECLIENT}
-        if has_litellm():
-            codes["litellm.acompletion + semaphore"] = LITELLM
-        runs = {name: functools.partial(contender, code, url, dataset, concurrency) for name, code in codes.items()}
+        runs = {name: functools.partial(contender, code, url, dataset, concurrency)
+                for name, code in {"raw openai.AsyncOpenAI + semaphore": RAW_SDK, "pikeclient run_prompts": PIKECLIENT}.items()}
+        if versions := litellm_versions(litellm_python):
+            runs[f"litellm.acompletion + semaphore ({versions})"] = functools.partial(contender, LITELLM, url, dataset, concurrency,
+                                                                        litellm_python)
         return interleaved_medians(runs, repeats)
 
 
@@ -117,9 +126,10 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.1)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--litellm-python", default=sys.executable, help="interpreter with litellm installed")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
-    walls = measure(args.calls, args.latency, args.concurrency, args.repeats)
+    walls = measure(args.calls, args.latency, args.concurrency, args.repeats, args.litellm_python)
     raw = walls["raw openai.AsyncOpenAI + semaphore"]
     ideal = args.calls * args.latency / args.concurrency
     rows = [("calls, server latency, concurrency", f"{args.calls}, {args.latency:g} s, {args.concurrency}"),

@@ -6,7 +6,7 @@ Everything here is a small frozen dataclass: raw SDK objects never leave their b
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 Message = Mapping[str, str]
@@ -32,6 +32,10 @@ class Usage:
         if self.prompt_tokens is None or self.completion_tokens is None:
             return None
         return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "source": self.source, "total_tokens": self.total_tokens}
 
 
 @dataclass(frozen=True)
@@ -61,9 +65,13 @@ class ChatResult:
     cached: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["usage"]["total_tokens"] = self.usage.total_tokens
+        # Built field by field: dataclasses.asdict deep-copies every value (~0.05 ms a call).
+        data = {f.name: getattr(self, f.name) for f in _RESULT_FIELDS}
+        data["usage"] = self.usage.to_dict()
         return data
+
+
+_RESULT_FIELDS = fields(ChatResult)
 
 
 @dataclass(frozen=True)
