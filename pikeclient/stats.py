@@ -109,7 +109,7 @@ def format_summary(stats: RunStats, title: str) -> str:
 
     errors = ", ".join(f"{k}={v}" for k, v in sorted(stats.errors.items())) or "0"
     rows = [
-        ("calls", f"{stats.calls} ({stats.ok} ok)"),
+        ("calls", f"{stats.calls} ({stats.ok} ok{_cached_note(stats.cache_hits)})"),
         ("errors", errors),
         ("retries", str(stats.retries)),
         ("latency p50 / p95 (s)", f"{num('latency_s_p50')} / {num('latency_s_p95')}"),
@@ -122,3 +122,8 @@ def format_summary(stats: RunStats, title: str) -> str:
     lines = [title, "-" * max(len(title), width + 20)]
     lines += [f"{k:<{width}}  {v}" for k, v in rows]
     return "\n".join(lines)
+
+
+def _cached_note(hits: int) -> str:
+    """Answers read back from the resume cache are not measurements: say so where latencies go missing."""
+    return f", {hits} from the cache, not measured: cache.mode=refresh calls again" if hits else ""

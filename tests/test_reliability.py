@@ -154,6 +154,8 @@ def test_cache_off_and_refresh(server, tmp_path):
         proc = run_py(*openai_args(server, dataset, f"cache.mode={mode}", "tracking=none"), cwd=tmp_path, env=env)
         assert proc.returncode == 0, proc.stderr
         assert len(server.log) - before == expected_requests, mode
+        cached = "5 from the cache, not measured: cache.mode=refresh calls again" in proc.stdout
+        assert cached == (expected_requests == 0), proc.stdout
 
 
 def test_cache_is_scoped_to_the_experiment(server, tmp_path):
