@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import os
@@ -40,3 +41,12 @@ def append(title: str, rows: list[tuple[str, str]], notes: str = "") -> str:
 def emit(title: str, rows: list[tuple[str, str]], *, to_results: bool) -> None:
     """Print the figures; with ``to_results`` also append them to RESULTS.md."""
     print(append(title, rows) if to_results else "\n".join(f"{k}: {v}" for k, v in rows))
+
+
+def command_line(doc: str, **defaults: int | float | str) -> argparse.ArgumentParser:
+    """A benchmark's options: ``--name`` per default (typed like it), and ``--no-append`` (print only)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name, default in defaults.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    parser.add_argument("--no-append", action="store_true", help="print only; do not touch RESULTS.md")
+    return parser

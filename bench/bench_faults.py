@@ -10,7 +10,6 @@ and wall time. Measured server-side, from the server's own request log.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -23,16 +22,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import API_KEY, REPO, write_prompts  # noqa: E402
-from bench._report import emit  # noqa: E402
+from bench._report import command_line, emit  # noqa: E402
 from pikeclient.testing.server import FakeLLMServer, FaultPlan  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--no-append", action="store_true")
-    args = parser.parse_args()
+    args = command_line(__doc__, prompts=1000, concurrency=32).parse_args()
     faults = FaultPlan(rates={"429": 0.20, "500": 0.05, "drop": 0.03, "hang": 0.02}, retry_after=1.0, hang_s=30)
     with tempfile.TemporaryDirectory() as tmp, FakeLLMServer(api_key=API_KEY, faults=faults) as server:
         dataset = write_prompts(Path(tmp) / "prompts.jsonl", args.prompts)

@@ -9,7 +9,6 @@ itself (device=auto); try --hidden 1024 --layers 12 there.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._report import emit  # noqa: E402
+from bench._report import command_line, emit  # noqa: E402
 from pikeclient.backends.hf_meta_llama import HFLocalClient  # noqa: E402
 from pikeclient.dataset import load_prompts  # noqa: E402
 from pikeclient.experiment import run_prompts  # noqa: E402
@@ -42,15 +41,7 @@ def median_run(run, repeats: int) -> tuple[int, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-append", action="store_true", help="print only; do not touch RESULTS.md")
-    args = parser.parse_args()
+    args = command_line(__doc__, batch=16, prompts=32, max_tokens=64, hidden=64, layers=2, repeats=3).parse_args()
 
     base = load_prompts("pkg://pikeclient/data/prompts.jsonl")
     items = [base[i % len(base)] for i in range(args.prompts)]

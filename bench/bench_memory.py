@@ -8,7 +8,6 @@ reports each one's peak resident set (VmHWM). Records are streamed to disk, not 
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import API_KEY, REPO, loopback_server, write_prompts  # noqa: E402
-from bench._report import emit  # noqa: E402
+from bench._report import command_line, emit  # noqa: E402
 
 
 def children(pid: int) -> list[int]:
@@ -46,10 +45,8 @@ def peak_kib(pid: int) -> int | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=10_000)
+    parser = command_line(__doc__, prompts=10_000)
     parser.add_argument("--override", action="append", default=[], help="extra run.py override, repeatable")
-    parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     env = {**os.environ, "OPENAI_API_KEY": API_KEY}
     env.pop("MLFLOW_TRACKING_URI", None)

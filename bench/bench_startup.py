@@ -8,7 +8,6 @@ store (created beforehand, as it is after a user's first run). Whole-process wal
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import API_KEY, REPO, interleaved_medians, loopback_server, ratio  # noqa: E402
-from bench._report import emit  # noqa: E402
+from bench._report import command_line, emit  # noqa: E402
 
 MINIMAL = """
 import sys, time
@@ -46,10 +45,7 @@ def timed(command: list[str], cwd: Path, env: dict[str, str]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-append", action="store_true")
-    args = parser.parse_args()
+    args = command_line(__doc__, repeats=5).parse_args()
     env = {**os.environ, "OPENAI_API_KEY": API_KEY}
     env.pop("MLFLOW_TRACKING_URI", None)
     with tempfile.TemporaryDirectory() as tmp, loopback_server(0.0) as url:

@@ -8,7 +8,6 @@ with the same request body, one after another on the same loopback server proces
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import openai  # noqa: E402
 
 from bench._common import API_KEY, interleaved_medians, loopback_server, ratio  # noqa: E402
-from bench._report import emit  # noqa: E402
+from bench._report import command_line, emit  # noqa: E402
 from pikeclient.backends.openai import OpenAIClient  # noqa: E402
 
 
@@ -48,11 +47,7 @@ def pike(url: str, calls: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--no-append", action="store_true")
-    args = parser.parse_args()
+    args = command_line(__doc__, calls=500, repeats=9).parse_args()
     with loopback_server(0.0) as url:
         raw(url, 50), pike(url, 50)  # warm: connections, encoders, imports
         med = interleaved_medians({"raw openai.OpenAI": lambda: raw(url, args.calls),

@@ -11,7 +11,6 @@ environment: give ``--litellm-python`` the interpreter of a separate venv with `
 
 from __future__ import annotations
 
-import argparse
 import functools
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import API_KEY, REPO, interleaved_medians, loopback_server, ratio, write_prompts  # noqa: E402
-from bench._report import emit  # noqa: E402
+from bench._report import command_line, emit  # noqa: E402
 
 # Each contender runs in a fresh process; it prints its wall time (s) for the calls.
 PIKECLIENT = """
@@ -121,13 +120,8 @@ def measure(calls: int, latency: float, concurrency: int, repeats: int, litellm_
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=1000)
-    parser.add_argument("--latency", type=float, default=0.1)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = command_line(__doc__, calls=1000, latency=0.1, concurrency=32, repeats=3)
     parser.add_argument("--litellm-python", default=sys.executable, help="interpreter with litellm installed")
-    parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     walls = measure(args.calls, args.latency, args.concurrency, args.repeats, args.litellm_python)
     raw = walls["raw openai.AsyncOpenAI + semaphore"]

@@ -8,7 +8,6 @@ the same loopback server process; the figure is wall time against the tracking-o
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import subprocess
@@ -19,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import API_KEY, REPO, interleaved_medians, loopback_server, ratio, write_prompts  # noqa: E402
-from bench._report import emit  # noqa: E402
+from bench._report import command_line, emit  # noqa: E402
 
 VARIANTS = {
     "tracking off": ["tracking=none"],
@@ -53,13 +52,7 @@ def run_variant(url: str, dataset: Path, overrides: list[str], concurrency: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=5000)
-    parser.add_argument("--latency", type=float, default=0.0)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--no-append", action="store_true")
-    args = parser.parse_args()
+    args = command_line(__doc__, calls=5000, latency=0.0, concurrency=32, repeats=1).parse_args()
     with tempfile.TemporaryDirectory() as tmp, loopback_server(args.latency) as url:
         runs = Path(tmp) / "runs"
         dataset = write_prompts(Path(tmp) / "prompts.jsonl", args.calls)

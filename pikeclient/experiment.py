@@ -41,7 +41,7 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path, hydra_info: dict[str
     checked first, so a bad input fails before an MLflow run or a records file exists.
     """
     validate(cfg)
-    # The tracking process imports MLflow (~2 s of CPU) on another core while this one loads the
+    # The tracking process imports MLflow (~1.5 s of CPU) on another core while this one loads the
     # prompts and the client; it creates a run only when start_tracking says so.
     tracking = TrackingSidecar() if cfg.tracking.enabled else None
     try:

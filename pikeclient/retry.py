@@ -113,14 +113,14 @@ class RetryPolicy:
 
     def call(self, fn: Callable[[], T]) -> RetryOutcome[T]:
         """Run ``fn`` under this policy (blocking)."""
-        tracker, start = _Tracker(), time.monotonic()
+        tracker = _Tracker()
         attempt = tracker.count(fn)
         try:  # the first attempt runs bare: most calls succeed, and tenacity's loop costs ~0.1 ms a call
             return tracker.outcome(attempt())
         except Exception as error:  # noqa: BLE001 - tenacity decides below, as for every later attempt
-            first = error
-        retrying = tenacity.Retrying(sleep=tracker.sleep, **self._tenacity_args(tracker, start))
-        return tracker.outcome(retrying(_replay(first, attempt)))
+            tracker.first_failure = error
+        retrying = tenacity.Retrying(sleep=tracker.sleep, **self._tenacity_args(tracker))
+        return tracker.outcome(retrying(attempt))
 
     async def acall(self, fn: Callable[[], Awaitable[T]]) -> RetryOutcome[T]:
         """Run the coroutine factory ``fn`` under this policy; ``deadline`` cuts even a running attempt."""
@@ -138,17 +138,16 @@ class RetryPolicy:
         return tracker.outcome(value)
 
     async def _aretry(self, tracker: _Tracker, attempt: Callable[[], Awaitable[T]]) -> T:
-        start = time.monotonic()
         try:  # bare first attempt, as in call()
             return await attempt()
         except Exception as error:  # noqa: BLE001 - tenacity decides below
-            first = error
-        retrying = tenacity.AsyncRetrying(sleep=tracker.asleep, **self._tenacity_args(tracker, start))
-        return await retrying(_areplay(first, attempt))
+            tracker.first_failure = error
+        retrying = tenacity.AsyncRetrying(sleep=tracker.asleep, **self._tenacity_args(tracker))
+        return await retrying(attempt)
 
-    def _tenacity_args(self, tracker: _Tracker, start: float) -> dict:
+    def _tenacity_args(self, tracker: _Tracker) -> dict:
         return {
-            "stop": lambda state: self._stop(state.attempt_number, time.monotonic() - start + state.upcoming_sleep),
+            "stop": lambda state: self._stop(state.attempt_number, tracker.elapsed() + state.upcoming_sleep),
             "wait": lambda state: self.wait_seconds(state.attempt_number, state.outcome.exception()),
             "retry": tenacity.retry_if_exception(should_retry),
             "before_sleep": _log_retry,
@@ -158,29 +157,6 @@ class RetryPolicy:
     def _stop(self, attempts: int, seconds_at_next: float) -> bool:
         """No attempt after the last allowed one, nor one that would start past the deadline."""
         return attempts >= self.max_attempts or (self.deadline is not None and seconds_at_next >= self.deadline)
-
-
-def _replay(first: Exception, attempt: Callable[[], T]) -> Callable[[], T]:
-    """``attempt``, except that its first call re-raises the failure the bare first attempt already had."""
-    pending = [first]
-
-    def again() -> T:
-        if pending:
-            raise pending.pop()
-        return attempt()
-
-    return again
-
-
-def _areplay(first: Exception, attempt: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
-    pending = [first]
-
-    async def again() -> T:
-        if pending:
-            raise pending.pop()
-        return await attempt()
-
-    return again
 
 
 @dataclass(frozen=True)
@@ -193,14 +169,29 @@ class RetryOutcome(Generic[T]):
 
 
 class _Tracker:
-    """Counts attempts and time slept for one call; tenacity's own statistics are per-object."""
+    """Counts attempts and time slept for one call; tenacity's own statistics are per-object.
+
+    ``first_failure`` holds the error of the bare first attempt once it failed: tenacity's loop, built
+    only then, gets it back as its attempt 1 (raised again, not counted twice).
+    """
 
     def __init__(self) -> None:
+        self.start = time.monotonic()
         self.attempts = 0
         self.backoff_s = 0.0
+        self.first_failure: Exception | None = None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def replay_first_failure(self) -> None:
+        if self.first_failure is not None:
+            error, self.first_failure = self.first_failure, None
+            raise error
 
     def count(self, fn: Callable[[], T]) -> Callable[[], T]:
         def attempt() -> T:
+            self.replay_first_failure()
             self.attempts += 1
             try:
                 return fn()
@@ -212,6 +203,7 @@ class _Tracker:
 
     def acount(self, fn: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
         async def attempt() -> T:
+            self.replay_first_failure()
             self.attempts += 1
             try:
                 return await fn()
