@@ -32,11 +32,11 @@ def interleaved_medians(contenders: dict[str, Callable[[], float]], repeats: int
 
 
 @contextlib.contextmanager
-def loopback_server(latency: float = 0.0) -> Iterator[str]:
+def loopback_server(latency: float = 0.0, *extra: str) -> Iterator[str]:
     """The fake OpenAI server in a separate process (so it does not share the client's GIL); yields /v1 URL."""
     port = free_port()
     command = [sys.executable, "-m", "pikeclient.testing.server", "--port", str(port), "--latency", str(latency),
-               "--no-log"]
+               "--no-log", *extra]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     try:
         deadline = time.monotonic() + 20

@@ -1,8 +1,10 @@
-"""A persistent response cache (sqlite under ``runs/``): paid-for answers survive a crash or Ctrl-C.
+"""An opt-in response cache (sqlite under ``runs/``), to develop prompts without paying twice.
 
-The key is a hash of what decides the answer: backend, endpoint or deployment, model, messages and
-sampling settings, as sorted JSON. Credentials are never part of it (clients do not describe them).
-Each answer is committed as it arrives; errors are never cached.
+It is content-addressed: the key is a hash of what decides the answer (backend, endpoint or
+deployment, model, messages and sampling settings, as sorted JSON). Credentials are never part of it
+(clients do not describe them). Each answer is committed as it arrives; errors are never cached.
+A cached answer is not a measurement: records mark it ``cached`` and statistics leave it out.
+Resuming an interrupted run is a different thing (``experiment.resume``, see ``pikeclient.resume``).
 """
 
 from __future__ import annotations
@@ -17,32 +19,21 @@ from typing import Any
 
 from pikeclient.types import ChatResult, Message, SamplingParams, Usage
 
-MODES = ("use", "refresh", "off")
+MODES = ("off", "use", "refresh")
 # Client fields that name where an answer comes from; others (stream, device) do not change it.
 IDENTITY_FIELDS = ("provider", "model", "endpoint", "deployment", "api_version", "api")
 
 
-def cache_key(client: Mapping[str, Any], messages: Sequence[Message], params: SamplingParams,
-              scope: str | None = None) -> str:
-    """``scope`` salts the key (see ``scope_of``); None shares answers across experiments."""
+def cache_key(client: Mapping[str, Any], messages: Sequence[Message], params: SamplingParams) -> str:
     identity = {k: client[k] for k in IDENTITY_FIELDS if client.get(k) is not None}
-    request = {"client": identity, "messages": [dict(m) for m in messages], "sampling": asdict(params), "scope": scope}
+    request = {"client": identity, "messages": [dict(m) for m in messages], "sampling": asdict(params)}
     return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def scope_of(settings: Mapping[str, Any]) -> str:
-    """A hash of the settings that shape a measurement (backend options, retry, rate limit, concurrency).
-
-    With it, answers are reused only by a re-run of the same experiment: a sweep over ``stream`` or
-    ``concurrency`` still measures every job instead of reading the first job's answers back.
-    """
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class ResponseCache:
     """``mode``: ``use`` reads and writes, ``refresh`` only writes (calls everything again), ``off``."""
 
-    def __init__(self, path: str | Path, mode: str = "use") -> None:
+    def __init__(self, path: str | Path, mode: str = "off") -> None:
         if mode not in MODES:
             raise ValueError(f"cache.mode={mode!r}: allowed {', '.join(MODES)}")
         self.mode = mode
@@ -63,7 +54,8 @@ class ResponseCache:
             return None
         data = json.loads(row[0])
         usage = Usage(**{k: v for k, v in data.pop("usage").items() if k != "total_tokens"})
-        return ChatResult(**{**data, "usage": usage, "cached": True})
+        known = {name for name in ChatResult.__dataclass_fields__}
+        return ChatResult(**{**{k: v for k, v in data.items() if k in known}, "usage": usage, "cached": True})
 
     def put(self, key: str, result: ChatResult) -> None:
         if self.db is not None:

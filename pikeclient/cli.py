@@ -5,22 +5,28 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pikeclient.config import is_secret_name
+from pikeclient.redact import AUTH_HEADERS
 from pikeclient.errors import PikeError
-from pikeclient.experiment import run_experiment
+from pikeclient.experiment import RunFailed, run_experiment
 from pikeclient.stats import format_summary
 
 log = logging.getLogger(__name__)
 
 _SECRET_VALUE = re.compile(r"^(sk-[A-Za-z0-9_\-]{16,}|[0-9a-f]{32}|[A-Za-z0-9+/]{60,}={0,2})$")
+# Overrides whose values look like keys but are identifiers (an MLflow run id is 32 hex digits, like an
+# Azure key); a value equal to a key held in the environment is still refused.
+_ID_KEYS = ("experiment.resume",)
 
 
 def secret_overrides(args: list[str], environ: Mapping[str, str]) -> list[str]:
@@ -32,9 +38,21 @@ def secret_overrides(args: list[str], environ: Mapping[str, str]) -> list[str]:
         if not sep:
             continue
         name = key.rsplit(".", 1)[-1]
-        if is_secret_name(name) or value in secrets or _SECRET_VALUE.match(value):
+        looks_secret = key not in _ID_KEYS and _SECRET_VALUE.match(value)
+        credential_header = "headers." in key.lower() and name.lower() in AUTH_HEADERS
+        if is_secret_name(name) or value in secrets or looks_secret or credential_header or _has_password(value):
             found.append(key)
     return found
+
+
+def _has_password(value: str) -> bool:
+    """A URL with ``user:key@``: the key would be saved with the overrides."""
+    if "://" not in value:
+        return False
+    try:
+        return urlsplit(value.strip("'\"")).password is not None
+    except ValueError:
+        return False
 
 
 def refuse_secret_overrides(args: list[str]) -> None:
@@ -43,7 +61,7 @@ def refuse_secret_overrides(args: list[str]) -> None:
     if found:
         print(f"error: {', '.join(found)}: credentials must not be passed on the command line (Hydra saves "
               "overrides in the job's .hydra folder); put the key in the environment variable that "
-              "llm.api_key_env names", file=sys.stderr)
+              "llm.api_key_env names (headers and URLs with user:key@ included)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -58,20 +76,38 @@ def hydra_job_info() -> dict[str, Any]:
     return info
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: calls cancelled, records flushed, the run marked KILLED."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(cfg: DictConfig) -> float | None:
     """Run one job; return its median latency (what a Hydra sweeper such as Optuna minimises)."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    title = f"pikeclient: {hydra_job_info()['job_name']}"
     try:
         stats = run_experiment(cfg, HydraConfig.get().runtime.output_dir, hydra_job_info())
+    except RunFailed as error:
+        print(format_summary(error.stats, title))
+        log.error("the run failed: %s; its MLflow run is marked FAILED", error)
+        _fail_sweep(cfg)
+        sys.exit(1)
     except PikeError as error:
         log.error("%s", error)
         _fail_sweep(cfg)
         sys.exit(1)
-    except KeyboardInterrupt:
-        log.error("interrupted: the MLflow run is marked KILLED; answers so far are cached, "
-                  "so running the same command again calls only the prompts still missing")
+    except KeyboardInterrupt as error:
+        signal_name = "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted"
+        log.error("%s: the MLflow run is marked KILLED and the records so far are kept; complete it with the "
+                  "same command and experiment.resume=%s", signal_name, HydraConfig.get().runtime.output_dir)
         _fail_sweep(cfg)
-        sys.exit(130)
-    print(format_summary(stats, f"pikeclient: {hydra_job_info()['job_name']}"))
+        sys.exit(143 if isinstance(error, Terminated) else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(format_summary(stats, title))
     return stats.metrics().get("latency_s_p50")
 
 

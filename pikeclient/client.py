@@ -12,10 +12,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from pikeclient.errors import ContextWindowError
+from pikeclient.errors import ConfigError, ContextWindowError
 from pikeclient.ratelimit import RateLimiter
 from pikeclient.retry import RetryOutcome, RetryPolicy
-from pikeclient.types import ChatResult, Completion, Message, SamplingParams, Usage, user_message
+from pikeclient.types import ChatResult, Completion, Message, SamplingParams, TokenSource, Usage, user_message
 
 
 class BaseLLMClient(abc.ABC):
@@ -40,6 +40,8 @@ class BaseLLMClient(abc.ABC):
         rate_limit: RateLimiter | Mapping[str, Any] | None = None,
         context_window: int | None = None,
     ) -> None:
+        if not isinstance(model, str) or not model.strip():
+            raise ConfigError("llm.model is empty: name the model to call")
         self.model = model
         self.sampling = sampling if isinstance(sampling, SamplingParams) else SamplingParams.from_mapping(sampling)
         self.retry = retry if isinstance(retry, RetryPolicy) else RetryPolicy(**dict(retry or {}))
@@ -107,6 +109,20 @@ class BaseLLMClient(abc.ABC):
         counts = [self.get_token_count(m.get("content", "")) for m in messages]
         return None if None in counts else sum(counts)
 
+    @property
+    def count_source(self) -> TokenSource:
+        """What this client's own counts are: ``tokenizer`` (the model's own, exact), ``estimate`` or ``none``."""
+        return "tokenizer"
+
+    @property
+    def default_warmup(self) -> int:
+        """Calls made and discarded before measuring when ``experiment.warmup`` is null."""
+        return 0
+
+    def prepare(self) -> None:
+        """One-time set-up before measured calls (tokenizer tables are built on first use, ~0.3 s)."""
+        self.get_token_count("warm up")
+
     def describe(self) -> dict[str, Any]:
         """What identifies this client's endpoint in records and tags (never credentials)."""
         return {"provider": self.provider, "model": self.model}
@@ -150,25 +166,38 @@ class BaseLLMClient(abc.ABC):
                 throttled: float = 0.0) -> ChatResult:
         """Latency is the time in attempts: retry waits and rate-limit waits are reported apart."""
         completion = outcome.value
+        usage = self._usage(messages, completion)
         return ChatResult(
             text=completion.text,
             finish_reason=completion.finish_reason,
-            usage=self._usage(messages, completion),
+            usage=usage,
             latency_s=elapsed - outcome.backoff_s - throttled,
             attempts=outcome.attempts,
             backoff_s=outcome.backoff_s,
             throttle_s=throttled,
             ttft_s=completion.ttft_s,
+            itl_s=completion.itl_s,
+            tpot_s=time_per_output_token(completion.decode_s, usage.completion_tokens),
             model=completion.model or self.model,
         )
 
     def _usage(self, messages: list[Message], completion: Completion) -> Usage:
-        """The server's usage when complete, otherwise a local count (or an honest "none")."""
+        """The server's usage when complete, otherwise this client's own count, labelled by its source."""
         usage = completion.usage
         if usage.source != "none" and usage.total_tokens is not None:
             return usage
+        source = self.count_source
+        if source == "none":
+            return Usage(source="none")
         prompt = self.count_message_tokens(messages)
         answer = self.get_token_count(completion.text)
         if prompt is None or answer is None:
             return Usage(source="none")
-        return Usage(prompt_tokens=prompt, completion_tokens=answer, source="local")
+        return Usage(prompt_tokens=prompt, completion_tokens=answer, source=source)
+
+
+def time_per_output_token(decode_s: float | None, completion_tokens: int | None) -> float | None:
+    """TPOT: the time after the first output token divided by the tokens after it (as vLLM defines it)."""
+    if decode_s is None or completion_tokens is None or completion_tokens < 2:
+        return None
+    return decode_s / (completion_tokens - 1)

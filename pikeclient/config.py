@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf 2.3 needs typing generics
 
@@ -52,8 +52,7 @@ class RateLimitConfig:
 
 @dataclass
 class CacheConfig:
-    mode: str = "use"
-    scope: str = "run"
+    mode: str = "off"
     path: str = MISSING
 
 
@@ -80,10 +79,20 @@ class ModelPrice:
 
 
 @dataclass
+class EndpointPrice:
+    """A price for one endpoint (a self-hosted server billed by the token, say), matched by URL prefix."""
+
+    url: str = MISSING
+    input: float = MISSING
+    output: float = MISSING
+
+
+@dataclass
 class PricingConfig:
     currency: str = "USD"
     models: Dict[str, ModelPrice] = field(default_factory=dict)
     deployments: Dict[str, str] = field(default_factory=dict)
+    endpoints: List[EndpointPrice] = field(default_factory=list)
 
 
 @dataclass
@@ -91,6 +100,9 @@ class ExperimentConfig:
     concurrency: int = 8
     records_file: str = "records.jsonl"
     fail_fast: bool = False
+    max_error_rate: float = 0.5
+    warmup: Optional[int] = None
+    resume: Optional[str] = None
 
 
 @dataclass
@@ -114,10 +126,21 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
+_SCHEMAS = {"sampling": SamplingConfig, "retry": RetryConfig, "rate_limit": RateLimitConfig, "cache": CacheConfig,
+            "dataset": DatasetConfig, "tracking": TrackingConfig, "experiment": ExperimentConfig,
+            "pricing": PricingConfig, "paths": PathsConfig}
+
+
 def register_configs() -> None:
-    """Register the schemas; ``conf/config.yaml`` lists ``base_config`` first in its defaults."""
+    """Register the schemas; ``conf/config.yaml`` lists ``base_config`` first in its defaults.
+
+    Also the ``${pid:}`` resolver: job and sweep folders carry the launching process's id, so two runs
+    started in the same second never share a folder. It is cached like Hydra's ``${now:}``, and Hydra
+    copies that cache into every sweep job's config, so all jobs of a sweep agree on its folder.
+    """
     store = ConfigStore.instance()
     store.store(name="base_config", node=Config)
+    OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()), use_cache=True, replace=True)
 
 
 def sampling_params(cfg: DictConfig) -> SamplingParams:
@@ -134,19 +157,44 @@ def rate_limiter(cfg: DictConfig) -> RateLimiter:
 
 def validate(cfg: DictConfig) -> None:
     """Check ranges the schema's types cannot express; raise ConfigError naming the key."""
+    check_known_keys(cfg)
     sampling_params(cfg)
     retry_policy(cfg)
     rate_limiter(cfg)
-    if cfg.cache.mode not in ("use", "refresh", "off"):
-        raise ConfigError(f"cache.mode={cfg.cache.mode!r}: allowed use, refresh, off")
-    if cfg.cache.scope not in ("run", "shared"):
-        raise ConfigError(f"cache.scope={cfg.cache.scope!r}: allowed run, shared")
-    if cfg.experiment.concurrency < 1:
-        raise ConfigError(f"experiment.concurrency={cfg.experiment.concurrency} is out of range: allowed >= 1")
+    if cfg.cache.mode not in ("off", "use", "refresh"):
+        raise ConfigError(f"cache.mode={cfg.cache.mode!r}: allowed off, use, refresh")
+    experiment = cfg.experiment
+    if experiment.concurrency < 1:
+        raise ConfigError(f"experiment.concurrency={experiment.concurrency} is out of range: allowed >= 1")
+    if not 0.0 <= experiment.max_error_rate <= 1.0:
+        raise ConfigError(f"experiment.max_error_rate={experiment.max_error_rate} is out of range: allowed [0, 1]")
+    if experiment.warmup is not None and experiment.warmup < 0:
+        raise ConfigError(f"experiment.warmup={experiment.warmup} is out of range: allowed >= 0 (null: automatic)")
+    records = str(experiment.records_file)
+    if not records.strip() or records in (".", "..") or "/" in records or "\\" in records:
+        raise ConfigError(f"experiment.records_file={records!r}: give a file name (it goes in the job's folder)")
+    if experiment.resume is not None and not str(experiment.resume).strip():
+        raise ConfigError("experiment.resume is empty: give a job folder, an MLflow run id, or latest")
     if cfg.dataset.limit is not None and cfg.dataset.limit < 1:
         raise ConfigError(f"dataset.limit={cfg.dataset.limit} is out of range: allowed >= 1")
     if not OmegaConf.is_dict(cfg.llm) or "_target_" not in cfg.llm:
         raise ConfigError("llm must name a backend with _target_ (choose a file in conf/llm/)")
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Keys the schema does not know fail, also when added with ``+`` (which bypasses Hydra's own check:
+    ``+sampling.temprature=0.5`` would otherwise run at temperature 0 without a word)."""
+    for name, schema in _SCHEMAS.items():
+        node = cfg.get(name)
+        if not OmegaConf.is_dict(node):
+            continue
+        allowed = {f.name for f in fields(schema)}
+        unknown = sorted(set(node.keys()) - allowed)
+        if unknown:
+            raise ConfigError(f"{name}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
+    unknown = sorted(set(cfg.keys()) - {f.name for f in fields(Config)})
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown config group or key")
 
 
 def _checked(group: str, build: Any) -> Any:

@@ -30,7 +30,10 @@ def resolve_path(path: str) -> Path:
     if not path.startswith(PACKAGE_SCHEME):
         return Path(path).expanduser()
     package, _, name = path.removeprefix(PACKAGE_SCHEME).partition("/")
-    return Path(str(resources.files(package).joinpath(name)))
+    try:
+        return Path(str(resources.files(package).joinpath(name)))
+    except (ModuleNotFoundError, TypeError, ValueError):
+        raise ConfigError(f"dataset.path={path!r}: no installed package {package!r}") from None
 
 
 def load_prompts(path: str, limit: int | None = None) -> list[PromptItem]:
@@ -63,14 +66,28 @@ def _parse_line(raw: bytes, where: str, default_id: str) -> PromptItem:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a JSON object with 'prompt' or 'messages'")
     item_id = str(data.get("id", default_id))
+    _check_text(item_id, where)
     if "messages" in data:
         return PromptItem(item_id, _check_messages(data["messages"], where))
     prompt = data.get("prompt")
     if not isinstance(prompt, str):
         raise ConfigError(f"{where}: needs a 'prompt' string or a 'messages' list")
-    if not prompt.strip():
+    _check_text(prompt, where)
+    if is_blank(prompt):
         raise ConfigError(f"{where}: empty prompt")
     return PromptItem(item_id, tuple(user_message(prompt)))
+
+
+def is_blank(text: str) -> bool:
+    """No visible character: whitespace, zero-width spaces and other format characters only."""
+    return not any(ch.isprintable() and not ch.isspace() for ch in text)
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:  # a lone surrogate ("\ud800") decodes from JSON but cannot be sent
+        raise ConfigError(f"{where}: invalid Unicode (a lone surrogate at character {error.start})") from None
 
 
 def _check_messages(messages: object, where: str) -> tuple[Message, ...]:
@@ -81,6 +98,7 @@ def _check_messages(messages: object, where: str) -> tuple[Message, ...]:
             raise ConfigError(f"{where}: each message needs a 'role' and a 'content' string")
         if message["role"] not in ("system", "user", "assistant", "developer"):
             raise ConfigError(f"{where}: unknown role {message['role']!r}")
-    if not any(m["content"].strip() for m in messages):
+        _check_text(message["content"], where)
+    if all(is_blank(m["content"]) for m in messages):
         raise ConfigError(f"{where}: empty prompt")
     return tuple({"role": m["role"], "content": m["content"]} for m in messages)

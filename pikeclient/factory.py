@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
+import types
+import typing
+from collections import abc
+from collections.abc import Mapping
+from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -15,9 +22,14 @@ from pikeclient.errors import ConfigError, PikeError
 log = logging.getLogger(__name__)
 
 
+# Built from the sampling, retry and rate_limit groups, not from llm.*.
+INJECTED = ("sampling", "retry", "rate_limit")
+
+
 def create_client(cfg: DictConfig) -> BaseLLMClient:
     """Instantiate ``cfg.llm`` with the config's sampling defaults and retry policy."""
     validate(cfg)
+    check_backend_args(OmegaConf.to_container(cfg.llm, resolve=True))
     log.info("Instantiating client <%s>", cfg.llm._target_)
     sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
     retry = OmegaConf.to_container(cfg.retry, resolve=True)
@@ -33,3 +45,82 @@ def create_client(cfg: DictConfig) -> BaseLLMClient:
     if not isinstance(client, BaseLLMClient):
         raise ConfigError(f"llm._target_={cfg.llm._target_} did not build a pikeclient client")
     return client
+
+
+def check_backend_args(llm: dict[str, Any]) -> None:
+    """Each ``llm.*`` value against the type its backend's constructor declares, before it is built.
+
+    ``llm`` is free-form in the schema (each backend takes its own arguments), so without this a
+    ``llm.stream=maybe`` would stream (a non-empty string is true) and ``llm.context_window=abc``
+    would fail deep inside a call.
+    """
+    target = str(llm.get("_target_"))
+    module, _, name = target.rpartition(".")
+    try:
+        builder = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ConfigError(f"llm._target_={target}: cannot import it ({error})") from None
+    if inspect.isclass(builder) and issubclass(builder, BaseLLMClient):
+        # A backend passes ``**kwargs`` up to its base classes: their arguments count too.
+        inits = [c.__init__ for c in reversed(builder.__mro__) if issubclass(c, BaseLLMClient)]
+        takes_any = False
+    else:
+        inits = [builder.__init__ if inspect.isclass(builder) else builder]
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(inits[0]).parameters.values())
+    hints: dict[str, Any] = {}
+    known: set[str] = set()
+    for init in inits:
+        hints.update(_hints(init))
+        known.update(p.name for p in inspect.signature(init).parameters.values()
+                     if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD)
+    for key, value in llm.items():
+        if key.startswith("_") or key in INJECTED:
+            continue
+        if key not in known:
+            if takes_any:
+                continue
+            allowed = ", ".join(sorted(known - set(INJECTED)))
+            raise ConfigError(f"llm.{key}: unknown argument of {builder.__name__} (allowed: {allowed})")
+        hint = hints.get(key)
+        if hint is not None and not _matches(value, hint):
+            raise ConfigError(f"llm.{key}={value!r}: expected {_type_name(hint)}")
+
+
+def _hints(function: Any) -> dict[str, Any]:
+    try:
+        return {k: v for k, v in typing.get_type_hints(function).items() if k != "return"}
+    except Exception:  # noqa: BLE001 - unresolvable annotations: check nothing rather than fail
+        return {}
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arm) for arm in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    base = origin or hint
+    if base in (dict, Mapping, abc.Mapping) or (inspect.isclass(base) and issubclass(base, abc.Mapping)):
+        return isinstance(value, dict)
+    if base in (list, tuple, abc.Sequence):
+        return isinstance(value, (list, tuple))
+    return True  # a type config values cannot hold (a client object): left to the constructor
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arm) for arm in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, getattr(typing.get_origin(hint) or hint, "__name__", str(hint)))

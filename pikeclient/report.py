@@ -34,6 +34,10 @@ class Row:
     tokens: int | None
     tokens_per_s: float | None
     cost: str
+    token_basis: str = "-"
+    ttft: float | None = None  # streaming runs only: TTFT p50 (s), ITL and TPOT p50 (ms)
+    itl_ms: float | None = None
+    tpot_ms: float | None = None
 
 
 def find_runs(client: MlflowClient, experiment: str, sweep: str | None) -> list[Run]:
@@ -67,18 +71,28 @@ def to_row(run: Run) -> Row:
         calls=int(m.get("calls", 0)), errors=int(m.get("errors", 0)),
         p50=m.get("latency_s_p50"), p95=m.get("latency_s_p95"),
         tokens=int(m["total_tokens"]) if "total_tokens" in m else None,
-        tokens_per_s=m.get("output_tokens_per_s"), cost=cost,
+        tokens_per_s=m.get("output_tokens_per_s"), cost=cost, token_basis=t.get("pikeclient.token_basis", "-"),
+        ttft=m.get("ttft_s_p50"), itl_ms=_ms(m.get("itl_s_p50")), tpot_ms=_ms(m.get("tpot_s_p50")),
     )
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
 def format_table(rows: Sequence[Row]) -> str:
-    headers = ["#", "run", "backend", "model", "sampling", "calls", "errors", "p50 s", "p95 s", "tokens", "tok/s", "cost"]
+    """One row per run; TTFT, ITL and TPOT columns appear when any run streamed."""
+    streamed = any(r.ttft is not None for r in rows)
+    headers = ["#", "run", "backend", "model", "sampling", "calls", "errors", "p50 s", "p95 s",
+               *(["ttft s", "itl ms", "tpot ms"] if streamed else []), "tokens", "counted by", "tok/s", "cost"]
 
     def fmt(value: float | int | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
     body = [[str(i), r.name, r.backend, _short(r.model), r.sampling, str(r.calls), str(r.errors), fmt(r.p50, ".3f"),
-             fmt(r.p95, ".3f"), fmt(r.tokens, "d"), fmt(r.tokens_per_s, ".1f"), r.cost]
+             fmt(r.p95, ".3f"),
+             *([fmt(r.ttft, ".3f"), fmt(r.itl_ms, ".1f"), fmt(r.tpot_ms, ".1f")] if streamed else []),
+             fmt(r.tokens, "d"), r.token_basis, fmt(r.tokens_per_s, ".1f"), r.cost]
             for i, r in enumerate(rows, start=1)]
     widths = [max(len(h), *(len(line[i]) for line in body)) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]

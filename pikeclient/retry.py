@@ -80,8 +80,9 @@ class RetryPolicy:
     """How often and how long to retry a failed call.
 
     Waits grow as ``initial_delay * multiplier**n`` up to ``max_delay``, with full jitter; a delay the
-    server asks for (Retry-After) is honoured instead, capped at ``max_retry_after``. ``deadline`` bounds
-    a whole call, waits included.
+    server asks for (Retry-After) is honoured instead. A retry never goes out before the server's
+    Retry-After: when it asks for more than ``max_retry_after``, the call gives up (as ``rate_limit``)
+    instead of retrying early. ``deadline`` bounds a whole call, waits included.
     """
 
     max_attempts: int = 4
@@ -107,7 +108,7 @@ class RetryPolicy:
         """Delay before the attempt after ``attempt`` (1-based)."""
         server = getattr(error, "retry_after", None)
         if server is not None:
-            return min(server, self.max_retry_after)
+            return server  # over max_retry_after, _stop gives up instead
         ceiling = min(self.max_delay, self.initial_delay * self.multiplier ** (attempt - 1))
         return random.uniform(0, ceiling) if self.jitter else ceiling
 
@@ -147,15 +148,22 @@ class RetryPolicy:
 
     def _tenacity_args(self, tracker: _Tracker) -> dict:
         return {
-            "stop": lambda state: self._stop(state.attempt_number, tracker.elapsed() + state.upcoming_sleep),
+            "stop": lambda state: self._stop(state.attempt_number, tracker.elapsed() + state.upcoming_sleep,
+                                             state.outcome.exception()),
             "wait": lambda state: self.wait_seconds(state.attempt_number, state.outcome.exception()),
             "retry": tenacity.retry_if_exception(should_retry),
             "before_sleep": _log_retry,
             "retry_error_callback": tracker.give_up,
         }
 
-    def _stop(self, attempts: int, seconds_at_next: float) -> bool:
-        """No attempt after the last allowed one, nor one that would start past the deadline."""
+    def _stop(self, attempts: int, seconds_at_next: float, error: BaseException | None = None) -> bool:
+        """No attempt after the last allowed one, nor one past the deadline, nor one the server asked
+        us to delay longer than ``max_retry_after``."""
+        server = getattr(error, "retry_after", None)
+        if server is not None and server > self.max_retry_after:
+            error.args = (f"{error.args[0]} (the server asked to wait {server:g} s, more than "
+                          f"retry.max_retry_after={self.max_retry_after:g})",)
+            return True
         return attempts >= self.max_attempts or (self.deadline is not None and seconds_at_next >= self.deadline)
 
 

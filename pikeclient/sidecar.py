@@ -26,7 +26,8 @@ SEND_BATCH = 64  # calls per pipe message: fewer syscalls and pickles, still nea
 
 
 class TrackingSidecar:
-    """Starts the tracking process; ``start`` the run, ``add`` each call, then ``finish`` or ``end`` it."""
+    """Starts the tracking process: ``start`` (store and experiment), ``wait_ready``, ``begin`` the run,
+    ``add`` each call, then ``finish`` or ``end`` it."""
 
     def __init__(self, *, ready_timeout: float = 120.0) -> None:
         # A plain subprocess on a socketpair: unlike multiprocessing's spawn it does not re-import the
@@ -39,39 +40,51 @@ class TrackingSidecar:
         self.conn = Connection(ours.detach())
         self.ready_timeout = ready_timeout
         self.started = False
+        self.ready = False
+        self.tracking_uri = ""
         self.run_id: str | None = None
         self.pending: list[tuple[dict[str, Any], Any]] = []
         self.closed = False
 
     def start(self, setup: Mapping[str, Any]) -> None:
-        """Create the MLflow run described by ``setup`` (tracking URI, experiment, tags, params)."""
+        """Open the store and the experiment described by ``setup``; the run itself comes with ``begin``."""
         self._send(("setup", dict(setup)))
         self.started = True
+        self.tracking_uri = str(setup["tracking_uri"])
+
+    def wait_ready(self) -> None:
+        """Wait until the store and experiment are usable; raises ConfigError with the reason if not."""
+        if self.ready:
+            return
+        if not self.conn.poll(self.ready_timeout):
+            raise ConfigError(f"tracking did not start within {self.ready_timeout:.0f} s")
+        self._expect("ready")
+        self.ready = True
+
+    def begin(self, start_time: float) -> None:
+        """The measured part begins: create (or, resuming, reopen) the run with this start time."""
+        self._send(("begin", int(start_time * 1000)))
 
     def add(self, record: Mapping[str, Any], item: Any) -> None:
-        """Queue one finished call; raises ConfigError if the sidecar could not start the run."""
+        """Queue one finished call; raises ConfigError if the tracking process stopped."""
         self.pending.append((dict(record), list(item.messages)))
         if len(self.pending) >= SEND_BATCH:
             self._flush()
         if self.run_id is None and self.conn.poll():
-            self._receive_ready()
+            self._expect("run")
 
-    def wait_ready(self) -> str:
+    def finish(self, metrics: Mapping[str, float], tags: Mapping[str, str], end_time: float, records_path: Path,
+               output_dir: Path, *, log_records: bool, status: str = "FINISHED") -> str:
+        """Log the run's results and end it (FINISHED, or FAILED for a run with too many errors)."""
+        self._flush()
+        self._send(("finish", dict(metrics), dict(tags), int(end_time * 1000), str(records_path), str(output_dir),
+                    log_records, status))
         if self.run_id is None:
-            if not self.conn.poll(self.ready_timeout):
-                raise ConfigError(f"tracking did not start within {self.ready_timeout:.0f} s")
-            self._receive_ready()
+            self._expect("run")
+        self._expect("done")  # the run has ended in the store; the process may take a moment to exit
+        self._close(wait=False)
         assert self.run_id is not None
         return self.run_id
-
-    def finish(self, metrics: Mapping[str, float], records_path: Path, output_dir: Path, *, log_records: bool) -> str:
-        """Log the run's results and mark it FINISHED; returns the run id."""
-        self._flush()
-        run_id = self.wait_ready()
-        self._send(("finish", dict(metrics), str(records_path), str(output_dir), log_records))
-        self._expect("done")  # the run is FINISHED in the store; the process may take a moment to exit
-        self._close(wait=False)
-        return run_id
 
     def end(self, status: str) -> None:
         """End the run as FAILED or KILLED (what was logged so far stays); before ``start``, just stop."""
@@ -84,9 +97,18 @@ class TrackingSidecar:
         try:
             self._flush()
             self._send(("end", status))
-        except ConfigError:
-            pass  # the sidecar is gone already; it ended the run itself
+        except ConfigError:  # the tracking process died: end its run from a fresh one
+            self._end_from_outside(status)
         self._close()
+
+    def _end_from_outside(self, status: str) -> None:
+        if self.run_id is None:
+            return  # never created, or the next process using the store marks it KILLED (owner gone)
+        command = [sys.executable, "-m", "pikeclient.tracking", "end", self.tracking_uri, self.run_id, status]
+        try:
+            subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=120, check=True)
+        except (subprocess.SubprocessError, OSError):
+            log.warning("could not mark MLflow run %s %s", self.run_id, status)
 
     def _flush(self) -> None:
         if self.pending:
@@ -99,20 +121,15 @@ class TrackingSidecar:
         except (OSError, BrokenPipeError) as error:
             raise ConfigError(f"the tracking process stopped: {self._exit_reason()}") from error
 
-    def _receive_ready(self) -> None:
-        kind, value = self._recv()
-        if kind == "error":
-            self._close()
-            raise ConfigError(f"tracking: {value}")
-        self.run_id = value
-        log.info("MLflow run %s", value)
-
     def _expect(self, expected: str) -> None:
         kind, value = self._recv()
         if kind == "error":
             raise ConfigError(f"tracking: {value}")
         if kind != expected:
             raise ConfigError(f"tracking: unexpected answer {kind!r}")
+        if kind == "run":
+            self.run_id = value
+            log.info("MLflow run %s", value)
 
     def _recv(self) -> tuple[str, Any]:
         try:

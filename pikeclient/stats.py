@@ -1,4 +1,10 @@
-"""Run statistics from per-call records: latency percentiles, token totals, throughput, errors."""
+"""Run statistics from per-call records: latency percentiles, streaming timings, tokens, errors.
+
+What counts as a measurement: a call answered in this run, or in the earlier part of a resumed run
+(``resumed``: it keeps the timings it really had). Answers read from the response cache (``cached``)
+are counted apart and never enter latency, TTFT, ITL, TPOT, tokens, throughput, retries, backoff or
+cost. Failed calls count in errors, retries and backoff (those attempts happened).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pikeclient.cost import Price, cost_metrics
+
+PERCENTILES = (50, 90, 95, 99)
+STREAM_PERCENTILES = (50, 90, 99)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -24,31 +33,45 @@ class RunStats:
 
     latencies: list[float] = field(default_factory=list)
     ttfts: list[float] = field(default_factory=list)
+    itls: list[float] = field(default_factory=list)
+    tpots: list[float] = field(default_factory=list)
+    call_rates: list[float] = field(default_factory=list)  # output tokens/s of each call
     errors: Counter = field(default_factory=Counter)
+    token_sources: Counter = field(default_factory=Counter)
     calls: int = 0
     retries: int = 0
     backoff_s: float = 0.0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     uncounted: int = 0
+    empty_answers: int = 0
     cache_hits: int = 0
+    resumed: int = 0
+    warmup_calls: int = 0
     wall_s: float = 0.0
+    start_time: float = 0.0  # epoch seconds: the measured span (after loading and warm-up)
+    end_time: float = 0.0
     price: Price | None = None
 
     def add(self, record: dict[str, Any]) -> None:
         self.calls += 1
+        if record.get("cached"):  # read back from the response cache: not a measurement of this run
+            self.cache_hits += 1
+            return
         self.retries += max(0, record["attempts"] - 1)
         self.backoff_s += record.get("backoff_s") or 0.0
         if record["error"] is not None:
             self.errors[record["error_kind"]] += 1
             return
-        if record.get("cached"):  # paid for in an earlier run; not a latency measurement
-            self.cache_hits += 1
-            return
+        self.resumed += bool(record.get("resumed"))
+        self.empty_answers += record["response"] == ""
         self.latencies.append(record["latency_s"])
-        if record.get("ttft_s") is not None:
-            self.ttfts.append(record["ttft_s"])
+        for name, values in (("ttft_s", self.ttfts), ("itl_s", self.itls), ("tpot_s", self.tpots),
+                             ("output_tokens_per_s", self.call_rates)):
+            if record.get(name) is not None:
+                values.append(record[name])
         usage = record["usage"]
+        self.token_sources[usage["source"]] += 1
         if usage["total_tokens"] is None:
             self.uncounted += 1
         else:
@@ -56,30 +79,62 @@ class RunStats:
             self.completion_tokens += usage["completion_tokens"]
 
     @property
+    def measured(self) -> int:
+        """Answered calls with measurements (this run's and a resumed run's earlier ones)."""
+        return len(self.latencies)
+
+    @property
     def ok(self) -> int:
-        return len(self.latencies) + self.cache_hits
+        return self.measured + self.cache_hits
 
     @property
     def error_count(self) -> int:
         return sum(self.errors.values())
+
+    @property
+    def error_rate(self) -> float:
+        called = self.calls - self.cache_hits
+        return self.error_count / called if called else 0.0
+
+    @property
+    def streamed(self) -> bool:
+        return bool(self.ttfts)
+
+    @property
+    def token_basis(self) -> str:
+        """Where the token totals come from: one source, ``mixed(a+b)``, or ``none``."""
+        sources = sorted(s for s in self.token_sources if s != "none")
+        if not sources:
+            return "none"
+        return sources[0] if len(sources) == 1 else "mixed(" + "+".join(sources) + ")"
 
     def metrics(self) -> dict[str, float]:
         """Flat metric names and values for MLflow."""
         out: dict[str, float] = {
             "calls": self.calls,
             "calls_ok": self.ok,
+            "calls_measured": self.measured,
             "errors": self.error_count,
+            "error_rate": self.error_rate,
             "retries": self.retries,
             "backoff_s_total": self.backoff_s,
             "cache_hits": self.cache_hits,
+            "resumed_calls": self.resumed,
+            "warmup_calls": self.warmup_calls,
+            "empty_answers": self.empty_answers,
             "wall_s": self.wall_s,
         }
         out.update({f"errors_{kind}": count for kind, count in self.errors.items()})
+        out.update({f"tokens_source_{source}": count for source, count in self.token_sources.items()})
         if self.latencies:
-            out.update(_distribution("latency_s", self.latencies))
-        if self.ttfts:
-            out.update({f"ttft_s_p{q}": percentile(self.ttfts, q) for q in (50, 90)})
-        counted = len(self.latencies) - self.uncounted
+            out.update(_distribution("latency_s", self.latencies, PERCENTILES))
+            if self.wall_s > 0:
+                out["requests_per_s"] = self.measured / self.wall_s
+        for name, values in (("ttft_s", self.ttfts), ("itl_s", self.itls), ("tpot_s", self.tpots),
+                             ("call_output_tokens_per_s", self.call_rates)):
+            if values:
+                out.update(_distribution(name, values, STREAM_PERCENTILES))
+        counted = self.measured - self.uncounted
         if counted:
             out.update(
                 prompt_tokens_total=self.prompt_tokens,
@@ -93,37 +148,78 @@ class RunStats:
             out.update(cost_metrics(self.price, self.prompt_tokens, self.completion_tokens, self.uncounted))
         return out
 
+    def tags(self) -> dict[str, str]:
+        """Provenance of the run's figures, as MLflow tags."""
+        tags = {"pikeclient.token_basis": self.token_basis}
+        if any(k.startswith("cost_") for k in self.metrics()):
+            tags["pikeclient.cost_basis"] = "estimate" if self.token_sources["estimate"] else "exact"
+        return tags
 
-def _distribution(name: str, values: list[float]) -> dict[str, float]:
+
+def _distribution(name: str, values: list[float], quantiles: tuple[int, ...]) -> dict[str, float]:
     out = {f"{name}_mean": sum(values) / len(values), f"{name}_max": max(values)}
-    out.update({f"{name}_p{q}": percentile(values, q) for q in (50, 90, 95, 99)})
+    out.update({f"{name}_p{q}": percentile(values, q) for q in quantiles})
     return out
 
 
 def format_summary(stats: RunStats, title: str) -> str:
-    """A small table for people, printed at the end of a run."""
+    """A small table for people, printed at the end of a run (fits 100 columns)."""
     m = stats.metrics()
 
     def num(key: str, fmt: str = "{:.3f}") -> str:
         return fmt.format(m[key]) if key in m else "-"
 
+    def triple(name: str) -> str:
+        return " / ".join(num(f"{name}_p{q}") for q in STREAM_PERCENTILES)
+
     errors = ", ".join(f"{k}={v}" for k, v in sorted(stats.errors.items())) or "0"
+    if stats.error_count:
+        errors += f" ({stats.error_rate:.0%} of calls)"
     rows = [
-        ("calls", f"{stats.calls} ({stats.ok} ok{_cached_note(stats.cache_hits)})"),
+        ("calls", f"{stats.calls} ({stats.ok} ok{_provenance_note(stats)})"),
         ("errors", errors),
         ("retries", str(stats.retries)),
         ("latency p50 / p95 (s)", f"{num('latency_s_p50')} / {num('latency_s_p95')}"),
-        ("tokens in / out", f"{num('prompt_tokens_total', '{:.0f}')} / {num('completion_tokens_total', '{:.0f}')}"),
+    ]
+    if stats.streamed:
+        rows += [("TTFT p50 / p90 / p99 (s)", triple("ttft_s")),
+                 ("ITL p50 / p90 / p99 (s)", triple("itl_s")),
+                 ("TPOT p50 / p90 / p99 (s)", triple("tpot_s"))]
+    rows += [
+        ("tokens in / out", f"{num('prompt_tokens_total', '{:.0f}')} / {num('completion_tokens_total', '{:.0f}')}"
+                            f" ({_sources_note(stats)})"),
         ("output tokens/s", num("output_tokens_per_s", "{:.1f}")),
-        ("cost", next((f"{v:.4f} {k.removeprefix('cost_').upper()}" for k, v in m.items() if k.startswith("cost_")), "-")),
+        ("cost", _cost_note(stats, m)),
         ("wall time (s)", f"{stats.wall_s:.2f}"),
     ]
+    if stats.empty_answers:
+        rows.insert(2, ("empty answers", str(stats.empty_answers)))
     width = max(len(k) for k, _ in rows)
-    lines = [title, "-" * max(len(title), width + 20)]
-    lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    lines = [title[:100], "-" * min(100, max(len(title), width + 30))]
+    lines += [f"{k:<{width}}  {v}"[:100] for k, v in rows]
     return "\n".join(lines)
 
 
-def _cached_note(hits: int) -> str:
-    """Answers read back from the resume cache are not measurements: say so where latencies go missing."""
-    return f", {hits} from the cache, not measured: cache.mode=refresh calls again" if hits else ""
+def _provenance_note(stats: RunStats) -> str:
+    notes = []
+    if stats.resumed:
+        notes.append(f"{stats.resumed} resumed")
+    if stats.cache_hits:
+        notes.append(f"{stats.cache_hits} from the response cache, not measured")
+    return "".join(f", {note}" for note in notes)
+
+
+def _sources_note(stats: RunStats) -> str:
+    """Where the token counts came from, e.g. ``server`` or ``server 12, estimate 8``."""
+    sources = {k: v for k, v in stats.token_sources.items() if v}
+    if len(sources) == 1:
+        return next(iter(sources))
+    return ", ".join(f"{k} {v}" for k, v in sorted(sources.items())) or "none"
+
+
+def _cost_note(stats: RunStats, m: dict[str, float]) -> str:
+    cost = next(((k, v) for k, v in m.items() if k.startswith("cost_")), None)
+    if cost is None:
+        return "-"
+    note = " (from estimated token counts)" if stats.token_sources["estimate"] else ""
+    return f"{cost[1]:.4f} {cost[0].removeprefix('cost_').upper()}{note}"

@@ -36,19 +36,24 @@ TOKENS_PER_NAME = 1
 REPLY_PRIMING_TOKENS = 3
 
 
-def encoding_name_for_model(model: str) -> str:
-    """tiktoken's encoding for ``model``; unknown names fall back to o200k_base (current OpenAI models)."""
+FALLBACK_ENCODING = "o200k_base"
+
+
+def model_encoding_name(model: str) -> str | None:
+    """tiktoken's encoding for an OpenAI ``model``, or None when tiktoken does not know the model."""
     import tiktoken
 
-    try:
-        return tiktoken.encoding_name_for_model(model)
-    except KeyError:
-        pass
-    # Azure spells gpt-3.5 "gpt-35"; tiktoken only knows OpenAI's spelling.
-    try:
-        return tiktoken.encoding_name_for_model(model.replace("gpt-35", "gpt-3.5"))
-    except KeyError:
-        return "o200k_base"
+    for name in (model, model.replace("gpt-35", "gpt-3.5")):  # Azure spells gpt-3.5 "gpt-35"
+        try:
+            return tiktoken.encoding_name_for_model(name)
+        except KeyError:
+            continue
+    return None
+
+
+def encoding_name_for_model(model: str) -> str:
+    """tiktoken's encoding for ``model``; unknown names fall back to o200k_base (current OpenAI models)."""
+    return model_encoding_name(model) or FALLBACK_ENCODING
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,7 +101,10 @@ class TiktokenCounter:
     """
 
     def __init__(self, model: str) -> None:
-        self.encoding_name = encoding_name_for_model(model)
+        known = model_encoding_name(model)
+        self.encoding_name = known or FALLBACK_ENCODING
+        # Another vendor's model (Llama behind vLLM, say) counted with an OpenAI encoding: an estimate.
+        self.source = "tokenizer" if known else "estimate"
 
     @functools.cached_property
     def encoding(self) -> tiktoken.Encoding:
@@ -128,6 +136,8 @@ class TiktokenCounter:
 class HFTokenizerCounter:
     """Counts with a Hugging Face tokenizer folder (``tokenizer.json``) through ``tokenizers`` alone.
 
+    ``source`` is ``tokenizer``: the model's own tokenizer, so the counts are exact.
+
     Prompt counts are exact: the folder's chat template (``chat_template.jinja`` or the one in
     ``tokenizer_config.json``) is rendered with Jinja as transformers would, without importing torch.
     """
@@ -143,6 +153,7 @@ class HFTokenizerCounter:
             raise ConfigError("llm.tokenizer needs the tokenizers package: pip install tokenizers") from error
         self.tokenizer = Tokenizer.from_file(str(file))
         self.template, self.special = _chat_template(file.parent)
+        self.source = "tokenizer"
 
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)

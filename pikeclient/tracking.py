@@ -7,11 +7,13 @@ marks a run FAILED or KILLED when the experiment does not finish.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
-import signal
-import sys
 import os
+import signal
+import socket
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -25,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
 from pikeclient.config import artifact_root, is_secret_name, tracking_uri
+from pikeclient.resume import write_job_file
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +37,84 @@ MAX_METRICS_PER_BATCH = 1000
 MAX_PARAM_LENGTH = 6000
 
 
+def open_client(uri: str, artifact_root: str | None = None) -> MlflowClient:
+    """An ``MlflowClient`` on ``uri``; a new sqlite store is created first, whole or not at all."""
+    if uri.startswith("sqlite:///"):
+        ensure_sqlite_store(Path(uri.removeprefix("sqlite:///")), artifact_root)
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_sqlite_store(path: Path, artifact_root: str | None = None) -> None:
+    """Create the sqlite store at ``path`` if it does not exist: serialized and atomic.
+
+    MLflow builds a new store by running its migrations in place (~1 s). Two processes doing that at
+    once, or a kill half-way (SIGKILL, or a SIGKILLed experiment whose tracking process is still
+    migrating when the user runs again), left a store broken for good ("table ... already exists").
+    Here one process at a time (an flock beside the file) migrates a private temporary file, and only a
+    complete store is renamed into place; a file at ``path`` is therefore always a complete store.
+    """
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
+        if path.exists():  # another process created it while this one waited
+            return
+        for stale in path.parent.glob(f".{path.name}.*.tmp*"):  # left by a process killed mid-creation
+            stale.unlink(missing_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        root = Path(artifact_root or path.parent / "mlartifacts").resolve().as_uri()
+        store = SqlAlchemyStore(f"sqlite:///{temporary}", root)
+        store.engine.dispose()
+        os.replace(temporary, path)
+
+
+def owner_tags(pid: int | None = None) -> dict[str, str]:
+    """Which process owns a RUNNING run, so that a later process can tell when the owner is gone."""
+    return {"pikeclient.host": socket.gethostname(), "pikeclient.pid": str(pid or os.getpid())}
+
+
+def end_orphaned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs whose process (on this host) no longer exists.
+
+    A SIGKILL to a whole process group, or a machine that lost power, leaves runs RUNNING forever:
+    nobody is left to end them. The next process that uses the store ends them instead.
+    """
+    host, ended = socket.gethostname(), []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000):
+        tags = run.data.tags
+        pid = tags.get("pikeclient.pid", "")
+        if tags.get("pikeclient.host") == host and pid.isdigit() and not _process_alive(int(pid)):
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    if ended:
+        log.warning("marked %d run(s) KILLED whose process is gone: %s", len(ended), ", ".join(ended))
+    return ended
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) is gone too
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
 
 def open_parent_run(cfg: Any, sweep_dir: Path) -> dict[str, str]:
     """Create the experiment (once, before parallel jobs could race on it) and a sweep's parent run."""
     uri = tracking_uri(cfg)
-    client = MlflowClient(tracking_uri=uri)
+    client = open_client(uri, artifact_root(cfg))
     experiment_id = get_or_create_experiment(client, cfg.tracking.experiment_name, artifact_root(cfg))
-    tags = {"pikeclient.sweep_dir": str(sweep_dir), "pikeclient.role": "sweep"}
+    end_orphaned_runs(client, experiment_id)
+    tags = {"pikeclient.sweep_dir": str(sweep_dir), "pikeclient.role": "sweep", **owner_tags()}
     run = client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}", tags=tags)
     return {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": uri}
 
@@ -74,25 +148,33 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 class MlflowRun:
     """One MLflow run, logged in batches through one ``MlflowClient``."""
 
-    def __init__(
-        self,
-        tracking_uri: str,
-        experiment_name: str,
-        *,
-        run_name: str | None = None,
-        tags: Mapping[str, str] | None = None,
-        artifact_root: str | None = None,
-    ) -> None:
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.tracking_uri = tracking_uri
-        self.experiment_id = get_or_create_experiment(self.client, experiment_name, artifact_root)
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
-        self.run_id = run.info.run_id
-        log.info("MLflow run %s in experiment %r (%s)", self.run_id, experiment_name, tracking_uri)
+    def __init__(self, client: MlflowClient, experiment_id: str, run_id: str) -> None:
+        self.client = client
+        self.experiment_id = experiment_id
+        self.run_id = run_id
 
-    def end(self, status: str) -> None:
-        """FINISHED, FAILED or KILLED."""
-        self.client.set_terminated(self.run_id, status)
+    @classmethod
+    def create(cls, client: MlflowClient, experiment_id: str, *, run_name: str | None = None,
+               tags: Mapping[str, str] | None = None, start_time_ms: int | None = None) -> MlflowRun:
+        run = client.create_run(experiment_id, start_time=start_time_ms, run_name=run_name, tags=dict(tags or {}))
+        log.info("MLflow run %s in experiment %s (%s)", run.info.run_id, experiment_id, client.tracking_uri)
+        return cls(client, experiment_id, run.info.run_id)
+
+    @classmethod
+    def reopen(cls, client: MlflowClient, experiment_id: str, run_id: str, tags: Mapping[str, str]) -> MlflowRun:
+        """An interrupted run, RUNNING again (owned by this process) until this process ends it."""
+        client.update_run(run_id, status="RUNNING")
+        run = cls(client, experiment_id, run_id)
+        run.log_tags(tags)
+        return run
+
+    def logged_steps(self, key: str) -> set[int]:
+        """Steps already logged for a metric (a resumed run's calls that reached MLflow before the stop)."""
+        return {metric.step for metric in self.client.get_metric_history(self.run_id, key)}
+
+    def end(self, status: str, end_time_ms: int | None = None) -> None:
+        """FINISHED, FAILED or KILLED; ``end_time_ms`` is when the measured part ended."""
+        self.client.set_terminated(self.run_id, status, end_time=end_time_ms)
 
     def log_params(self, params: Mapping[str, str]) -> None:
         items = [Param(k, v) for k, v in params.items()]
@@ -184,9 +266,13 @@ class CallLogger:
         self.store = run.client._tracking_client.store
         self.trace_ids: list[str] = []
         self.traces_failed = False
+        self.logged: set[int] = set()  # prompt indices a resumed run logged before it stopped
 
     def write(self, calls: list[tuple[Mapping[str, Any], Any]]) -> None:
-        """Log a batch of (record, messages)."""
+        """Log a batch of (record, messages): answers from the response cache are no calls of this run,
+        and a resumed run's earlier calls are logged only if they had not reached MLflow before."""
+        calls = [(record, messages) for record, messages in calls if not record.get("cached")
+                 and not (record.get("resumed") and record["index"] in self.logged)]
         if not calls:
             return
         self.run._log_metric_objects(_series(record for record, _ in calls))
@@ -212,7 +298,7 @@ class CallLogger:
     def _span(self, record: Mapping[str, Any], messages: Any) -> Span:
         trace_id = "tr-" + os.urandom(16).hex()
         start_ns = int(record["start_time"] * 1e9)
-        duration = (record.get("latency_s") or 0.0) + (record.get("backoff_s") or 0.0)
+        duration = (record.get("latency_s") or 0.0) + (record.get("backoff_s") or 0.0) + (record.get("throttle_s") or 0.0)
         usage = record["usage"]
         attributes = {
             SpanAttributeKey.REQUEST_ID: trace_id,
@@ -225,7 +311,13 @@ class CallLogger:
             "pikeclient.provider": self.provider,
             "pikeclient.attempts": record["attempts"],
             "pikeclient.prompt_id": record["id"],
+            "pikeclient.prompt_index": record["index"],
         }
+        if record.get("resumed"):
+            attributes["pikeclient.resumed"] = True
+        for name in ("ttft_s", "itl_s", "tpot_s"):
+            if record.get(name) is not None:
+                attributes[f"pikeclient.{name}"] = record[name]
         if usage.get("total_tokens") is not None:
             attributes[SpanAttributeKey.CHAT_USAGE] = {"input_tokens": usage["prompt_tokens"],
                                                        "output_tokens": usage["completion_tokens"],
@@ -242,7 +334,7 @@ class CallLogger:
 
 
 def _series(records: Iterable[Mapping[str, Any]]) -> list[Metric]:
-    """Per-call latency and completion tokens of answered, non-cached calls (step = prompt index)."""
+    """Per-call latency and completion tokens of answered, measured calls (step = prompt index)."""
     metrics = []
     for record in records:
         if record["error"] is None and not record.get("cached"):
@@ -255,24 +347,31 @@ def _series(records: Iterable[Mapping[str, Any]]) -> list[Metric]:
 
 
 def sidecar_main(conn: Any) -> None:
-    """The tracking process (see pikeclient.sidecar): start the run, log calls as they come, end it."""
+    """The tracking process (see pikeclient.sidecar): open the store, run the run, log calls as they come.
+
+    Messages: ``setup`` (store and experiment; answered ``ready`` or ``error``), ``begin`` (the run is
+    created, or reopened when resuming, with the measured start; answered ``run``), ``calls``, then
+    ``finish`` (answered ``done``) or ``end``. If the experiment process dies, the run ends KILLED.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the experiment's; it says how the run ends
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # so is SIGTERM to the process group: the experiment ends the run
     logging.basicConfig(level=logging.WARNING, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
         _, setup = conn.recv()
     except (EOFError, OSError):  # the experiment stopped before it was ready to start a run
         return
     try:
-        run = MlflowRun(setup["tracking_uri"], setup["experiment_name"], run_name=setup["run_name"],
-                        tags=setup["tags"], artifact_root=setup["artifact_root"])
-        run.log_params({**flatten(setup["config"]), **flatten({"client": setup["client"]})})
-        calls = CallLogger(run, setup["client"], traces=setup["traces"])
+        client = open_client(setup["tracking_uri"], setup["artifact_root"])
+        experiment_id = get_or_create_experiment(client, setup["experiment_name"], setup["artifact_root"])
+        end_orphaned_runs(client, experiment_id)
+        if setup.get("resume_run_id"):
+            _check_resumable(client, setup["resume_run_id"], experiment_id)
     except Exception as error:  # noqa: BLE001 - reported to the experiment as one line
-        conn.send(("error", _one_line(error)))
+        _answer(conn, "error", _one_line(error))
         return
-    with contextlib.suppress(OSError):  # the experiment may have ended already: its last messages still wait
-        conn.send(("ready", run.run_id))
-
+    _answer(conn, "ready", experiment_id)
+    run: MlflowRun | None = None
+    calls: CallLogger | None = None
     status = "KILLED"  # unless told otherwise: the experiment process died
     buffer: list = []
     try:
@@ -281,21 +380,27 @@ def sidecar_main(conn: Any) -> None:
                 message = conn.recv()
             except (EOFError, OSError):  # the experiment process is gone
                 break
-            if message[0] == "calls":
+            if message[0] == "begin":
+                run, calls = _begin(client, experiment_id, setup, start_time_ms=message[1])
+                _answer(conn, "run", run.run_id)
+            elif message[0] == "calls":
                 buffer.extend(message[1])
                 if len(buffer) >= 500 or not conn.poll():  # write when caught up, or in 500s
                     calls.write(buffer)
                     buffer = []
             elif message[0] == "finish":
+                if run is None:  # no measured part (every prompt was answered before): still one run
+                    run, calls = _begin(client, experiment_id, setup, start_time_ms=message[3])
+                    _answer(conn, "run", run.run_id)
                 calls.write(buffer)
                 buffer = []
                 calls.close()
-                _, metrics, records_path, output_dir, log_records = message
+                _, metrics, tags, end_time_ms, records_path, output_dir, log_records, status = message
+                run.log_tags(tags)
                 run.log_results(metrics, Path(records_path), Path(output_dir), log_records=log_records)
-                status = "FINISHED"
-                run.end(status)  # before answering: the experiment need not wait for this process to exit
-                with contextlib.suppress(OSError):
-                    conn.send(("done", run.run_id))
+                run.end(status, end_time_ms)  # before answering: the experiment need not wait for this process
+                status = "ENDED"
+                _answer(conn, "done", run.run_id)
                 return
             elif message[0] == "end":
                 status = message[1]
@@ -303,14 +408,45 @@ def sidecar_main(conn: Any) -> None:
     except Exception as error:  # noqa: BLE001 - the run is marked FAILED and the reason sent back
         status = "FAILED"
         log.error("tracking failed: %s", error)
-        with contextlib.suppress(OSError):
-            conn.send(("error", _one_line(error)))
+        _answer(conn, "error", _one_line(error))
     finally:
-        if status != "FINISHED":  # a finished run was ended before the answer was sent
+        if run is not None and status != "ENDED":
             with contextlib.suppress(Exception):
                 calls.write(buffer)  # what arrived before a failure or a kill is still logged
                 calls.close()
             run.end(status)
+
+
+def _check_resumable(client: MlflowClient, run_id: str, experiment_id: str) -> None:
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise MlflowException(f"run {run_id} to resume is not in this store") from None
+    if run.info.experiment_id != experiment_id:
+        raise MlflowException(f"run {run_id} to resume belongs to another experiment")
+
+
+def _begin(client: MlflowClient, experiment_id: str, setup: Mapping[str, Any],
+           start_time_ms: int) -> tuple[MlflowRun, CallLogger]:
+    """Create the run (or reopen the one being resumed) and record its id in the job's run.json."""
+    resume = setup.get("resume_run_id")
+    owner = owner_tags(os.getppid())  # the experiment process: when it is gone, the run is over
+    if resume:
+        run = MlflowRun.reopen(client, experiment_id, resume, owner)
+    else:
+        run = MlflowRun.create(client, experiment_id, run_name=setup["run_name"], tags={**setup["tags"], **owner},
+                               start_time_ms=start_time_ms)
+        run.log_params({**flatten(setup["config"]), **flatten({"client": setup["client"]})})
+    calls = CallLogger(run, setup["client"], traces=setup["traces"])
+    if resume:
+        calls.logged = run.logged_steps("call_latency_s")
+    write_job_file(setup["output_dir"], setup["config"], run.run_id, setup["tracking_uri"])
+    return run, calls
+
+
+def _answer(conn: Any, kind: str, value: Any) -> None:
+    with contextlib.suppress(OSError):  # the experiment may have ended already
+        conn.send((kind, value))
 
 
 def _one_line(error: BaseException) -> str:
@@ -322,7 +458,15 @@ def _chunks(items: list, size: int) -> Iterable[list]:
         yield items[start : start + size]
 
 
-if __name__ == "__main__":
-    from multiprocessing.connection import Connection
+def end_run(uri: str, run_id: str, status: str) -> None:
+    """``python -m pikeclient.tracking end URI RUN_ID STATUS``: end a run whose tracking process died."""
+    open_client(uri).set_terminated(run_id, status)
 
-    sidecar_main(Connection(int(sys.argv[1])))
+
+if __name__ == "__main__":
+    if sys.argv[1] == "end":
+        end_run(*sys.argv[2:5])
+    else:
+        from multiprocessing.connection import Connection
+
+        sidecar_main(Connection(int(sys.argv[1])))

@@ -12,15 +12,17 @@ from typing import Any, Literal
 Message = Mapping[str, str]
 """An OpenAI-style chat message: ``{"role": "user", "content": "..."}``."""
 
-TokenSource = Literal["server", "local", "none"]
+TokenSource = Literal["server", "tokenizer", "estimate", "none"]
+TOKEN_SOURCES: tuple[TokenSource, ...] = ("server", "tokenizer", "estimate", "none")
 
 
 @dataclass(frozen=True)
 class Usage:
     """Token usage of one call and where the numbers came from.
 
-    ``source`` is ``"server"`` when the endpoint reported usage, ``"local"`` when pikeclient counted
-    the tokens with a tokenizer, and ``"none"`` when nothing trustworthy was available.
+    ``source`` says where the numbers came from: ``"server"`` (the endpoint's usage report),
+    ``"tokenizer"`` (counted exactly with the model's own tokenizer), ``"estimate"`` (counted with an
+    encoding made for another model: close, not exact) or ``"none"`` (not counted).
     """
 
     prompt_tokens: int | None = None
@@ -47,11 +49,21 @@ class Completion:
     usage: Usage = field(default_factory=Usage)
     ttft_s: float | None = None
     model: str | None = None
+    # Streaming only: mean gap between output chunks after the first, and the time from the first
+    # output chunk to the end of the attempt (what TPOT divides by the tokens after the first).
+    itl_s: float | None = None
+    decode_s: float | None = None
 
 
 @dataclass(frozen=True)
 class ChatResult:
-    """The outcome of one chat call, retries included."""
+    """The outcome of one chat call, retries included.
+
+    ``latency_s`` is the time spent in attempts (retry and rate-limit waits are ``backoff_s`` and
+    ``throttle_s``). Streaming calls also carry ``ttft_s`` (first output text), ``itl_s`` (mean gap
+    between output chunks after the first) and ``tpot_s`` ((time after the first output chunk) /
+    (completion tokens - 1)).
+    """
 
     text: str
     finish_reason: str | None
@@ -61,6 +73,8 @@ class ChatResult:
     backoff_s: float = 0.0
     throttle_s: float = 0.0
     ttft_s: float | None = None
+    itl_s: float | None = None
+    tpot_s: float | None = None
     model: str | None = None
     cached: bool = False
 

@@ -39,7 +39,7 @@ def test_every_llm_group_instantiates(group, api_env, tiny_model, server):
         overrides += [f"llm.endpoint={server.url}", f"llm.tokenizer={tiny_model}"]
     client = create_client(compose_cfg(*overrides, "sampling.max_tokens=5"))
     result = client.chat([{"role": "user", "content": "hello"}])
-    assert result.usage.source in ("server", "local") and result.usage.completion_tokens <= 5
+    assert result.usage.source in ("server", "tokenizer") and result.usage.completion_tokens <= 5
     client.close()
 
 

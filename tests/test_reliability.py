@@ -1,5 +1,6 @@
 """Faults, resume after a crash, Ctrl-C, rate limits, bad input and secrets, end to end."""
 
+import glob
 import json
 import os
 import signal
@@ -63,37 +64,6 @@ def test_mixed_faults_every_prompt_has_exactly_one_record(tmp_path):
     assert waits and min(waits) >= RETRY_AFTER * 0.98  # server-side: the client waited as told
 
 
-def test_sigkill_then_rerun_calls_only_missing_prompts(tmp_path):
-    dataset = write_dataset(tmp_path / "prompts.jsonl", 120)
-    env = {**os.environ, "OPENAI_API_KEY": API_KEY}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    with FakeLLMServer(api_key=API_KEY, latency=0.05) as server:
-        args = openai_args(server, dataset, "experiment.concurrency=4")
-        first = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=tmp_path, env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while len(server.log) < 50 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-        answered_first = {r.prompt for r in server.log if r.status == 200}
-        before = len(server.log)
-        proc = run_py(*args, cwd=tmp_path, env={"OPENAI_API_KEY": API_KEY})
-        second = server.log[before:]
-    assert proc.returncode == 0, proc.stderr
-    [_, final] = sorted((tmp_path / "runs" / "outputs").rglob("records.jsonl"))  # first, then second run
-    records = [json.loads(line) for line in final.read_text().splitlines()]
-    assert sorted(r["id"] for r in records) == sorted(f"q{i}" for i in range(120))
-    cached = {r["prompt"] for r in records if r["cached"]}
-    called = Counter(request.prompt for request in second)
-    assert len(cached) >= 40 and cached <= answered_first
-    assert set(called) == {r["prompt"] for r in records if not r["cached"]}
-    assert max(called.values()) == 1  # nothing asked twice
-    assert len(answered_first & set(called)) <= 4  # at most the calls in flight at the kill
-    statuses = sorted(r["status"] for r in mlflow_runs(tmp_path / "runs"))
-    assert statuses == ["FINISHED", "KILLED"]
-
-
 def test_sigint_stops_cleanly_and_marks_the_run_killed(tmp_path):
     dataset = write_dataset(tmp_path / "prompts.jsonl", 200)
     env = {**os.environ, "OPENAI_API_KEY": API_KEY}
@@ -112,6 +82,7 @@ def test_sigint_stops_cleanly_and_marks_the_run_killed(tmp_path):
     assert run["status"] == "KILLED"
     records = read_records(tmp_path)
     assert 0 < len(records) < 200 and len({r["id"] for r in records}) == len(records)
+    assert "experiment.resume=" in stderr
 
 
 def test_auth_error_stops_the_run_at_once(server, tmp_path):
@@ -144,30 +115,6 @@ def test_without_fail_fast_errors_are_recorded_and_the_run_goes_on(server, tmp_p
     records = read_records(tmp_path)
     assert [r["error_kind"] for r in records].count("bad_request") == 1 and len(records) == 20
     assert "bad_request=1" in proc.stdout
-
-
-def test_cache_off_and_refresh(server, tmp_path):
-    dataset = write_dataset(tmp_path / "prompts.jsonl", 5)
-    env = {"OPENAI_API_KEY": API_KEY}
-    for mode, expected_requests in (("use", 5), ("use", 0), ("refresh", 5), ("off", 5)):
-        before = len(server.log)
-        proc = run_py(*openai_args(server, dataset, f"cache.mode={mode}", "tracking=none"), cwd=tmp_path, env=env)
-        assert proc.returncode == 0, proc.stderr
-        assert len(server.log) - before == expected_requests, mode
-        cached = "5 from the cache, not measured: cache.mode=refresh calls again" in proc.stdout
-        assert cached == (expected_requests == 0), proc.stdout
-
-
-def test_cache_is_scoped_to_the_experiment(server, tmp_path):
-    dataset = write_dataset(tmp_path / "prompts.jsonl", 3)
-    env = {"OPENAI_API_KEY": API_KEY}
-    for args in (("experiment.concurrency=1",), ("experiment.concurrency=2",), ("experiment.concurrency=1",)):
-        run_py(*openai_args(server, dataset, "tracking=none", *args), cwd=tmp_path, env=env)
-    assert len(server.log) == 6  # a different concurrency is measured anew; the same one is resumed
-    run_py(*openai_args(server, dataset, "tracking=none", "cache.scope=shared"), cwd=tmp_path, env=env)
-    run_py(*openai_args(server, dataset, "tracking=none", "cache.scope=shared", "experiment.concurrency=3"),
-           cwd=tmp_path, env=env)
-    assert len(server.log) == 9
 
 
 def test_requests_per_minute_limit_paces_calls():
@@ -251,3 +198,138 @@ def test_secret_detection_leaves_ordinary_overrides_alone():
     args = ["llm=openai", "llm.api_key_env=MY_KEY", "sampling.max_tokens=64", "llm.model=gpt-4o"]
     assert secret_overrides(args, {"MY_KEY": "sk-1234567890abcdef"}) == []
     assert secret_overrides(["llm.model=sk-1234567890abcdef"], {"MY_KEY": "sk-1234567890abcdef"}) == ["llm.model"]
+
+
+def _popen(args, cwd, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and k != "MLFLOW_TRACKING_URI"}
+    env.update(env_extra or {"OPENAI_API_KEY": API_KEY})
+    return subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _wait_for(condition, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+
+
+def test_runs_started_together_never_share_a_folder_and_create_the_store_once(server, tmp_path):
+    dataset = write_dataset(tmp_path / "prompts.jsonl", 20)
+    procs = [_popen(openai_args(server, dataset, "tracking.traces=false"), tmp_path) for _ in range(3)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in outputs]
+    files = list((tmp_path / "runs" / "outputs").rglob("records.jsonl"))
+    assert len({f.parent for f in files}) == 3
+    for f in files:
+        assert sorted(json.loads(line)["id"] for line in f.read_text().splitlines()) == sorted(f"q{i}" for i in range(20))
+    assert sorted(r["status"] for r in mlflow_runs(tmp_path / "runs")) == ["FINISHED"] * 3
+
+
+def test_two_sweeps_started_together_keep_their_jobs_apart(server, tmp_path):
+    dataset = write_dataset(tmp_path / "prompts.jsonl", 4)
+    args = ("-m", *openai_args(server, dataset, "sampling.temperature=0,0.5", "tracking.traces=false"))
+    procs = [_popen(args, tmp_path) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    runs = mlflow_runs(tmp_path / "runs")
+    parents = [r for r in runs if r["tags"].get("pikeclient.role") == "sweep"]
+    children = [r for r in runs if r not in parents]
+    assert [p["status"] for p in parents] == ["FINISHED"] * 2
+    assert len(children) == 4 and all(c["status"] == "FINISHED" for c in children)
+    assert len(list((tmp_path / "runs" / "multirun").rglob("records.jsonl"))) == 4
+
+
+def test_the_store_survives_a_kill_during_its_creation(server, tmp_path):
+    dataset = write_dataset(tmp_path / "prompts.jsonl", 3)
+    runs = tmp_path / "runs"
+    proc = _popen(openai_args(server, dataset), tmp_path)
+    _wait_for(lambda: list(runs.glob(".mlflow.db.*.tmp*")) or proc.poll() is not None)
+    os.killpg(proc.pid, signal.SIGKILL)  # the experiment and its tracking process, mid-migration
+    proc.communicate()
+    again = run_py(*openai_args(server, dataset), cwd=tmp_path, env={"OPENAI_API_KEY": API_KEY})
+    assert again.returncode == 0, again.stderr
+    assert [r["status"] for r in mlflow_runs(runs)] == ["FINISHED"]
+
+
+def test_sigterm_to_the_process_group_stops_like_ctrl_c(server, tmp_path):
+    dataset = write_dataset(tmp_path / "prompts.jsonl", 300)
+    server.latency = 0.05
+    proc = _popen(openai_args(server, dataset, "experiment.concurrency=2"), tmp_path)
+    _wait_for(lambda: len(server.log) >= 20)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "terminated (SIGTERM)" in stderr and "Traceback" not in stderr
+    [run] = mlflow_runs(tmp_path / "runs")
+    assert run["status"] == "KILLED"
+    records = read_records(tmp_path)
+    assert 0 < len(records) < 300 and len({r["id"] for r in records}) == len(records)
+
+
+def test_a_run_whose_processes_were_killed_is_marked_killed_on_next_use(server, tmp_path):
+    dataset = write_dataset(tmp_path / "prompts.jsonl", 300)
+    server.latency = 0.05
+    proc = _popen(openai_args(server, dataset, "experiment.concurrency=2"), tmp_path)
+    _wait_for(lambda: len(server.log) >= 20)
+    os.killpg(proc.pid, signal.SIGKILL)  # nobody is left to end the run
+    proc.communicate()
+    [orphan] = mlflow_runs(tmp_path / "runs")
+    assert orphan["status"] == "RUNNING"
+    server.latency = 0.0
+    again = run_py(*openai_args(server, dataset, "dataset.limit=2"), cwd=tmp_path, env={"OPENAI_API_KEY": API_KEY})
+    assert again.returncode == 0, again.stderr
+    statuses = {r["id"]: r["status"] for r in mlflow_runs(tmp_path / "runs")}
+    assert statuses[orphan["id"]] == "KILLED" and sorted(statuses.values()) == ["FINISHED", "KILLED"]
+
+
+def _tracking_processes(parent_pid):
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+            cmdline = open(stat.replace("stat", "cmdline"), "rb").read()
+        except OSError:
+            continue
+        if int(fields[1]) == parent_pid and b"pikeclient.tracking" in cmdline:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+def test_a_tracking_process_dying_mid_run_fails_the_run_clearly(server, tmp_path):
+    dataset = write_dataset(tmp_path / "prompts.jsonl", 300)
+    server.latency = 0.05
+    proc = _popen(openai_args(server, dataset, "experiment.concurrency=2"), tmp_path)
+    _wait_for(lambda: len(server.log) >= 20)
+    [tracker] = _tracking_processes(proc.pid)
+    os.kill(tracker, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 1
+    assert "the tracking process stopped" in stderr and "Traceback" not in stderr
+    [run] = mlflow_runs(tmp_path / "runs")
+    assert run["status"] == "FAILED"
+
+
+def test_keys_never_leave_the_process_whatever_path_they_take(tmp_path):
+    # A key in a header, in a URL's user:key@ and echoed back by the server's 401 body.
+    wrong, header = "sk-wrong-PLANTED-key-123456", "sk-header-PLANTED-999999"
+    (tmp_path / "conf" / "llm").mkdir(parents=True)
+    with FakeLLMServer(api_key=API_KEY, echo_key=True) as server:
+        url = server.url.replace("http://", f"http://user:{API_KEY}@")
+        (tmp_path / "conf" / "llm" / "leaky.yaml").write_text(
+            "defaults: [openai]\n"
+            f"base_url: {url}/v1\n"
+            f"default_headers: {{X-Api-Key: {API_KEY}, Authorization: 'Bearer {header}'}}\n")
+        proc = run_py("--config-dir", str(tmp_path / "conf"), "llm=leaky", "dataset.limit=3",
+                      cwd=tmp_path, env={"OPENAI_API_KEY": wrong})
+    assert proc.returncode == 1 and "auth error" in proc.stderr
+    runs = tmp_path / "runs"
+    for secret in (wrong, header, API_KEY):
+        assert secret not in proc.stderr + proc.stdout
+        assert files_containing(runs, secret) == []
+    records = read_records(tmp_path)
+    assert any("***" in (r["error"] or "") for r in records)  # the echoed key, masked
+    for run in mlflow_runs(runs):
+        text = json.dumps(run)
+        assert wrong not in text and API_KEY not in text and header not in text

@@ -69,14 +69,22 @@ def test_retries_transient_then_succeeds_and_counts_attempts():
     assert outcome.backoff_s == pytest.approx(0.001 + 0.002)
 
 
-def test_server_delay_is_honoured_and_capped():
+def test_server_delay_is_honoured():
     policy = RetryPolicy(initial_delay=0.001, max_retry_after=0.05)
     assert policy.wait_seconds(1, RateLimitError("x", retry_after=0.02)) == 0.02
-    assert policy.wait_seconds(1, RateLimitError("x", retry_after=999)) == 0.05
     start = time.perf_counter()
     outcome = policy.call(failing([RateLimitError("x", status=429, retry_after=0.05)]))
     assert time.perf_counter() - start >= 0.05
     assert outcome.backoff_s == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("cap", [0.0, 1.0])
+def test_a_retry_never_goes_out_before_the_servers_retry_after(cap):
+    # Above the cap the call gives up as rate_limit at once; it never retries early.
+    policy = RetryPolicy(initial_delay=0.001, max_retry_after=cap)
+    with pytest.raises(RateLimitError, match="more than retry.max_retry_after") as caught:
+        policy.call(failing([RateLimitError("x", status=429, retry_after=2)] * 3))
+    assert caught.value.attempts == 1 and caught.value.backoff_s == 0.0
 
 
 def test_backoff_is_exponential_capped_and_jittered():

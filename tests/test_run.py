@@ -64,20 +64,6 @@ def test_mlflow_tracking_uri_from_environment(server, tmp_path):
     assert store.exists() and not (tmp_path / "runs" / "mlflow.db").exists()
 
 
-def test_errors_are_recorded_and_the_run_still_finishes(server, tmp_path):
-    from pikeclient.testing.server import FaultPlan
-
-    server.faults = FaultPlan(rates={"500": 1.0})
-    proc = run_py(*openai_args(server, "dataset.limit=3", "retry.max_attempts=2"), cwd=tmp_path,
-                  env={"OPENAI_API_KEY": API_KEY})
-    assert proc.returncode == 0, proc.stderr
-    [run] = mlflow_runs(tmp_path / "runs")
-    assert run["metrics"]["errors"] == 3 and run["metrics"]["errors_server"] == 3 and run["metrics"]["retries"] == 3
-    [records_file] = (tmp_path / "runs" / "outputs").rglob("records.jsonl")
-    records = [json.loads(line) for line in records_file.read_text().splitlines()]
-    assert all(r["error_kind"] == "server" and r["attempts"] == 2 and r["response"] is None for r in records)
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -22,7 +22,7 @@ from pikeclient.backends.openai import check_url, read_api_key
 from pikeclient.client import BaseLLMClient
 from pikeclient.errors import ConfigError, ServerError
 from pikeclient.tokens import HFTokenizerCounter
-from pikeclient.types import Completion, Message, SamplingParams, Usage
+from pikeclient.types import Completion, Message, SamplingParams, TokenSource, Usage
 
 APIS = ("chat_completions", "aml_score")
 
@@ -97,6 +97,10 @@ class AzureMetaLlamaClient(BaseLLMClient):
         if api == "aml_score" and deployment:
             headers["azureml-model-deployment"] = deployment
         return headers
+
+    @property
+    def count_source(self) -> TokenSource:
+        return "tokenizer" if self._counter is not None else "none"
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "endpoint": self.url, "api": self.api, "deployment": self.deployment}

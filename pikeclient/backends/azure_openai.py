@@ -44,6 +44,8 @@ class AzureOpenAIClient(OpenAIClient):
         self._token_provider = _entra_token_provider() if use_entra_id else None
         if not deployment:
             raise ConfigError("llm.deployment is empty: name the Azure deployment to call")
+        if not str(api_version).strip():
+            raise ConfigError("llm.api_version is empty: give the Azure OpenAI API version, e.g. 2024-10-21")
         # With Entra ID there is no key to read; OpenAIClient reads none when api_key_env is None.
         super().__init__(model=model, api_key_env=None if use_entra_id else api_key_env, **kwargs)
 

@@ -142,6 +142,11 @@ class HFLocalClient(BaseLLMClient):
                                      f"{self.context_window}")
         return ids
 
+    @property
+    def default_warmup(self) -> int:
+        # One batch: the first generations pay for kernel selection and allocator growth (15 s vs 3 s).
+        return self.batch_size
+
     def get_token_count(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -247,8 +252,9 @@ class HFLocalClient(BaseLLMClient):
         for stop in params.stop or ():
             if stop in text:
                 text, finish = text[: text.index(stop)], "stop"
-        usage = Usage(prompt_tokens=prompt_len, completion_tokens=len(generated) + (finish == "stop_eos"),
-                      source="local")
+        # The end-of-sequence token is not counted, as servers count (llama.cpp, vLLM): the same
+        # answer gets the same completion_tokens locally and from a server.
+        usage = Usage(prompt_tokens=prompt_len, completion_tokens=len(generated), source="tokenizer")
         return Completion(text=text, finish_reason="stop" if finish == "stop_eos" else finish, usage=usage,
                           ttft_s=ttft, model=self.model)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -13,8 +14,8 @@ import openai
 from pikeclient.client import BaseLLMClient
 from pikeclient.backends._http import LazyClients, status_error, transport_error
 from pikeclient.errors import ConfigError, LLMConnectionError, LLMError, LLMTimeoutError, ServerError
-from pikeclient.tokens import TiktokenCounter
-from pikeclient.types import Completion, Message, SamplingParams, Usage
+from pikeclient.tokens import HFTokenizerCounter, TiktokenCounter
+from pikeclient.types import Completion, Message, SamplingParams, TokenSource, Usage
 
 # Sent when a server needs no key (local vLLM, Ollama): the SDK refuses an empty one.
 NO_KEY = "no-key"
@@ -30,9 +31,15 @@ def read_api_key(env_var: str | None) -> str:
     """The key from the environment variable the config names; keys never live in config files."""
     if not env_var:
         return NO_KEY
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env_var):  # never echo it: it may be the key itself
+        raise ConfigError("llm.api_key_env must be the NAME of an environment variable (letters, digits, _); "
+                          "put the key itself in that variable")
     key = os.environ.get(env_var, "").strip()
     if not key:
         raise ConfigError(f"environment variable {env_var} is not set (it should hold the API key; see llm.api_key_env)")
+    if not key.isascii() or not key.isprintable():  # an HTTP header cannot carry it; never echo it
+        raise ConfigError(f"environment variable {env_var} holds characters a key cannot have (non-ASCII or "
+                          "control characters): check what was pasted into it")
     return key
 
 
@@ -47,6 +54,8 @@ class OpenAIClient(BaseLLMClient):
         stream: stream the answer (gives time to first token).
         max_tokens_field: ``max_tokens`` or ``max_completion_tokens`` (newer OpenAI models).
         tokenizer_model: model name tiktoken should count with, when ``model`` is an alias.
+        tokenizer: a Hugging Face tokenizer folder or ``tokenizer.json`` (with its chat template): exact
+            counts for an open model behind an OpenAI-compatible server, where the server reports none.
         default_headers: extra HTTP headers for every request.
     """
 
@@ -63,6 +72,7 @@ class OpenAIClient(BaseLLMClient):
         stream: bool = False,
         max_tokens_field: str = "max_tokens",
         tokenizer_model: str | None = None,
+        tokenizer: str | None = None,
         default_headers: Mapping[str, str] | None = None,
         **common: Any,
     ) -> None:
@@ -75,7 +85,8 @@ class OpenAIClient(BaseLLMClient):
         self.stream = stream
         self.timeout = timeout
         self.max_tokens_field = max_tokens_field
-        self._counter = TiktokenCounter(tokenizer_model or model)
+        self._counter: TiktokenCounter | HFTokenizerCounter = (
+            HFTokenizerCounter(tokenizer) if tokenizer else TiktokenCounter(tokenizer_model or model))
         if self.context_window is None:
             self.context_window = CONTEXT_WINDOWS.get(tokenizer_model or model)
         self._sdk_args: dict[str, Any] = {
@@ -158,6 +169,10 @@ class OpenAIClient(BaseLLMClient):
 
     # -- token counting -----------------------------------------------------------------------------
 
+    @property
+    def count_source(self) -> TokenSource:
+        return self._counter.source
+
     def get_token_count(self, text: str) -> int:
         return self._counter.count(text)
 
@@ -165,10 +180,12 @@ class OpenAIClient(BaseLLMClient):
         return self._counter.count_messages(messages)
 
     def check_context(self, messages: Sequence[Message], **sampling: Any) -> None:
-        # Most prompts fit by their byte length alone; only the others are encoded.
+        # Most prompts fit by their byte length alone (a tiktoken token is >= 1 byte); only the others are encoded.
         limit = self.sampling.merged(sampling).max_tokens
-        if self.context_window and self._counter.upper_bound(messages) + limit > self.context_window:
-            super().check_context(messages, **sampling)
+        if isinstance(self._counter, TiktokenCounter) and self._counter.upper_bound(messages) + limit <= (
+                self.context_window or 0):
+            return
+        super().check_context(messages, **sampling)
 
 
 def check_url(url: str, key: str) -> str:
@@ -183,6 +200,9 @@ def _completion(response: Any) -> Completion:
     if not getattr(response, "choices", None):
         raise ServerError("server answered without choices")
     choice = response.choices[0]
+    if choice.message is None or (choice.message.content is None and not choice.message.tool_calls):
+        # Not an empty answer: the server sent no content at all (a filtered or broken response).
+        raise ServerError(f"server answered without message content (finish_reason={choice.finish_reason!r})")
     return Completion(
         text=choice.message.content or "",
         finish_reason=choice.finish_reason,
@@ -198,34 +218,47 @@ def _usage(usage: Any) -> Usage:
 
 
 class _StreamState:
-    """Accumulates a streamed answer; shared by the sync and async readers."""
+    """Accumulates a streamed answer; shared by the sync and async readers.
+
+    Only chunks that carry output text are timed: Azure's first chunk may have empty ``choices``
+    (prompt filter results) and most servers send a role-only delta first; neither is a token.
+    """
 
     def __init__(self, start: float) -> None:
         self.start = start
         self.parts: list[str] = []
-        self.ttft: float | None = None
+        self.first: float | None = None  # perf_counter of the first and the last output chunk
+        self.last: float | None = None
         self.finish_reason: str | None = None
         self.usage = Usage()
         self.model: str | None = None
 
     def add(self, chunk: Any) -> None:
+        now = time.perf_counter()
         self.model = chunk.model or self.model
         if chunk.usage is not None:
             self.usage = _usage(chunk.usage)
         for choice in chunk.choices or ():
             content = choice.delta.content if choice.delta else None
             if content:
-                if self.ttft is None:
-                    self.ttft = time.perf_counter() - self.start
+                if self.first is None:
+                    self.first = now
+                self.last = now
                 self.parts.append(content)
             if choice.finish_reason:
                 self.finish_reason = choice.finish_reason
 
     def result(self) -> Completion:
+        end = time.perf_counter()
         if self.finish_reason is None:
             # The server closed the stream before saying it was done: the answer may be cut.
             raise LLMConnectionError("stream ended before the answer was complete")
-        return Completion("".join(self.parts), self.finish_reason, self.usage, self.ttft, self.model)
+        if self.first is None:
+            return Completion("", self.finish_reason, self.usage, None, self.model)
+        gaps = len(self.parts) - 1
+        itl = (self.last - self.first) / gaps if gaps > 0 else None
+        return Completion("".join(self.parts), self.finish_reason, self.usage, ttft_s=self.first - self.start,
+                          model=self.model, itl_s=itl, decode_s=end - self.first)
 
 
 def _consume_stream(stream: Any, start: float) -> Completion:
@@ -253,7 +286,10 @@ def translate_error(error: Exception) -> Exception:
     if isinstance(error, openai.APIStatusError):
         return status_error(error.status_code, error.response.headers, error.body, error.message)
     if isinstance(error, openai.APIConnectionError):
-        return LLMConnectionError(f"connection failed: {error}")
+        request = getattr(error, "request", None)
+        where = f" to {request.url}" if request is not None else ""
+        cause = error.__cause__ or error.__context__
+        return LLMConnectionError(f"connection{where} failed: {cause or error}")
     if isinstance(error, openai.APIResponseValidationError):
         return ServerError(f"malformed response: {error}")
     return transport_error(error) or error

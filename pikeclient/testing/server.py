@@ -34,7 +34,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-FAULTS = ("400", "429", "500", "503", "drop", "hang", "malformed", "cut_stream")
+FAULTS = ("400", "404", "429", "500", "503", "drop", "hang", "malformed", "cut_stream", "html", "empty_choices",
+          "null_content")
 
 
 @dataclass
@@ -92,6 +93,9 @@ class FakeLLMServer:
         faults: FaultPlan | None = None,
         token_delay: float = 0.0,
         keep_log: bool = True,
+        report_usage: bool = True,
+        filter_chunk: bool = False,
+        echo_key: bool = False,
     ) -> None:
         self.host = host
         self.port = port
@@ -100,6 +104,11 @@ class FakeLLMServer:
         self.api_key = api_key
         self.faults = faults or FaultPlan()
         self.keep_log = keep_log
+        # report_usage=False: no usage anywhere, as llama.cpp's streams (which ignore include_usage);
+        # filter_chunk=True: Azure's first stream chunk, empty choices with prompt_filter_results.
+        self.report_usage = report_usage
+        self.filter_chunk = filter_chunk
+        self.echo_key = echo_key  # a 401 body that repeats the credential it got, as some servers do
         self.log: list[RequestRecord] = []
         self.request_count = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -192,23 +201,36 @@ class FakeLLMServer:
             await asyncio.sleep(self.faults.hang_s)
             return False
         if status != 200:
-            return await self._send_error(writer, status)
+            presented = headers.get("api-key") or headers.get("authorization", "")
+            return await self._send_error(writer, status, presented if self.echo_key else None)
         if fault == "malformed":
             return await self._send_raw(writer, 200, b'{"id": "x", "choices": [', "application/json")
+        if fault == "html":  # a proxy's login or error page, served with 200
+            return await self._send_raw(writer, 200, b"<html><body>Sign in</body></html>", "text/html")
+        if fault in ("empty_choices", "null_content"):
+            body = Answer.build(route, payload).completion()
+            if fault == "empty_choices":
+                body["choices"] = []
+            else:
+                body["choices"][0]["message"]["content"] = None
+            return await self._send_json(writer, 200, body)
         answer = Answer.build(route, payload)
         if route == "aml_score":
             return await self._send_json(writer, 200, {"output": answer.text})
         if payload.get("stream"):
-            include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+            include_usage = bool((payload.get("stream_options") or {}).get("include_usage")) and self.report_usage
             return await self._send_stream(writer, answer, include_usage, cut=fault == "cut_stream")
-        return await self._send_json(writer, 200, answer.completion())
+        body = answer.completion()
+        if not self.report_usage:
+            body.pop("usage")
+        return await self._send_json(writer, 200, body)
 
     def _status_for(self, route: str, query: str, headers: dict[str, str], fault: str | None) -> int:
         if not self._authorized(route, headers):
             return 401
         if route == "azure_openai" and "api-version" not in parse_qs(query):
             return 404
-        if fault in ("400", "429", "500", "503"):
+        if fault in ("400", "404", "429", "500", "503"):
             return int(fault)
         return 200
 
@@ -220,7 +242,7 @@ class FakeLLMServer:
             return True
         return bearer == f"Bearer {self.api_key}"
 
-    async def _send_error(self, writer: asyncio.StreamWriter, status: int) -> bool:
+    async def _send_error(self, writer: asyncio.StreamWriter, status: int, echo: str | None = None) -> bool:
         extra = {}
         if status == 429 and self.faults.retry_after is not None:
             value = self.faults.retry_after
@@ -228,7 +250,10 @@ class FakeLLMServer:
             extra[name] = str(int(value * 1000)) if name.endswith("-ms") else f"{value:g}"
         messages = {400: "Invalid request: unsupported parameter", 401: "Incorrect API key provided",
                     429: "Rate limit reached", 404: "Resource not found"}
-        body = {"error": {"message": messages.get(status, "The server had an error"), "code": str(status)}}
+        message = messages.get(status, "The server had an error")
+        if echo and status == 401:
+            message += f": {echo}"
+        body = {"error": {"message": message, "code": str(status)}}
         return await self._send_json(writer, status, body, extra)
 
     async def _send_json(self, writer: asyncio.StreamWriter, status: int, body: Any, headers: dict | None = None) -> bool:
@@ -246,6 +271,9 @@ class FakeLLMServer:
         head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
         writer.write(head.encode())
         chunks = list(answer.stream_chunks(include_usage))
+        if self.filter_chunk:
+            chunks.insert(0, {"id": "", "object": "", "created": 0, "model": "", "choices": [],
+                              "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]})
         for index, chunk in enumerate(chunks):
             if cut and index == len(chunks) // 2:
                 await writer.drain()
@@ -373,13 +401,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
     parser.add_argument("--api-key", default=None, help="require this key (Bearer or api-key header)")
+    parser.add_argument("--token-delay", type=float, default=0.0, help="seconds after each streamed chunk")
+    parser.add_argument("--no-usage", action="store_true", help="report no usage (as llama.cpp's streams)")
     parser.add_argument("--no-log", action="store_true", help="keep no request log (long benchmarks)")
     for name in FAULTS:
         parser.add_argument(f"--rate-{name.replace('_', '-')}", type=float, default=0.0, dest=f"rate_{name}")
     args = parser.parse_args(argv)
     rates = {name: getattr(args, f"rate_{name}") for name in FAULTS if getattr(args, f"rate_{name}")}
     server = FakeLLMServer(host=args.host, port=args.port, latency=args.latency, api_key=args.api_key,
-                           faults=FaultPlan(rates=rates), keep_log=not args.no_log)
+                           faults=FaultPlan(rates=rates), keep_log=not args.no_log, token_delay=args.token_delay,
+                           report_usage=not args.no_usage)
     try:
         asyncio.run(server.serve_forever())
     except KeyboardInterrupt:

@@ -58,7 +58,7 @@ def test_aml_with_llama_tokenizer_counts_locally(server, llama_env, tiny_model):
     client = aml(server, tokenizer=tiny_model)
     result = client.chat(MESSAGES)
     counter = HFTokenizerCounter(tiny_model)
-    assert result.usage.source == "local"
+    assert result.usage.source == "tokenizer"
     assert result.usage.prompt_tokens == counter.count_messages(MESSAGES)
     assert result.usage.completion_tokens == counter.count(result.text)
 

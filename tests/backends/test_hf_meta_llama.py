@@ -29,7 +29,7 @@ def test_token_counts_are_exact(llm):
     result = llm.chat(MESSAGES)
     templated = llm.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     assert result.usage.prompt_tokens == len(llm.tokenizer(templated, add_special_tokens=False)["input_ids"])
-    assert result.usage.source == "local"
+    assert result.usage.source == "tokenizer"
     assert llm.get_token_count("hello world") == len(llm.tokenizer("hello world", add_special_tokens=False)["input_ids"])
 
 

@@ -1,0 +1,193 @@
+"""Every bad input: a clear line, a non-zero exit, no traceback, no paid call, no run left FINISHED or
+RUNNING, no key written anywhere (issue: "Nothing lost, nothing leaked, every failure said once")."""
+
+import json
+import sqlite3
+
+import pytest
+
+from pikeclient.testing.server import FakeLLMServer
+from tests.conftest import API_KEY, files_containing, run_py
+
+BAD_JSONL = {
+    "invalid_json": ('{"id": "a", "prompt": "ok"}\n{not json\n', "bad.jsonl:2: invalid JSON"),
+    "duplicate_id": ('{"id": "a", "prompt": "ok"}\n{"id": "a", "prompt": "again"}\n', "bad.jsonl:2: duplicate id 'a'"),
+    "empty_prompt": ('{"id": "a", "prompt": "  "}\n', "bad.jsonl:1: empty prompt"),
+    "zero_width_prompt": ('{"id": "a", "prompt": "\\u200b\\u200b\\u2060"}\n', "bad.jsonl:1: empty prompt"),
+    "lone_surrogate": ('{"id": "a", "prompt": "hi \\ud800 there"}\n', "bad.jsonl:1: invalid Unicode"),
+    "no_prompt_key": ('{"id": "a", "text": "no prompt"}\n', "bad.jsonl:1: needs a 'prompt' string"),
+    "prompt_not_string": ('{"id": "a", "prompt": 42}\n', "bad.jsonl:1: needs a 'prompt' string"),
+    "array_line": ('["a", "b"]\n', "bad.jsonl:1: expected a JSON object"),
+    "messages_not_list": ('{"id": "a", "messages": "hi"}\n', "'messages' must be a non-empty list"),
+    "messages_empty": ('{"id": "a", "messages": []}\n', "'messages' must be a non-empty list"),
+    "unknown_role": ('{"id": "a", "messages": [{"role": "robot", "content": "hi"}]}\n', "unknown role 'robot'"),
+    "message_without_content": ('{"id": "a", "messages": [{"role": "user"}]}\n', "needs a 'role' and a 'content'"),
+    "blank_messages": ('{"id": "a", "messages": [{"role": "user", "content": " "}]}\n', "bad.jsonl:1: empty prompt"),
+    "empty_file": ("\n\n", "holds no prompts"),
+}
+
+# (overrides, message): each run against a live loopback server with a valid key, so that nothing but
+# the bad input can fail.
+CASES = [
+    (("sampling.temperature=3",), "sampling.temperature=3.0 is out of range: allowed [0, 2]"),
+    (("sampling.temperature=-1",), "sampling.temperature=-1.0 is out of range"),
+    (("sampling.top_p=0",), "sampling.top_p=0.0 is out of range: allowed (0, 1]"),
+    (("sampling.top_p=1.5",), "sampling.top_p=1.5 is out of range"),
+    (("sampling.max_tokens=0",), "sampling.max_tokens=0 is out of range: allowed >= 1"),
+    (("sampling.max_tokens=abc",), "Value 'abc' of type 'str' could not be converted to Integer"),
+    (("sampling.top_k=0",), "sampling.top_k=0 is out of range"),
+    (("+sampling.temprature=0.5",), "sampling.temprature: unknown key"),
+    (("sampling.temprature=1",), "Key 'temprature' not in 'SamplingConfig'"),
+    (("retry.max_attempts=0",), "retry.max_attempts=0 is out of range"),
+    (("retry.initial_delay=-1",), "retry.initial_delay=-1.0 is out of range"),
+    (("retry.multiplier=0.5",), "retry.multiplier=0.5 is out of range"),
+    (("retry.deadline=0",), "retry.deadline=0.0 is out of range"),
+    (("retry.max_retry_after=-1",), "retry.max_retry_after=-1.0 is out of range"),
+    (("+retry.max_retries=3",), "retry.max_retries: unknown key"),
+    (("rate_limit.requests_per_minute=-5",), "rate_limit.requests_per_minute=-5.0 is out of range"),
+    (("cache.mode=sometimes",), "cache.mode='sometimes'"),
+    (("+cache.scope=run",), "cache.scope: unknown key"),
+    (("experiment.concurrency=0",), "experiment.concurrency=0 is out of range: allowed >= 1"),
+    (("experiment.concurrency=many",), "could not be converted to Integer"),
+    (("experiment.max_error_rate=1.5",), "experiment.max_error_rate=1.5 is out of range"),
+    (("experiment.warmup=-1",), "experiment.warmup=-1 is out of range"),
+    (("experiment.records_file=.",), "experiment.records_file='.': give a file name"),
+    (("experiment.records_file=sub/records.jsonl",), "experiment.records_file='sub/records.jsonl': give a file name"),
+    (("experiment.resume=/nonexistent/job",), "experiment.resume='/nonexistent/job': not a job folder"),
+    (("experiment.resume=latest",), "experiment.resume=latest: no earlier job folder"),
+    (("experiment.resume=0123456789abcdef0123456789abcdef",), "no job folder under"),
+    (("dataset.limit=0",), "dataset.limit=0 is out of range: allowed >= 1"),
+    (("dataset.path=missing.jsonl",), "dataset.path: no such file"),
+    (("dataset.path=pkg://no_such_package/prompts.jsonl",), "no installed package 'no_such_package'"),
+    (("bogus_key=1",), "Could not override 'bogus_key'"),
+    (("+bogus_key=1",), "bogus_key: unknown config group or key"),
+    (("llm=nope",), "Available options in 'llm'"),
+    (("tracking.experiment_name=",), "tracking:"),
+    (("tracking.tracking_uri=nosuchscheme://x",), "tracking:"),
+    (("llm.timeout=-1",), "llm.timeout=-1 must be > 0 seconds"),
+    (("llm.timeout=abc",), "llm.timeout='abc': expected a number"),
+    (("llm.base_url=localhost:1234",), "llm.base_url='localhost:1234' is not an http(s) URL"),
+    (("llm.base_url=ftp://x/v1",), "is not an http(s) URL"),
+    (("llm.stream=maybe",), "llm.stream='maybe': expected true or false"),
+    (("llm.context_window=abc",), "llm.context_window='abc': expected an integer or null"),
+    (("llm.model=",), "llm.model is empty"),
+    (("+llm.bogus=1",), "llm.bogus: unknown argument of OpenAIClient"),
+    (("llm.max_tokens_field=wrong",), "llm.max_tokens_field='wrong'"),
+    (("llm.api_key_env=NO_SUCH_VARIABLE",), "environment variable NO_SUCH_VARIABLE is not set"),
+    (("llm.tokenizer=/nonexistent/tokenizer",), "llm.tokenizer='/nonexistent/tokenizer': no tokenizer.json"),
+    (("llm.organization=123",), "llm.organization=123: expected a string or null"),
+    (("+llm.default_headers=3",), "llm.default_headers=3: expected"),
+    (("llm._target_=pikeclient.nope.Client",), "llm._target_=pikeclient.nope.Client: cannot import it"),
+]
+AZURE = ("llm=azure_openai", "llm.deployment=d1")
+CASES += [
+    ((*AZURE, "llm.api_version="), "llm.api_version is empty"),
+    (("llm=azure_openai", "llm.deployment="), "llm.deployment is empty"),
+    ((*AZURE, "llm.azure_endpoint=not-a-url"), "llm.azure_endpoint='not-a-url' is not an http(s) URL"),
+    ((*AZURE, "llm.use_entra_id=perhaps"), "llm.use_entra_id='perhaps': expected true or false"),
+    (("llm=azure_meta_llama", "llm.api=bogus"), "llm.api='bogus'"),
+    (("llm=azure_meta_llama", "llm.auth=bogus"), "llm.auth='bogus'"),
+    (("llm=azure_meta_llama", "llm.route=bogus"), "llm.route='bogus'"),
+    (("llm=hf_meta_llama", "llm.model=/nonexistent/model"), "/nonexistent/model"),
+    (("llm=hf_meta_llama", "llm.batch_size=0"), "llm.batch_size=0 is out of range"),
+]
+
+
+def _env(server):
+    return {"OPENAI_API_KEY": API_KEY, "AZURE_OPENAI_API_KEY": API_KEY, "AZURE_LLAMA_API_KEY": API_KEY,
+            "AZURE_OPENAI_ENDPOINT": server.url, "AZURE_LLAMA_ENDPOINT": server.url}
+
+
+def assert_failed_cleanly(proc, message, tmp_path, server, code=None):
+    output = proc.stderr + proc.stdout
+    assert proc.returncode != 0 if code is None else proc.returncode == code, output
+    assert message in output, output
+    assert "Traceback" not in output
+    ours = [line for line in proc.stderr.splitlines() if "][ERROR] - " in line or line.startswith("error:")]
+    assert len(ours) <= 1, output  # one line of ours (Hydra's own parse errors keep Hydra's format)
+    assert server.log == [], "a call was made before the bad input was noticed"
+    store = tmp_path / "runs" / "mlflow.db"
+    if store.exists():
+        db = sqlite3.connect(store)
+        statuses = [s for (s,) in db.execute("select status from runs")]
+        db.close()
+        assert not {"FINISHED", "RUNNING"} & set(statuses), statuses
+    assert not list(tmp_path.rglob("records.jsonl"))
+    if (tmp_path / "runs").exists():
+        assert files_containing(tmp_path / "runs", API_KEY) == []
+
+
+@pytest.fixture(scope="module")
+def live_server():
+    with FakeLLMServer(api_key=API_KEY) as srv:
+        yield srv
+
+
+@pytest.fixture
+def quiet_server(live_server):
+    live_server.log.clear()
+    return live_server
+
+
+@pytest.mark.parametrize(("args", "message"), CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_bad_config(args, message, tmp_path, quiet_server):
+    base = ("llm=openai", f"llm.base_url={quiet_server.url}/v1")
+    overrides = [*args] if args[0].startswith("llm=") else [*base, *args]  # Azure endpoints: from _env
+    proc = run_py(*overrides, cwd=tmp_path, env=_env(quiet_server))
+    assert_failed_cleanly(proc, message, tmp_path, quiet_server)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_JSONL))
+def test_bad_dataset(case, tmp_path, quiet_server):
+    content, message = BAD_JSONL[case]
+    (tmp_path / "bad.jsonl").write_text(content, encoding="utf-8")
+    proc = run_py("llm=openai", f"llm.base_url={quiet_server.url}/v1", "dataset.path=bad.jsonl", cwd=tmp_path,
+                  env=_env(quiet_server))
+    assert_failed_cleanly(proc, message, tmp_path, quiet_server)
+
+
+def test_non_utf8_dataset(tmp_path, quiet_server):
+    (tmp_path / "bad.jsonl").write_bytes(b'{"id": "a", "prompt": "ok"}\n{"id": "b", "prompt": "caf\xe9"}\n')
+    proc = run_py("llm=openai", f"llm.base_url={quiet_server.url}/v1", "dataset.path=bad.jsonl", cwd=tmp_path,
+                  env=_env(quiet_server))
+    assert_failed_cleanly(proc, "bad.jsonl:2: not UTF-8", tmp_path, quiet_server)
+
+
+def test_unusable_runs_dir(tmp_path, quiet_server):
+    (tmp_path / "a_file").write_text("not a folder")
+    proc = run_py("llm=openai", f"llm.base_url={quiet_server.url}/v1", f"paths.runs_dir={tmp_path / 'a_file'}",
+                  cwd=tmp_path, env=_env(quiet_server))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr + proc.stdout
+    assert quiet_server.log == []
+
+
+def test_a_key_with_non_ascii_characters(tmp_path, quiet_server):
+    env = {**_env(quiet_server), "OPENAI_API_KEY": "sk-caf\u00e9-\u20ac-key-0123456789"}
+    proc = run_py("llm=openai", f"llm.base_url={quiet_server.url}/v1", cwd=tmp_path, env=env)
+    assert_failed_cleanly(proc, "environment variable OPENAI_API_KEY holds characters a key cannot have",
+                          tmp_path, quiet_server)
+    assert "caf\u00e9" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["llm.api_key=sk-abcdefghijklmnopqrstuvwx", "+llm.azure_ad_token=xyz", "llm.model=sk-abcdefghijklmnopqrstuvwx",
+     f"llm.organization={API_KEY}", f"+llm.default_headers.Authorization=Bearer {API_KEY}",
+     "+llm.default_headers.api-key=abcdef123456", "llm.base_url=http://user:hunter2secret@127.0.0.1:9/v1",
+     f"llm.api_key_env={API_KEY}"],
+)
+def test_credentials_on_the_command_line_are_refused_before_anything_is_written(override, tmp_path, quiet_server):
+    proc = run_py("llm=openai", override, cwd=tmp_path, env=_env(quiet_server))
+    assert proc.returncode == 2 and "must not be passed on the command line" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+    assert quiet_server.log == []
+
+
+def test_a_key_in_api_key_env_is_never_echoed(tmp_path, quiet_server):
+    # Set in a config file rather than on the command line: refused at start, and never printed.
+    (tmp_path / "conf" / "llm").mkdir(parents=True)
+    (tmp_path / "conf" / "llm" / "mine.yaml").write_text(
+        "defaults: [openai]\napi_key_env: " + json.dumps(API_KEY) + "\n")
+    proc = run_py("--config-dir", str(tmp_path / "conf"), "llm=mine", f"llm.base_url={quiet_server.url}/v1",
+                  cwd=tmp_path, env=_env(quiet_server))
+    assert_failed_cleanly(proc, "llm.api_key_env must be the NAME of an environment variable", tmp_path, quiet_server)
