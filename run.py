@@ -5,8 +5,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from pikeclient.cli import check_runs_dir, refuse_secret_overrides
 from pikeclient.cli import main as run_job
-from pikeclient.cli import refuse_secret_overrides
 from pikeclient.config import register_configs
 
 register_configs()
@@ -19,4 +19,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     refuse_secret_overrides(sys.argv[1:])  # before Hydra saves the overrides anywhere
+    check_runs_dir(sys.argv[1:])  # before Hydra creates the job's folder there
     main()

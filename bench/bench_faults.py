@@ -32,7 +32,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, FakeLLMServer(api_key=API_KEY, faults=faults) as server:
         dataset = write_prompts(Path(tmp) / "prompts.jsonl", args.prompts)
         command = [sys.executable, str(REPO / "run.py"), "llm=openai", f"llm.base_url={server.url}/v1",
-                   f"dataset.path={dataset}", "llm.timeout=5", f"experiment.concurrency={args.concurrency}",
+                   f"dataset.path={dataset}", "llm.timeout=5", f"load.concurrency={args.concurrency}",
                    "retry.max_attempts=6", "tracking=none", "cache.mode=off"]
         start = time.perf_counter()
         proc = subprocess.run(command, cwd=tmp, capture_output=True, text=True,

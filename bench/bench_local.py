@@ -31,7 +31,7 @@ def one_at_a_time(client: HFLocalClient, items) -> tuple[int, float]:
 
 
 def batched(client: HFLocalClient, items, batch: int) -> tuple[int, float]:
-    stats = asyncio.run(run_prompts(client, items, concurrency=batch))
+    stats = asyncio.run(run_prompts(client, items, batch))
     return stats.completion_tokens, stats.wall_s
 
 

@@ -53,7 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, loopback_server(0.0) as url:
         dataset = write_prompts(Path(tmp) / "prompts.jsonl", args.prompts)
         command = [sys.executable, str(REPO / "run.py"), "llm=openai", f"llm.base_url={url}",
-                   f"dataset.path={dataset}", "experiment.concurrency=32", "cache.mode=off", *args.override]
+                   f"dataset.path={dataset}", "load.concurrency=32", "cache.mode=off", *args.override]
         process = subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         peaks: dict[str, int] = {}
         start = time.perf_counter()

@@ -43,7 +43,7 @@ print(json.dumps({{"wall_s": time.perf_counter() - start}}))
 def run_variant(url: str, dataset: Path, overrides: list[str], concurrency: int, runs: Path) -> float:
     """One whole run in a fresh process; all variants share ``runs`` (one MLflow store, as users do)."""
     args = ["llm=openai", f"llm.base_url={url}", f"dataset.path={dataset}", "retry.initial_delay=0.01", "cache.mode=off",
-            f"experiment.concurrency={concurrency}", *overrides]
+            f"load.concurrency={concurrency}", *overrides]
     out = subprocess.run([sys.executable, "-c", CHILD.format(repo=str(REPO)), str(runs), json.dumps(args)],
                          capture_output=True, text=True, env={"OPENAI_API_KEY": API_KEY, "PATH": ""})
     if out.returncode != 0:

@@ -7,7 +7,9 @@ import os
 import re
 import signal
 import sys
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -63,6 +65,24 @@ def refuse_secret_overrides(args: list[str]) -> None:
               "overrides in the job's .hydra folder); put the key in the environment variable that "
               "llm.api_key_env names (headers and URLs with user:key@ included)", file=sys.stderr)
         sys.exit(2)
+
+
+def check_runs_dir(args: list[str], default: str = "runs") -> None:
+    """Exit with one line when the outputs folder cannot be written (Hydra would fail with a traceback
+    creating the job's folder there, before any of our code runs)."""
+    runs_dir = default
+    for arg in args:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if sep and key == "paths.runs_dir":
+            runs_dir = value.strip("'\"")
+    folder = Path(runs_dir).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        print(f"error: paths.runs_dir={runs_dir!r} cannot hold the outputs: {error.strerror or error}", file=sys.stderr)
+        sys.exit(1)
 
 
 def hydra_job_info() -> dict[str, Any]:

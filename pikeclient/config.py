@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pikeclient.errors import ConfigError
+from pikeclient.load import build_limits, build_strategy
 from pikeclient.ratelimit import RateLimiter
 from pikeclient.retry import RetryPolicy
 from pikeclient.types import SamplingParams
@@ -58,8 +59,17 @@ class CacheConfig:
 
 @dataclass
 class DatasetConfig:
-    path: str = MISSING
+    """``jsonl`` (a prompt file) or ``synthetic`` (seeded prompts of known token sizes)."""
+
+    kind: str = "jsonl"
+    path: Optional[str] = None
     limit: Optional[int] = None
+    count: int = 100
+    input_tokens: int = 256
+    input_tokens_std: float = 0.0
+    output_tokens: int = 128
+    output_tokens_std: float = 0.0
+    seed: int = 0
 
 
 @dataclass
@@ -96,13 +106,36 @@ class PricingConfig:
 
 
 @dataclass
-class ExperimentConfig:
+class LoadConfig:
+    """``conf/load/``: when requests go (pikeclient.load)."""
+
+    kind: str = "concurrency"
     concurrency: int = 8
+    rate: Optional[float] = None
+    max_in_flight: int = 1024
+    seed: int = 0
+
+
+@dataclass
+class SloConfig:
+    """Service-level objectives a call must meet (null: none)."""
+
+    ttft_s: Optional[float] = None
+    tpot_s: Optional[float] = None
+    latency_s: Optional[float] = None
+
+
+@dataclass
+class ExperimentConfig:
+    concurrency: Optional[int] = None  # deprecated: load.concurrency
     records_file: str = "records.jsonl"
     fail_fast: bool = False
     max_error_rate: float = 0.5
     warmup: Optional[int] = None
     resume: Optional[str] = None
+    max_requests: Optional[int] = None
+    max_duration: Optional[float] = None
+    repeats: int = 1
 
 
 @dataclass
@@ -122,12 +155,15 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    load: LoadConfig = field(default_factory=LoadConfig)
+    slo: SloConfig = field(default_factory=SloConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 _SCHEMAS = {"sampling": SamplingConfig, "retry": RetryConfig, "rate_limit": RateLimitConfig, "cache": CacheConfig,
             "dataset": DatasetConfig, "tracking": TrackingConfig, "experiment": ExperimentConfig,
+            "load": LoadConfig, "slo": SloConfig,
             "pricing": PricingConfig, "paths": PathsConfig}
 
 
@@ -164,8 +200,16 @@ def validate(cfg: DictConfig) -> None:
     if cfg.cache.mode not in ("off", "use", "refresh"):
         raise ConfigError(f"cache.mode={cfg.cache.mode!r}: allowed off, use, refresh")
     experiment = cfg.experiment
-    if experiment.concurrency < 1:
+    if experiment.concurrency is not None and experiment.concurrency < 1:
         raise ConfigError(f"experiment.concurrency={experiment.concurrency} is out of range: allowed >= 1")
+    if experiment.repeats < 1:
+        raise ConfigError(f"experiment.repeats={experiment.repeats} is out of range: allowed >= 1")
+    for name, value in OmegaConf.to_container(cfg.slo).items():
+        if value is not None and not value > 0:
+            raise ConfigError(f"slo.{name}={value} is out of range: allowed > 0 (seconds) or null")
+    build_strategy(cfg.load.kind, concurrency=experiment.concurrency or cfg.load.concurrency, rate=cfg.load.rate,
+                   max_in_flight=cfg.load.max_in_flight, seed=cfg.load.seed)
+    build_limits(experiment.max_requests, experiment.max_duration)
     if not 0.0 <= experiment.max_error_rate <= 1.0:
         raise ConfigError(f"experiment.max_error_rate={experiment.max_error_rate} is out of range: allowed [0, 1]")
     if experiment.warmup is not None and experiment.warmup < 0:
@@ -175,6 +219,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"experiment.records_file={records!r}: give a file name (it goes in the job's folder)")
     if experiment.resume is not None and not str(experiment.resume).strip():
         raise ConfigError("experiment.resume is empty: give a job folder, an MLflow run id, or latest")
+    if cfg.dataset.kind not in ("jsonl", "synthetic"):
+        raise ConfigError(f"dataset.kind={cfg.dataset.kind!r}: allowed jsonl, synthetic")
+    if cfg.dataset.kind == "jsonl" and not cfg.dataset.path:
+        raise ConfigError("dataset.path is not set: name a JSONL prompt file (or use dataset=synthetic)")
     if cfg.dataset.limit is not None and cfg.dataset.limit < 1:
         raise ConfigError(f"dataset.limit={cfg.dataset.limit} is out of range: allowed >= 1")
     if not OmegaConf.is_dict(cfg.llm) or "_target_" not in cfg.llm:

@@ -17,6 +17,8 @@ PACKAGE_SCHEME = "pkg://"
 class PromptItem:
     id: str
     messages: tuple[Message, ...]
+    repeat: int = 0  # which pass over the dataset (experiment.repeats)
+    max_tokens: int | None = None  # the output length this prompt asks for (synthetic prompts)
 
     @property
     def prompt(self) -> str:

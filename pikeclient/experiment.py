@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -29,10 +30,12 @@ from pikeclient.cost import find_price
 from pikeclient.dataset import PromptItem, load_prompts
 from pikeclient.errors import ConfigError, ContextWindowError, LLMError, PikeError
 from pikeclient.factory import create_client
+from pikeclient.load import Concurrency, Limit, Strategy, build_limits, build_strategy
 from pikeclient.redact import Redactor, secrets_in
 from pikeclient.resume import Earlier, find_job_dir, load_earlier, write_job_file
 from pikeclient.sidecar import TrackingSidecar
-from pikeclient.stats import RunStats
+from pikeclient.stats import RunStats, Slo
+from pikeclient.synthetic import synthetic_prompts
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +77,21 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path, hydra_info: dict[str
 
 def _run(cfg: DictConfig, output_dir: Path, hydra_info: dict[str, Any], tracking: TrackingSidecar | None,
          redactor: Redactor) -> RunStats:
-    prompts = load_prompts(cfg.dataset.path, cfg.dataset.limit)
+    dataset = load_prompts(cfg.dataset.path, cfg.dataset.limit) if cfg.dataset.kind == "jsonl" else None
+    strategy = load_strategy(cfg)
+    limits = build_limits(cfg.experiment.max_requests, cfg.experiment.max_duration)
     config = redactor.data(OmegaConf.to_container(cfg, resolve=True))
-    earlier = find_earlier(cfg, config, prompts, output_dir, hydra_info)
+    if dataset is not None:  # a resume that cannot work fails before the model loads
+        earlier = find_earlier(cfg, config, repeat_prompts(dataset, cfg.experiment.repeats), output_dir, hydra_info)
     client = create_client(cfg)
     try:
+        if dataset is None:  # synthetic prompts are sized with the client's own tokenizer
+            d = cfg.dataset
+            dataset = synthetic_prompts(client, d.count, d.input_tokens, d.output_tokens, d.input_tokens_std,
+                                        d.output_tokens_std, d.seed)
+            earlier = find_earlier(cfg, config, repeat_prompts(dataset, cfg.experiment.repeats), output_dir,
+                                   hydra_info)
+        prompts = repeat_prompts(dataset, cfg.experiment.repeats)
         check_prompts_fit(client, prompts)
         client.prepare()  # tokenizer tables and the like: never inside a measured call
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -92,10 +105,13 @@ def _run(cfg: DictConfig, output_dir: Path, hydra_info: dict[str, Any], tracking
         with contextlib.closing(ResponseCache(cfg.cache.path, cfg.cache.mode)) as cache, \
                 records_path.open("w", encoding="utf-8") as sink:
             stats = asyncio.run(run_prompts(
-                client, prompts, cfg.experiment.concurrency, sink,
+                client, prompts, strategy, sink,
                 on_record=tracking.add if tracking else None, cache=cache, fail_fast=cfg.experiment.fail_fast,
-                warmup=warmup, earlier=earlier, on_begin=tracking.begin if tracking else None, redactor=redactor))
+                warmup=warmup, earlier=earlier, on_begin=tracking.begin if tracking else None, redactor=redactor,
+                limits=limits, slo=Slo(**OmegaConf.to_container(cfg.slo))))
         stats.price = price
+        stats.requested_rate = getattr(strategy, "rate", None)
+        stats.warn_about_the_client()
         verdict = failure_verdict(stats, cfg.experiment.max_error_rate)
         if tracking is not None:
             tracking.finish(stats.metrics(), stats.tags(), stats.end_time, records_path, output_dir,
@@ -108,6 +124,24 @@ def _run(cfg: DictConfig, output_dir: Path, hydra_info: dict[str, Any], tracking
     if verdict:
         raise RunFailed(verdict, stats)
     return stats
+
+
+def load_strategy(cfg: DictConfig) -> Strategy:
+    """``load`` as a strategy; ``experiment.concurrency``, when set, is the deprecated spelling of
+    ``load.concurrency``."""
+    concurrency = cfg.load.concurrency
+    if cfg.experiment.concurrency is not None:
+        log.warning("experiment.concurrency is deprecated: use load.concurrency (load=concurrency)")
+        concurrency = cfg.experiment.concurrency
+    return build_strategy(cfg.load.kind, concurrency=concurrency, rate=cfg.load.rate,
+                          max_in_flight=cfg.load.max_in_flight, seed=cfg.load.seed)
+
+
+def repeat_prompts(prompts: Sequence[PromptItem], repeats: int) -> list[PromptItem]:
+    """The dataset ``repeats`` times over, each pass numbered (records carry ``repeat``)."""
+    if repeats < 1:
+        raise ConfigError(f"experiment.repeats={repeats} is out of range: allowed >= 1")
+    return [replace(item, repeat=r) for r in range(repeats) for item in prompts]
 
 
 def failure_verdict(stats: RunStats, max_error_rate: float) -> str | None:
@@ -155,7 +189,7 @@ def check_prompts_fit(client: BaseLLMClient, prompts: Sequence[PromptItem]) -> N
 async def run_prompts(
     client: BaseLLMClient,
     prompts: Sequence[PromptItem],
-    concurrency: int,
+    load: int | Strategy,
     sink: IO[str] | None = None,
     on_record: Callable[[dict[str, Any], PromptItem], None] | None = None,
     cache: ResponseCache | None = None,
@@ -164,63 +198,147 @@ async def run_prompts(
     earlier: Earlier | None = None,
     on_begin: Callable[[float], None] | None = None,
     redactor: Redactor | None = None,
+    limits: Sequence[Limit] = (),
+    slo: Slo | None = None,
 ) -> RunStats:
-    """Call ``client`` once per prompt, at most ``concurrency`` calls in flight; stream records to ``sink``.
+    """Call ``client`` once per prompt under the ``load`` strategy; stream records to ``sink``.
 
-    A fixed pool of workers pulls prompts from one iterator, so no task is created per prompt and a
-    call's latency starts when the call starts, not while it waits for a free slot. ``warmup`` calls
-    go first and are discarded. Prompts answered in ``earlier`` are not called again. An
-    authentication error stops the run (every further call would fail the same way), and so does any
-    error retrying cannot fix when ``fail_fast`` is set.
+    ``load`` is a strategy from ``pikeclient.load`` (an int means that many workers in a closed loop).
+    ``warmup`` calls go first and are discarded. Prompts answered in ``earlier`` are not called again;
+    ``limits`` end the sending early. An authentication error stops the run (every further call would
+    fail the same way), and so does any error retrying cannot fix when ``fail_fast`` is set.
     """
-    stats = RunStats()
-    stop: list[str] = []
-    identity = client.describe()
+    strategy = Concurrency(load) if isinstance(load, int) else load
+    stats = RunStats(slo=slo)
     try:
-        stats.warmup_calls = await warm_up(client, prompts, warmup, concurrency)
-
-        def emit(record: dict[str, Any], item: PromptItem) -> None:
-            if redactor and record["error"] is not None:  # a server may echo the key in its error body
-                record["error"] = redactor.text(record["error"])
-            stats.add(record)
-            if sink is not None:
-                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-            if on_record is not None:
-                on_record(record, item)
-
+        stats.warmup_calls = await warm_up(client, prompts, warmup, strategy.max_in_flight)
         stats.start_time = time.time()
         if on_begin is not None:
             on_begin(stats.start_time)
         done = earlier.records if earlier else {}
+        todo = [(i, item) for i, item in enumerate(prompts) if i not in done]
+        calls = _Calls(client, stats, sink, on_record, cache, fail_fast, redactor, limits, len(todo))
         for index, record in sorted(done.items()):
-            emit(record, prompts[index])
-        pending = iter([(i, item) for i, item in enumerate(prompts) if i not in done])
-        progress = tqdm(total=len(prompts) - len(done), desc="calls", unit="call", file=sys.stderr, disable=None,
-                        mininterval=0.5)
-
-        async def worker() -> None:
-            for index, item in pending:
-                if stop:
-                    return
-                record = await call_one(client, index, item, cache, identity)
-                emit(record, item)
-                progress.update(1)
-                kind = record["error_kind"]
-                if kind == "auth" or (fail_fast and kind in NON_RETRYABLE):
-                    stop.append(f"{kind} error on prompt {item.id!r}: {record['error']}")
-
+            calls.emit(record, prompts[index])
+        lag = LoopLag()
+        watcher = asyncio.create_task(lag.watch())
         start = time.perf_counter()
         try:
-            await asyncio.gather(*(worker() for _ in range(min(concurrency, len(prompts) - len(done)))))
+            if strategy.open_loop:
+                await calls.open_loop(todo, strategy, start)
+            else:
+                await calls.closed_loop(todo, strategy.max_in_flight, start)
         finally:
             stats.wall_s = time.perf_counter() - start + (earlier.wall_s if earlier else 0.0)
             stats.end_time = time.time()
-            progress.close()
+            watcher.cancel()
+            stats.loop_lags = lag.samples
+            calls.progress.close()
     finally:
         await client.aclose()
-    if stop:
-        raise RunStopped(f"stopped after {stats.calls} of {len(prompts)} prompts: {stop[0]}")
+    if calls.stop:
+        raise RunStopped(f"stopped after {stats.calls} of {len(prompts)} prompts: {calls.stop[0]}")
     return stats
+
+
+class _Calls:
+    """Makes and records the calls of one run, under a closed or an open loop."""
+
+    def __init__(self, client: BaseLLMClient, stats: RunStats, sink: IO[str] | None,
+                 on_record: Callable[[dict[str, Any], PromptItem], None] | None, cache: ResponseCache | None,
+                 fail_fast: bool, redactor: Redactor | None, limits: Sequence[Limit], total: int) -> None:
+        self.client, self.stats, self.sink, self.on_record, self.cache = client, stats, sink, on_record, cache
+        self.fail_fast, self.redactor, self.limits = fail_fast, redactor, limits
+        self.identity = client.describe()
+        self.stop: list[str] = []
+        self.sent = 0
+        self.progress = tqdm(total=total, desc="calls", unit="call", file=sys.stderr, disable=None, mininterval=0.5)
+
+    def allowed(self, start: float) -> bool:
+        """No stop asked for, and every limit still allows another request."""
+        elapsed = time.perf_counter() - start
+        return not self.stop and all(limit.allows(self.sent, elapsed) for limit in self.limits)
+
+    def emit(self, record: dict[str, Any], item: PromptItem) -> None:
+        if self.redactor and record["error"] is not None:  # a server may echo the key in its error body
+            record["error"] = self.redactor.text(record["error"])
+        self.stats.add(record)
+        if self.sink is not None:
+            self.sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if self.on_record is not None:
+            self.on_record(record, item)
+
+    async def one(self, index: int, item: PromptItem, due: float | None = None) -> None:
+        """One call; ``due`` (perf_counter) is when an open loop scheduled it: its dispatch delay is kept."""
+        self.sent += 1
+        late = None if due is None else time.perf_counter() - due
+        record = await call_one(self.client, index, item, self.cache, self.identity)
+        if late is not None:
+            record["dispatch_delay_s"] = late
+        self.stats.slo_verdict(record)
+        self.emit(record, item)
+        self.progress.update(1)
+        kind = record["error_kind"]
+        if kind == "auth" or (self.fail_fast and kind in NON_RETRYABLE):
+            self.stop.append(f"{kind} error on prompt {item.id!r}: {record['error']}")
+
+    async def closed_loop(self, todo: Sequence[tuple[int, PromptItem]], workers: int, start: float) -> None:
+        """A fixed pool of workers pulls prompts from one iterator: no task per prompt, and a call's
+        latency starts when the call starts, not while it waits for a free worker."""
+        pending = iter(todo)
+
+        async def worker() -> None:
+            for index, item in pending:
+                if not self.allowed(start):
+                    return
+                await self.one(index, item)
+
+        await asyncio.gather(*(worker() for _ in range(min(workers, len(todo)))))
+
+    async def open_loop(self, todo: Sequence[tuple[int, PromptItem]], strategy: Strategy, start: float) -> None:
+        """Requests go when they are due, whether or not earlier ones returned; ``max_in_flight`` caps
+        them, and a request held back by the cap (or by a busy loop) records how late it went."""
+        slots = asyncio.Semaphore(strategy.max_in_flight)
+        tasks: set[asyncio.Task] = set()
+
+        async def send(index: int, item: PromptItem, due: float) -> None:
+            try:
+                await self.one(index, item, due)
+            finally:
+                slots.release()
+
+        for (index, item), offset in zip(todo, strategy.offsets()):
+            due = start + offset
+            wait = due - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if not self.allowed(start):
+                break
+            await slots.acquire()
+            task = asyncio.create_task(send(index, item, due))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+
+
+class LoopLag:
+    """Samples how late the event loop wakes a 10 ms timer: the client's own headroom.
+
+    A busy loop delays every timestamp taken on it; when the lag is high, latencies partly measure
+    the client, not the server.
+    """
+
+    INTERVAL = 0.01
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+
+    async def watch(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(self.INTERVAL)
+            self.samples.append(max(0.0, time.perf_counter() - before - self.INTERVAL))
 
 
 async def warm_up(client: BaseLLMClient, prompts: Sequence[PromptItem], count: int, concurrency: int) -> int:
@@ -248,12 +366,17 @@ async def call_one(client: BaseLLMClient, index: int, item: PromptItem, cache: R
                    identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One prompt's record: the answer with its measurements, or the error with its class."""
     record: dict[str, Any] = {"index": index, "id": item.id, "prompt": item.prompt, "start_time": time.time()}
+    if item.repeat:
+        record["repeat"] = item.repeat
+    overrides = {"max_tokens": item.max_tokens} if item.max_tokens else {}
+    if overrides:
+        record["requested_output_tokens"] = item.max_tokens
     use_cache = cache is not None and cache.mode != "off"
-    key = cache_key(identity or client.describe(), item.messages, client.sampling) if use_cache else None
+    key = cache_key(identity or client.describe(), item.messages, client.sampling.merged(overrides)) if use_cache else None
     try:
         result = cache.get(key) if use_cache else None
         if result is None:
-            result = await client.achat(item.messages)
+            result = await client.achat(item.messages, **overrides)
             if use_cache:
                 cache.put(key, result)
     except LLMError as error:

@@ -1,8 +1,10 @@
 """Compare runs: ``python -m pikeclient.report [--sweep latest|RUN_ID] [--plot report.png]``.
 
 Reads the runs of an experiment (or of one sweep) from the tracking store, prints one row per run
-(backend, model, sampling, calls, errors, latency p50/p95, tokens, tokens/s, cost) and draws a PNG:
-median latency against output tokens per second per run, and the per-call latency distributions.
+(backend, model, sampling, calls, errors, latency p50/p95, TTFT/ITL/TPOT when streamed, requested and
+achieved rate, SLO attainment and goodput, tokens and who counted them, tokens/s, cost; ranked by goodput
+when SLOs were set) and draws a PNG: median latency against output tokens per second per run, and the
+per-call latency distributions. ``--curve`` draws a saturation sweep (``load.rate=1,2,4,...``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ class Row:
     ttft: float | None = None  # streaming runs only: TTFT p50 (s), ITL and TPOT p50 (ms)
     itl_ms: float | None = None
     tpot_ms: float | None = None
+    p99: float | None = None
+    requested_rate: float | None = None  # open-loop runs: asked and achieved requests per second
+    achieved_rate: float | None = None
+    goodput: float | None = None  # runs with SLOs: calls meeting them per second
+    slo_attainment: float | None = None
 
 
 def find_runs(client: MlflowClient, experiment: str, sweep: str | None) -> list[Run]:
@@ -73,6 +80,8 @@ def to_row(run: Run) -> Row:
         tokens=int(m["total_tokens"]) if "total_tokens" in m else None,
         tokens_per_s=m.get("output_tokens_per_s"), cost=cost, token_basis=t.get("pikeclient.token_basis", "-"),
         ttft=m.get("ttft_s_p50"), itl_ms=_ms(m.get("itl_s_p50")), tpot_ms=_ms(m.get("tpot_s_p50")),
+        p99=m.get("latency_s_p99"), requested_rate=m.get("requested_rate"), achieved_rate=m.get("achieved_rate"),
+        goodput=m.get("goodput"), slo_attainment=m.get("slo_attainment"),
     )
 
 
@@ -83,8 +92,11 @@ def _ms(seconds: float | None) -> float | None:
 def format_table(rows: Sequence[Row]) -> str:
     """One row per run; TTFT, ITL and TPOT columns appear when any run streamed."""
     streamed = any(r.ttft is not None for r in rows)
+    rated = any(r.requested_rate is not None for r in rows)
+    slos = any(r.goodput is not None for r in rows)
     headers = ["#", "run", "backend", "model", "sampling", "calls", "errors", "p50 s", "p95 s",
-               *(["ttft s", "itl ms", "tpot ms"] if streamed else []), "tokens", "counted by", "tok/s", "cost"]
+               *(["ttft s", "itl ms", "tpot ms"] if streamed else []), *(["rate/s", "got/s"] if rated else []),
+               *(["slo met", "goodput"] if slos else []), "tokens", "counted by", "tok/s", "cost"]
 
     def fmt(value: float | int | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -92,12 +104,61 @@ def format_table(rows: Sequence[Row]) -> str:
     body = [[str(i), r.name, r.backend, _short(r.model), r.sampling, str(r.calls), str(r.errors), fmt(r.p50, ".3f"),
              fmt(r.p95, ".3f"),
              *([fmt(r.ttft, ".3f"), fmt(r.itl_ms, ".1f"), fmt(r.tpot_ms, ".1f")] if streamed else []),
+             *([fmt(r.requested_rate, "g"), fmt(r.achieved_rate, ".2f")] if rated else []),
+             *([fmt(r.slo_attainment, ".0%"), fmt(r.goodput, ".2f")] if slos else []),
              fmt(r.tokens, "d"), r.token_basis, fmt(r.tokens_per_s, ".1f"), r.cost]
             for i, r in enumerate(rows, start=1)]
     widths = [max(len(h), *(len(line[i]) for line in body)) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in body]
     return "\n".join(lines)
+
+
+def rank_by_goodput(rows: Sequence[Row]) -> list[Row]:
+    """With SLOs set, the best backend first: most calls meeting the SLOs per second."""
+    if not any(r.goodput is not None for r in rows):
+        return list(rows)
+    return sorted(rows, key=lambda r: -(r.goodput or 0.0))
+
+
+def saturation_curve(rows: Sequence[Row], path: Path) -> Path:
+    """A saturation sweep's curve: achieved throughput against latency p50/p99 and TTFT, one line per
+    backend, with a mark where p50 latency first exceeds twice its value at the lowest rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[Row]] = {}
+    for row in rows:
+        if row.achieved_rate is not None and row.p50 is not None:
+            lines.setdefault(f"{row.backend} {_short(row.model, 24)}", []).append(row)
+    fig, (lat, first) = plt.subplots(1, 2, figsize=(12, 5))
+    for label, points in lines.items():
+        points.sort(key=lambda r: r.requested_rate or r.achieved_rate or 0.0)
+        x = [r.achieved_rate for r in points]
+        (line,) = lat.plot(x, [r.p50 for r in points], marker="o", label=f"{label} p50")
+        lat.plot(x, [r.p99 if r.p99 is not None else float("nan") for r in points], marker="x", linestyle="--",
+                 color=line.get_color(), label=f"{label} p99")
+        knee = next((r for r in points[1:] if r.p50 > 2 * points[0].p50), None)
+        if knee is not None:
+            lat.axvline(knee.achieved_rate, color=line.get_color(), linestyle=":", alpha=0.7)
+            lat.annotate("2x low-load p50", (knee.achieved_rate, knee.p50), fontsize=8, xytext=(5, -12),
+                         textcoords="offset points")
+        if any(r.ttft is not None for r in points):
+            first.plot(x, [r.ttft if r.ttft is not None else float("nan") for r in points], marker="o", label=label)
+    lat.set(xlabel="achieved requests / s", ylabel="latency (s)", title="Saturation: latency vs throughput")
+    lat.set_ylim(bottom=0)
+    first.set(xlabel="achieved requests / s", ylabel="TTFT p50 (s)", title="Time to first token vs throughput")
+    first.set_ylim(bottom=0)
+    for axis in (lat, first):
+        if axis.lines:
+            axis.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _short(text: str, width: int = 32) -> str:
@@ -137,19 +198,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--experiment", default="pikeclient")
     parser.add_argument("--sweep", help="a sweep's parent run id, or 'latest'; default: every run")
     parser.add_argument("--plot", type=Path, help="write the PNG here (e.g. runs/report.png)")
+    parser.add_argument("--curve", type=Path, help="a saturation sweep's curve (load.rate=...): write it here")
     args = parser.parse_args(argv)
     uri = args.tracking_uri or default_tracking_uri("runs")
     try:
         if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
             raise ConfigError(f"no tracking store at {uri}: run an experiment first, or pass --tracking-uri")
         client = MlflowClient(tracking_uri=uri)
-        rows = [to_row(run) for run in find_runs(client, args.experiment, args.sweep)]
+        rows = rank_by_goodput([to_row(run) for run in find_runs(client, args.experiment, args.sweep)])
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(format_table(rows))
     if args.plot:
         print(f"plot: {plot(client, rows, args.plot)}")
+    if args.curve:
+        print(f"saturation curve: {saturation_curve(rows, args.curve)}")
     return 0
 
 

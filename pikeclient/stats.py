@@ -8,14 +8,20 @@ cost. Failed calls count in errors, retries and backoff (those attempts happened
 
 from __future__ import annotations
 
+import logging
 import math
-from collections import Counter
+import random
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 from pikeclient.cost import Price, cost_metrics
 
+log = logging.getLogger(__name__)
+
 PERCENTILES = (50, 90, 95, 99)
+BEHIND_SCHEDULE_S = 0.005  # an open loop whose p99 dispatch delay exceeds this fell behind its schedule
+LOOP_LAG_S = 0.005  # event-loop lag (p99) above which the client's own timing is in doubt
 STREAM_PERCENTILES = (50, 90, 99)
 
 
@@ -25,6 +31,38 @@ def percentile(values: list[float], q: float) -> float:
     rank = (len(ordered) - 1) * q / 100
     low, high = math.floor(rank), math.ceil(rank)
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass(frozen=True)
+class Slo:
+    """Service-level objectives (seconds; None: none). A call meets them when it answered within all."""
+
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    latency_s: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.ttft_s, self.tpot_s, self.latency_s))
+
+    def met(self, record: dict[str, Any]) -> bool:
+        if record["error"] is not None or record.get("cached"):
+            return False
+        for limit, value in ((self.ttft_s, record.get("ttft_s")), (self.tpot_s, record.get("tpot_s")),
+                             (self.latency_s, record.get("latency_s"))):
+            if limit is not None and (value is None or value > limit):
+                return False  # a timing the SLO needs but the call lacks (TTFT without streaming) is not met
+        return True
+
+
+def bootstrap_ci(values: list[float], statistic: Any, *, resamples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of ``statistic(values)`` (seeded: reproducible)."""
+    rng = random.Random(seed)
+    n = len(values)
+    estimates = sorted(statistic([values[rng.randrange(n)] for _ in range(n)]) for _ in range(resamples))
+    tail = (1 - level) / 2 * 100
+    return percentile(estimates, tail), percentile(estimates, 100 - tail)
 
 
 @dataclass
@@ -48,16 +86,31 @@ class RunStats:
     cache_hits: int = 0
     resumed: int = 0
     warmup_calls: int = 0
+    dispatch_delays: list[float] = field(default_factory=list)  # open loop: how late each request went
+    send_times: list[float] = field(default_factory=list)  # epoch seconds each measured call started
+    loop_lags: list[float] = field(default_factory=list)
+    by_repeat: dict[int, list[tuple[float, float]]] = field(default_factory=lambda: defaultdict(list))
+    slo: Slo | None = None
+    slo_met: int = 0
+    requested_rate: float | None = None
     wall_s: float = 0.0
     start_time: float = 0.0  # epoch seconds: the measured span (after loading and warm-up)
     end_time: float = 0.0
     price: Price | None = None
+
+    def slo_verdict(self, record: dict[str, Any]) -> None:
+        """Mark whether a call met the SLOs (records carry ``slo_met`` when SLOs are set)."""
+        if self.slo is not None and self.slo.active:
+            record["slo_met"] = self.slo.met(record)
 
     def add(self, record: dict[str, Any]) -> None:
         self.calls += 1
         if record.get("cached"):  # read back from the response cache: not a measurement of this run
             self.cache_hits += 1
             return
+        if record.get("dispatch_delay_s") is not None:
+            self.dispatch_delays.append(record["dispatch_delay_s"])
+        self.slo_met += bool(record.get("slo_met"))
         self.retries += max(0, record["attempts"] - 1)
         self.backoff_s += record.get("backoff_s") or 0.0
         if record["error"] is not None:
@@ -66,6 +119,8 @@ class RunStats:
         self.resumed += bool(record.get("resumed"))
         self.empty_answers += record["response"] == ""
         self.latencies.append(record["latency_s"])
+        self.send_times.append(record["start_time"])
+        self.by_repeat[record.get("repeat", 0)].append((record["start_time"], record.get("end_time") or 0.0))
         for name, values in (("ttft_s", self.ttfts), ("itl_s", self.itls), ("tpot_s", self.tpots),
                              ("output_tokens_per_s", self.call_rates)):
             if record.get(name) is not None:
@@ -130,6 +185,19 @@ class RunStats:
             out.update(_distribution("latency_s", self.latencies, PERCENTILES))
             if self.wall_s > 0:
                 out["requests_per_s"] = self.measured / self.wall_s
+            out.update(self._intervals())
+        if self.dispatch_delays:
+            out.update(_distribution("dispatch_delay_s", self.dispatch_delays, STREAM_PERCENTILES))
+        if len(self.send_times) > 1 and max(self.send_times) > min(self.send_times):
+            out["achieved_rate"] = (len(self.send_times) - 1) / (max(self.send_times) - min(self.send_times))
+        if self.requested_rate is not None:
+            out["requested_rate"] = self.requested_rate
+        if self.loop_lags:
+            out.update(_distribution("loop_lag_s", self.loop_lags, STREAM_PERCENTILES))
+        if self.slo is not None and self.slo.active and self.calls - self.cache_hits:
+            out["slo_attainment"] = self.slo_met / (self.calls - self.cache_hits)
+            if self.wall_s > 0:
+                out["goodput"] = self.slo_met / self.wall_s
         for name, values in (("ttft_s", self.ttfts), ("itl_s", self.itls), ("tpot_s", self.tpots),
                              ("call_output_tokens_per_s", self.call_rates)):
             if values:
@@ -147,6 +215,34 @@ class RunStats:
                 out["output_tokens_per_s"] = self.completion_tokens / self.wall_s
             out.update(cost_metrics(self.price, self.prompt_tokens, self.completion_tokens, self.uncounted))
         return out
+
+    def _intervals(self) -> dict[str, float]:
+        """95% bootstrap intervals for latency p50/p95 and TTFT p50; throughput's from the repeats."""
+        out: dict[str, float] = {}
+        if len(self.latencies) < 10:
+            return out  # too few calls for an interval worth reading
+        for name, values, q in (("latency_s_p50", self.latencies, 50), ("latency_s_p95", self.latencies, 95),
+                                ("ttft_s_p50", self.ttfts, 50)):
+            if len(values) >= 10:
+                low, high = bootstrap_ci(values, lambda sample, q=q: percentile(sample, q))
+                out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
+        rates = [len(calls) / (max(e for _, e in calls) - min(s for s, _ in calls))
+                 for calls in self.by_repeat.values() if len(calls) > 1 and max(e for _, e in calls) > min(s for s, _ in calls)]
+        if len(rates) >= 2:
+            low, high = bootstrap_ci(rates, lambda sample: sum(sample) / len(sample))
+            out["requests_per_s_ci_low"], out["requests_per_s_ci_high"] = low, high
+        return out
+
+    def warn_about_the_client(self) -> None:
+        """Say when the client's own limits, not the server, may show in the figures."""
+        m = self.metrics()
+        if m.get("dispatch_delay_s_p99", 0.0) > BEHIND_SCHEDULE_S:
+            log.warning("the client fell behind its schedule: dispatch delay p99 %.1f ms; achieved %.2f of %g "
+                        "requests/s (latencies are measured from the real send)", m["dispatch_delay_s_p99"] * 1000,
+                        m.get("achieved_rate", 0.0), self.requested_rate or 0)
+        if m.get("loop_lag_s_p99", 0.0) > LOOP_LAG_S:
+            log.warning("the client's event loop lagged (p99 %.1f ms): timings include the client's own delays; "
+                        "lower the load or move work off this process", m["loop_lag_s_p99"] * 1000)
 
     def tags(self) -> dict[str, str]:
         """Provenance of the run's figures, as MLflow tags."""
@@ -175,12 +271,23 @@ def format_summary(stats: RunStats, title: str) -> str:
     errors = ", ".join(f"{k}={v}" for k, v in sorted(stats.errors.items())) or "0"
     if stats.error_count:
         errors += f" ({stats.error_rate:.0%} of calls)"
+    def ci(key: str, digits: int = 3) -> str:
+        low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+        return "" if low is None else f" [{low:.{digits}f}, {high:.{digits}f}]"
+
     rows = [
         ("calls", f"{stats.calls} ({stats.ok} ok{_provenance_note(stats)})"),
         ("errors", errors),
         ("retries", str(stats.retries)),
-        ("latency p50 / p95 (s)", f"{num('latency_s_p50')} / {num('latency_s_p95')}"),
+        ("latency p50 / p95 (s)", f"{num('latency_s_p50')}{ci('latency_s_p50')} / "
+                                  f"{num('latency_s_p95')}{ci('latency_s_p95')}"),
     ]
+    if "requested_rate" in m:
+        rows += [("rate achieved / asked (/s)", f"{num('achieved_rate', '{:.2f}')} / {m['requested_rate']:g}"),
+                 ("dispatch delay p50 / p99 (ms)", f"{m.get('dispatch_delay_s_p50', 0) * 1000:.2f} / "
+                                                   f"{m.get('dispatch_delay_s_p99', 0) * 1000:.2f}")]
+    if "slo_attainment" in m:
+        rows.append(("SLO met / goodput (/s)", f"{m['slo_attainment']:.1%} / {num('goodput', '{:.2f}')}"))
     if stats.streamed:
         rows += [("TTFT p50 / p90 / p99 (s)", triple("ttft_s")),
                  ("ITL p50 / p90 / p99 (s)", triple("itl_s")),
@@ -189,6 +296,7 @@ def format_summary(stats: RunStats, title: str) -> str:
         ("tokens in / out", f"{num('prompt_tokens_total', '{:.0f}')} / {num('completion_tokens_total', '{:.0f}')}"
                             f" ({_sources_note(stats)})"),
         ("output tokens/s", num("output_tokens_per_s", "{:.1f}")),
+        ("requests/s", num("requests_per_s", "{:.2f}") + ci("requests_per_s", 2)),
         ("cost", _cost_note(stats, m)),
         ("wall time (s)", f"{stats.wall_s:.2f}"),
     ]

@@ -157,7 +157,8 @@ def test_unusable_runs_dir(tmp_path, quiet_server):
     (tmp_path / "a_file").write_text("not a folder")
     proc = run_py("llm=openai", f"llm.base_url={quiet_server.url}/v1", f"paths.runs_dir={tmp_path / 'a_file'}",
                   cwd=tmp_path, env=_env(quiet_server))
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr + proc.stdout
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout
+    assert "paths.runs_dir=" in proc.stderr and "cannot hold the outputs" in proc.stderr
     assert quiet_server.log == []
 
 

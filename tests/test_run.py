@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from tests.conftest import API_KEY, files_containing, mlflow_runs, run_py
 
 
@@ -62,47 +60,3 @@ def test_mlflow_tracking_uri_from_environment(server, tmp_path):
                   env={"OPENAI_API_KEY": API_KEY, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"})
     assert proc.returncode == 0, proc.stderr
     assert store.exists() and not (tmp_path / "runs" / "mlflow.db").exists()
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (("llm=openai",), "environment variable OPENAI_API_KEY is not set"),
-        (("llm=azure_openai",), "environment variable AZURE_OPENAI_API_KEY is not set"),
-        (("llm=nope",), "Available options in 'llm'"),
-        (("sampling.temperature=3",), "sampling.temperature=3.0 is out of range: allowed [0, 2]"),
-        (("sampling.top_p=0",), "sampling.top_p=0.0 is out of range: allowed (0, 1]"),
-        (("sampling.max_tokens=0",), "sampling.max_tokens=0 is out of range: allowed >= 1"),
-        (("experiment.concurrency=0",), "experiment.concurrency=0 is out of range: allowed >= 1"),
-        (("sampling.temprature=1",), "Key 'temprature' not in 'SamplingConfig'"),
-        (("sampling.max_tokens=abc",), "Value 'abc' of type 'str' could not be converted to Integer"),
-        (("dataset.path=missing.jsonl",), "dataset.path: no such file"),
-        (("llm=openai", "llm.base_url=localhost:1234"), "llm.base_url='localhost:1234' is not an http(s) URL"),
-        (("llm=openai", "+llm.bogus=1"), "unexpected keyword argument 'bogus'"),
-    ],
-)
-def test_bad_input_fails_in_one_line_and_leaves_no_finished_run(args, message, tmp_path):
-    env = {"OPENAI_API_KEY": API_KEY} if "llm.base_url=localhost:1234" in args or "+llm.bogus=1" in args else {}
-    proc = run_py(*args, cwd=tmp_path, env=env)
-    assert proc.returncode != 0
-    assert message in proc.stderr + proc.stdout
-    assert "Traceback" not in proc.stderr
-    runs_dir = tmp_path / "runs"
-    # Checked before a run is created: the tracking process (already importing MLflow) is stopped unused.
-    assert not (runs_dir / "mlflow.db").exists()
-    assert not list(runs_dir.rglob("records.jsonl"))
-
-
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        ('{"id": "a", "prompt": "ok"}\n{not json\n', "bad.jsonl:2: invalid JSON"),
-        ('{"id": "a", "prompt": "ok"}\n{"id": "a", "prompt": "again"}\n', "bad.jsonl:2: duplicate id 'a'"),
-        ('{"id": "a", "prompt": "  "}\n', "bad.jsonl:1: empty prompt"),
-        ('{"id": "a", "text": "no prompt"}\n', "bad.jsonl:1: needs a 'prompt' string"),
-    ],
-)
-def test_bad_dataset_names_file_and_line(content, message, tmp_path):
-    (tmp_path / "bad.jsonl").write_text(content)
-    proc = run_py("dataset.path=bad.jsonl", "tracking=none", cwd=tmp_path)
-    assert proc.returncode != 0 and message in proc.stderr

@@ -263,7 +263,7 @@ class HFLocalClient(BaseLLMClient):
         pad = self.tokenizer.pad_token_id
         for index, token in enumerate(tokens):
             if token in self._eos_ids:
-                return tokens[:index], "stop_eos"  # the eos itself was generated: counted, not shown
+                return tokens[:index], "stop_eos"  # the eos itself was generated: neither counted nor shown
             if token == pad:
                 return tokens[:index], "stop"  # row finished early (stop string) and was padded
         return tokens, "length"

@@ -96,6 +96,7 @@ class FakeLLMServer:
         report_usage: bool = True,
         filter_chunk: bool = False,
         echo_key: bool = False,
+        capacity: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -109,6 +110,8 @@ class FakeLLMServer:
         self.report_usage = report_usage
         self.filter_chunk = filter_chunk
         self.echo_key = echo_key  # a 401 body that repeats the credential it got, as some servers do
+        self.capacity = capacity  # requests served at once (None: unlimited): a server that saturates
+        self._semaphore: asyncio.Semaphore | None = None
         self.log: list[RequestRecord] = []
         self.request_count = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -194,7 +197,11 @@ class FakeLLMServer:
         if self.keep_log:
             self.log.append(RequestRecord(time.time(), url.path, route, _prompt(route, payload), fault, status, headers))
         if self.latency:
-            await asyncio.sleep(self.latency)
+            if self.capacity:  # a server that works on `capacity` requests at once queues the rest
+                async with self._slots():
+                    await asyncio.sleep(self.latency)
+            else:
+                await asyncio.sleep(self.latency)
         if fault == "drop":
             return False
         if fault == "hang":
@@ -241,6 +248,11 @@ class FakeLLMServer:
         if route in ("azure_openai", "azure_inference") and headers.get("api-key") == self.api_key:
             return True
         return bearer == f"Bearer {self.api_key}"
+
+    def _slots(self) -> asyncio.Semaphore:
+        if self._semaphore is None:  # created on the server's own loop
+            self._semaphore = asyncio.Semaphore(self.capacity or 1)
+        return self._semaphore
 
     async def _send_error(self, writer: asyncio.StreamWriter, status: int, echo: str | None = None) -> bool:
         extra = {}
@@ -403,6 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-key", default=None, help="require this key (Bearer or api-key header)")
     parser.add_argument("--token-delay", type=float, default=0.0, help="seconds after each streamed chunk")
     parser.add_argument("--no-usage", action="store_true", help="report no usage (as llama.cpp's streams)")
+    parser.add_argument("--capacity", type=int, default=None, help="requests served at once; the rest queue")
     parser.add_argument("--no-log", action="store_true", help="keep no request log (long benchmarks)")
     for name in FAULTS:
         parser.add_argument(f"--rate-{name.replace('_', '-')}", type=float, default=0.0, dest=f"rate_{name}")
@@ -410,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     rates = {name: getattr(args, f"rate_{name}") for name in FAULTS if getattr(args, f"rate_{name}")}
     server = FakeLLMServer(host=args.host, port=args.port, latency=args.latency, api_key=args.api_key,
                            faults=FaultPlan(rates=rates), keep_log=not args.no_log, token_delay=args.token_delay,
-                           report_usage=not args.no_usage)
+                           report_usage=not args.no_usage, capacity=args.capacity)
     try:
         asyncio.run(server.serve_forever())
     except KeyboardInterrupt:

@@ -33,6 +33,18 @@ def test_token_counts_are_exact(llm):
     assert llm.get_token_count("hello world") == len(llm.tokenizer("hello world", add_special_tokens=False)["input_ids"])
 
 
+def test_completion_tokens_leave_out_the_end_of_sequence_token(llm):
+    # Servers (llama.cpp, vLLM) do not count the EOS token; the same answer counts the same here.
+    from pikeclient.types import SamplingParams
+
+    words = llm.tokenizer("hello there friend", add_special_tokens=False)["input_ids"]
+    eos = next(iter(llm._eos_ids))
+    ended = llm._completion([*words, eos], 7, SamplingParams(), None)
+    assert ended.usage.completion_tokens == len(words) and ended.finish_reason == "stop"
+    cut = llm._completion(words, 7, SamplingParams(max_tokens=len(words)), None)
+    assert cut.usage.completion_tokens == len(words) and cut.finish_reason == "length"
+
+
 def test_batched_equals_one_at_a_time(llm):
     prompts = [[{"role": "user", "content": f"Explain item {i}" + " please" * i}] for i in range(7)]
     single = [llm.chat(p).text for p in prompts]
