@@ -53,12 +53,12 @@ async def raw_sdk(url: str, calls: int, concurrency: int) -> list[tuple[float, f
 
 async def pikeclient_run(url: str, calls: int, concurrency: int) -> list[tuple[float, float]]:
     client = OpenAIClient(model="gpt-4o", base_url=url, api_key_env=None, stream=True)
-    client.prepare()
+    getattr(client, "prepare", lambda: None)()  # absent before pikeclient prepared clients (for before/after runs)
     prompts = [PromptItem(f"p{i}", ({"role": "user", "content": PROMPT},)) for i in range(calls)]
     records: list[dict] = []
     await run_prompts(client, prompts, concurrency, on_record=lambda record, _: records.append(record))
     client.close()
-    return [(r["ttft_s"], r["itl_s"]) for r in sorted(records, key=lambda r: r["start_time"])]
+    return [(r["ttft_s"], r.get("itl_s") or float("nan")) for r in sorted(records, key=lambda r: r["start_time"])]
 
 
 def summarize(samples: list[tuple[float, float]], truth_ttft: float, truth_itl: float) -> dict[str, float]:

@@ -9,13 +9,14 @@ and ``.hydra`` file is scrubbed of them, whatever path a value took.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 MASK = "***"
 MIN_SECRET = 6  # shorter values would mask ordinary words
@@ -44,6 +45,9 @@ def secrets_in(config: Mapping[str, Any], environ: Mapping[str, str] | None = No
             parts = urlsplit(value)
             if parts.password:
                 found.add(parts.password)
+                # HTTP clients send user:key@ as "Authorization: Basic base64(user:key)"; a server
+                # echoing that header would otherwise leak the key in another spelling.
+                found.add(base64.b64encode(f"{unquote(parts.username or '')}:{unquote(parts.password)}".encode()).decode())
             if parts.username and parts.password is None and len(parts.username) >= MIN_SECRET:
                 found.add(parts.username)  # https://<token>@host
     return sorted((s for s in found if len(s) >= MIN_SECRET and s.lower() != "bearer"), key=len, reverse=True)

@@ -1,5 +1,6 @@
 """Faults, resume after a crash, Ctrl-C, rate limits, bad input and secrets, end to end."""
 
+import base64
 import glob
 import json
 import os
@@ -290,7 +291,8 @@ def test_keys_never_leave_the_process_whatever_path_they_take(tmp_path):
                       cwd=tmp_path, env={"OPENAI_API_KEY": wrong})
     assert proc.returncode == 1 and "auth error" in proc.stderr
     runs = tmp_path / "runs"
-    for secret in (wrong, header, API_KEY):
+    basic = base64.b64encode(f"user:{API_KEY}".encode()).decode()  # user:key@ travels as a Basic header
+    for secret in (wrong, header, API_KEY, basic):
         assert secret not in proc.stderr + proc.stdout
         assert files_containing(runs, secret) == []
     records = read_records(tmp_path)
