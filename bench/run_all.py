@@ -21,6 +21,8 @@ FULL = [
     ["bench_memory.py"],                                  # 5. peak RSS, 10,000 prompts
     ["bench_local.py"],                                   # 6. local model, batched vs one at a time
     ["bench_faults.py"],                                  #    reliability figures
+    ["bench_streaming.py"],                               # 7. TTFT and ITL against known truth, conc. 8 and 64
+    ["bench_load.py"],                                    # 8. open-loop accuracy and highest sustained rate
 ]
 QUICK = [
     ["bench_throughput.py", "--calls", "200", "--repeats", "1", "--no-append"],
@@ -30,6 +32,8 @@ QUICK = [
     ["bench_memory.py", "--prompts", "500", "--no-append"],
     ["bench_local.py", "--prompts", "16", "--repeats", "1", "--no-append"],
     ["bench_faults.py", "--prompts", "100", "--no-append"],
+    ["bench_streaming.py", "--calls", "50", "--no-append"],
+    ["bench_load.py", "--seconds", "2", "--step-seconds", "1", "--max-rate", "200", "--no-append"],
 ]
 
 

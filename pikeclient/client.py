@@ -8,6 +8,7 @@ way for every backend.
 from __future__ import annotations
 
 import abc
+import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -88,7 +89,13 @@ class BaseLLMClient(abc.ABC):
 
         start = time.perf_counter()
         outcome = await self.retry.acall(attempt)
-        return self._finish(messages, outcome, time.perf_counter() - start, throttled[0])
+        elapsed = time.perf_counter() - start
+        usage = None
+        if not _reported(outcome.value.usage) and self.count_source != "none":
+            # Counting a long answer takes milliseconds of CPU; on the event loop it would delay the
+            # timestamps of every other call in flight. The tokenizers release the GIL in a thread.
+            usage = await asyncio.to_thread(self._usage, messages, outcome.value)
+        return self._finish(messages, outcome, elapsed, throttled[0], usage)
 
     def check_context(self, messages: Sequence[Message], **sampling: Any) -> None:
         """Raise ContextWindowError when prompt plus ``max_tokens`` cannot fit the model's window."""
@@ -163,10 +170,10 @@ class BaseLLMClient(abc.ABC):
         return (self.count_message_tokens(messages) or 0) + params.max_tokens
 
     def _finish(self, messages: list[Message], outcome: RetryOutcome[Completion], elapsed: float,
-                throttled: float = 0.0) -> ChatResult:
+                throttled: float = 0.0, usage: Usage | None = None) -> ChatResult:
         """Latency is the time in attempts: retry waits and rate-limit waits are reported apart."""
         completion = outcome.value
-        usage = self._usage(messages, completion)
+        usage = usage or self._usage(messages, completion)
         return ChatResult(
             text=completion.text,
             finish_reason=completion.finish_reason,
@@ -184,7 +191,7 @@ class BaseLLMClient(abc.ABC):
     def _usage(self, messages: list[Message], completion: Completion) -> Usage:
         """The server's usage when complete, otherwise this client's own count, labelled by its source."""
         usage = completion.usage
-        if usage.source != "none" and usage.total_tokens is not None:
+        if _reported(usage):
             return usage
         source = self.count_source
         if source == "none":
@@ -194,6 +201,10 @@ class BaseLLMClient(abc.ABC):
         if prompt is None or answer is None:
             return Usage(source="none")
         return Usage(prompt_tokens=prompt, completion_tokens=answer, source=source)
+
+
+def _reported(usage: Usage) -> bool:
+    return usage.source != "none" and usage.total_tokens is not None
 
 
 def time_per_output_token(decode_s: float | None, completion_tokens: int | None) -> float | None:

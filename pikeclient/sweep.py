@@ -30,6 +30,20 @@ def read_parent(sweep_dir: str | Path) -> dict[str, str] | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
+def earlier_parent(config: DictConfig, sweep_dir: Path) -> dict[str, str] | None:
+    """The parent run of the sweep that ``experiment.resume`` names (a sweep folder, or latest)."""
+    target = str(config.experiment.resume)
+    if target == "latest":
+        others = [f.parent for f in (Path(config.paths.runs_dir) / "multirun").glob(f"*/*/{PARENT_FILE}")
+                  if f.parent.resolve() != sweep_dir.resolve()]
+        folder = max(others, key=lambda f: parent_file(f).stat().st_mtime) if others else None
+    else:
+        folder = Path(target)
+        if not parent_file(folder).is_file() and parent_file(folder.parent).is_file():
+            folder = folder.parent  # a job folder of the sweep
+    return read_parent(folder) if folder is not None and parent_file(folder).is_file() else None
+
+
 class MlflowSweepCallback(Callback):
     """Registered in ``conf/config.yaml`` under ``hydra.callbacks``."""
 
@@ -40,7 +54,13 @@ class MlflowSweepCallback(Callback):
 
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        parent = open_parent_run(config, sweep_dir)
+        parent = earlier_parent(config, sweep_dir) if config.experiment.resume else None
+        if parent is not None:  # resuming a sweep: its jobs complete their runs under the same parent
+            from pikeclient.tracking import reopen_parent_run
+
+            reopen_parent_run(parent)
+        else:
+            parent = open_parent_run(config, sweep_dir)
         parent_file(sweep_dir).write_text(json.dumps(parent))
         log.info("MLflow parent run %s for sweep %s", parent["run_id"], sweep_dir)
 

@@ -119,6 +119,13 @@ def open_parent_run(cfg: Any, sweep_dir: Path) -> dict[str, str]:
     return {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": uri}
 
 
+def reopen_parent_run(parent: Mapping[str, str]) -> None:
+    """A resumed sweep's parent: RUNNING again, owned by this process, until its jobs are done."""
+    client = MlflowClient(tracking_uri=parent["tracking_uri"])
+    client.update_run(parent["run_id"], status="RUNNING")
+    client.log_batch(parent["run_id"], tags=[RunTag(k, v) for k, v in owner_tags().items()])
+
+
 def close_parent_run(parent: Mapping[str, str], status: str | None = None) -> None:
     """Finish a parent run: FAILED if any child failed (or ``status`` says so), else FINISHED."""
     client = MlflowClient(tracking_uri=parent["tracking_uri"])

@@ -153,8 +153,11 @@ def test_resume_a_sweep_job_by_job(server, tmp_path):
     proc = run_py(*args, "experiment.resume=latest", cwd=tmp_path, env=ENV)
     assert proc.returncode == 0, proc.stderr
     assert len(server.log) == before
-    children = [r for r in mlflow_runs(tmp_path / "runs") if "pikeclient.job_num" in r["tags"]]
+    runs = mlflow_runs(tmp_path / "runs")
+    children = [r for r in runs if "pikeclient.job_num" in r["tags"]]
     assert len(children) == 2 and all(c["metrics"]["resumed_calls"] == 3 for c in children)
+    [parent] = [r for r in runs if r["tags"].get("pikeclient.role") == "sweep"]  # the same parent, completed
+    assert parent["status"] == "FINISHED" and {c["tags"]["mlflow.parentRunId"] for c in children} == {parent["id"]}
 
 
 def test_streaming_timings_are_taken_at_output_text(api_env):
