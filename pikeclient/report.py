@@ -45,6 +45,7 @@ class Row:
     achieved_rate: float | None = None
     goodput: float | None = None  # runs with SLOs: calls meeting them per second
     slo_attainment: float | None = None
+    p50_ci: tuple[float, float] | None = None  # 95% bootstrap interval of the p50 latency
 
 
 def find_runs(client: MlflowClient, experiment: str, sweep: str | None) -> list[Run]:
@@ -82,6 +83,7 @@ def to_row(run: Run) -> Row:
         ttft=m.get("ttft_s_p50"), itl_ms=_ms(m.get("itl_s_p50")), tpot_ms=_ms(m.get("tpot_s_p50")),
         p99=m.get("latency_s_p99"), requested_rate=m.get("requested_rate"), achieved_rate=m.get("achieved_rate"),
         goodput=m.get("goodput"), slo_attainment=m.get("slo_attainment"),
+        p50_ci=(m["latency_s_p50_ci_low"], m["latency_s_p50_ci_high"]) if "latency_s_p50_ci_low" in m else None,
     )
 
 
@@ -94,7 +96,9 @@ def format_table(rows: Sequence[Row]) -> str:
     streamed = any(r.ttft is not None for r in rows)
     rated = any(r.requested_rate is not None for r in rows)
     slos = any(r.goodput is not None for r in rows)
-    headers = ["#", "run", "backend", "model", "sampling", "calls", "errors", "p50 s", "p95 s",
+    intervals = any(r.p50_ci is not None for r in rows)
+    headers = ["#", "run", "backend", "model", "sampling", "calls", "errors", "p50 s",
+               *(["p50 95% CI"] if intervals else []), "p95 s",
                *(["ttft s", "itl ms", "tpot ms"] if streamed else []), *(["rate/s", "got/s"] if rated else []),
                *(["slo met", "goodput"] if slos else []), "tokens", "counted by", "tok/s", "cost"]
 
@@ -102,6 +106,7 @@ def format_table(rows: Sequence[Row]) -> str:
         return "-" if value is None else format(value, spec)
 
     body = [[str(i), r.name, r.backend, _short(r.model), r.sampling, str(r.calls), str(r.errors), fmt(r.p50, ".3f"),
+             *([f"[{r.p50_ci[0]:.3f}, {r.p50_ci[1]:.3f}]" if r.p50_ci else "-"] if intervals else []),
              fmt(r.p95, ".3f"),
              *([fmt(r.ttft, ".3f"), fmt(r.itl_ms, ".1f"), fmt(r.tpot_ms, ".1f")] if streamed else []),
              *([fmt(r.requested_rate, "g"), fmt(r.achieved_rate, ".2f")] if rated else []),
