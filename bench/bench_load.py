@@ -21,7 +21,7 @@ from bench._common import API_KEY, loopback_server  # noqa: E402
 from bench._report import command_line, emit  # noqa: E402
 from pikeclient.backends.openai import OpenAIClient  # noqa: E402
 from pikeclient.dataset import PromptItem  # noqa: E402
-from pikeclient.experiment import run_prompts  # noqa: E402
+from pikeclient.runner import run_prompts  # noqa: E402
 from pikeclient.load import Constant  # noqa: E402
 from pikeclient.stats import percentile  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The experiment: push a prompt set through a client with bounded concurrency and record every call.
+"""The experiment: from a composed config to a tracked run (the calls themselves: ``pikeclient.runner``).
 
 Every line of the dataset is called once per run, repeats included. What is measured starts after
 the model is loaded, the client prepared and the warm-up calls made; the MLflow run's start and end
@@ -13,37 +13,31 @@ import contextlib
 import json
 import logging
 import os
-import sys
-import time
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
-from pikeclient.cache import ResponseCache, cache_key
+from pikeclient.cache import ResponseCache
 from pikeclient.client import BaseLLMClient
 from pikeclient.config import artifact_root, tracking_uri, validate
 from pikeclient.cost import find_price
 from pikeclient.dataset import PromptItem, load_prompts
-from pikeclient.errors import ConfigError, ContextWindowError, LLMError, PikeError
+from pikeclient.errors import ConfigError, ContextWindowError, PikeError
 from pikeclient.factory import create_client
-from pikeclient.load import Concurrency, Limit, Strategy, build_limits, build_strategy
+from pikeclient.load import Strategy, build_limits, build_strategy
 from pikeclient.redact import Redactor, secrets_in
 from pikeclient.resume import Earlier, find_job_dir, load_earlier, write_job_file
+from pikeclient.runner import RunStopped, run_prompts
 from pikeclient.sidecar import TrackingSidecar
 from pikeclient.stats import RunStats, Slo
 from pikeclient.synthetic import synthetic_prompts
 
 log = logging.getLogger(__name__)
 
-NON_RETRYABLE = ("auth", "bad_request", "context_window", "model")
-
-
-class RunStopped(PikeError):
-    """The experiment stopped early (authentication failed, or fail_fast met an error)."""
+__all__ = ["RunFailed", "RunStopped", "run_experiment", "run_prompts"]
 
 
 class RunFailed(PikeError):
@@ -184,219 +178,6 @@ def check_prompts_fit(client: BaseLLMClient, prompts: Sequence[PromptItem]) -> N
             client.check_context(item.messages)
         except ContextWindowError as error:
             raise ConfigError(f"dataset prompt {item.id!r}: {error}") from None
-
-
-async def run_prompts(
-    client: BaseLLMClient,
-    prompts: Sequence[PromptItem],
-    load: int | Strategy,
-    sink: IO[str] | None = None,
-    on_record: Callable[[dict[str, Any], PromptItem], None] | None = None,
-    cache: ResponseCache | None = None,
-    fail_fast: bool = False,
-    warmup: int = 0,
-    earlier: Earlier | None = None,
-    on_begin: Callable[[float], None] | None = None,
-    redactor: Redactor | None = None,
-    limits: Sequence[Limit] = (),
-    slo: Slo | None = None,
-) -> RunStats:
-    """Call ``client`` once per prompt under the ``load`` strategy; stream records to ``sink``.
-
-    ``load`` is a strategy from ``pikeclient.load`` (an int means that many workers in a closed loop).
-    ``warmup`` calls go first and are discarded. Prompts answered in ``earlier`` are not called again;
-    ``limits`` end the sending early. An authentication error stops the run (every further call would
-    fail the same way), and so does any error retrying cannot fix when ``fail_fast`` is set.
-    """
-    strategy = Concurrency(load) if isinstance(load, int) else load
-    stats = RunStats(slo=slo)
-    try:
-        stats.warmup_calls = await warm_up(client, prompts, warmup, strategy.max_in_flight)
-        stats.start_time = time.time()
-        if on_begin is not None:
-            on_begin(stats.start_time)
-        done = earlier.records if earlier else {}
-        todo = [(i, item) for i, item in enumerate(prompts) if i not in done]
-        calls = _Calls(client, stats, sink, on_record, cache, fail_fast, redactor, limits, len(todo))
-        for index, record in sorted(done.items()):
-            calls.emit(record, prompts[index])
-        lag = LoopLag()
-        watcher = asyncio.create_task(lag.watch())
-        start = time.perf_counter()
-        try:
-            if strategy.open_loop:
-                await calls.open_loop(todo, strategy, start)
-            else:
-                await calls.closed_loop(todo, strategy.max_in_flight, start)
-        finally:
-            stats.wall_s = time.perf_counter() - start + (earlier.wall_s if earlier else 0.0)
-            stats.end_time = time.time()
-            watcher.cancel()
-            stats.loop_lags = lag.samples
-            calls.progress.close()
-    finally:
-        await client.aclose()
-    if calls.stop:
-        raise RunStopped(f"stopped after {stats.calls} of {len(prompts)} prompts: {calls.stop[0]}")
-    return stats
-
-
-class _Calls:
-    """Makes and records the calls of one run, under a closed or an open loop."""
-
-    def __init__(self, client: BaseLLMClient, stats: RunStats, sink: IO[str] | None,
-                 on_record: Callable[[dict[str, Any], PromptItem], None] | None, cache: ResponseCache | None,
-                 fail_fast: bool, redactor: Redactor | None, limits: Sequence[Limit], total: int) -> None:
-        self.client, self.stats, self.sink, self.on_record, self.cache = client, stats, sink, on_record, cache
-        self.fail_fast, self.redactor, self.limits = fail_fast, redactor, limits
-        self.identity = client.describe()
-        self.stop: list[str] = []
-        self.sent = 0
-        self.progress = tqdm(total=total, desc="calls", unit="call", file=sys.stderr, disable=None, mininterval=0.5)
-
-    def allowed(self, start: float) -> bool:
-        """No stop asked for, and every limit still allows another request."""
-        elapsed = time.perf_counter() - start
-        return not self.stop and all(limit.allows(self.sent, elapsed) for limit in self.limits)
-
-    def emit(self, record: dict[str, Any], item: PromptItem) -> None:
-        if self.redactor and record["error"] is not None:  # a server may echo the key in its error body
-            record["error"] = self.redactor.text(record["error"])
-        self.stats.add(record)
-        if self.sink is not None:
-            self.sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-        if self.on_record is not None:
-            self.on_record(record, item)
-
-    async def one(self, index: int, item: PromptItem, due: float | None = None) -> None:
-        """One call; ``due`` (perf_counter) is when an open loop scheduled it: its dispatch delay is kept."""
-        self.sent += 1
-        late = None if due is None else time.perf_counter() - due
-        record = await call_one(self.client, index, item, self.cache, self.identity)
-        if late is not None:
-            record["dispatch_delay_s"] = late
-        self.stats.slo_verdict(record)
-        self.emit(record, item)
-        self.progress.update(1)
-        kind = record["error_kind"]
-        if kind == "auth" or (self.fail_fast and kind in NON_RETRYABLE):
-            self.stop.append(f"{kind} error on prompt {item.id!r}: {record['error']}")
-
-    async def closed_loop(self, todo: Sequence[tuple[int, PromptItem]], workers: int, start: float) -> None:
-        """A fixed pool of workers pulls prompts from one iterator: no task per prompt, and a call's
-        latency starts when the call starts, not while it waits for a free worker."""
-        pending = iter(todo)
-
-        async def worker() -> None:
-            for index, item in pending:
-                if not self.allowed(start):
-                    return
-                await self.one(index, item)
-
-        await asyncio.gather(*(worker() for _ in range(min(workers, len(todo)))))
-
-    async def open_loop(self, todo: Sequence[tuple[int, PromptItem]], strategy: Strategy, start: float) -> None:
-        """Requests go when they are due, whether or not earlier ones returned; ``max_in_flight`` caps
-        them, and a request held back by the cap (or by a busy loop) records how late it went."""
-        slots = asyncio.Semaphore(strategy.max_in_flight)
-        tasks: set[asyncio.Task] = set()
-
-        async def send(index: int, item: PromptItem, due: float) -> None:
-            try:
-                await self.one(index, item, due)
-            finally:
-                slots.release()
-
-        for (index, item), offset in zip(todo, strategy.offsets()):
-            due = start + offset
-            wait = due - time.perf_counter()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            if not self.allowed(start):
-                break
-            await slots.acquire()
-            task = asyncio.create_task(send(index, item, due))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*tasks)
-
-
-class LoopLag:
-    """Samples how late the event loop wakes a 10 ms timer: the client's own headroom.
-
-    A busy loop delays every timestamp taken on it; when the lag is high, latencies partly measure
-    the client, not the server.
-    """
-
-    INTERVAL = 0.01
-
-    def __init__(self) -> None:
-        self.samples: list[float] = []
-
-    async def watch(self) -> None:
-        while True:
-            before = time.perf_counter()
-            await asyncio.sleep(self.INTERVAL)
-            self.samples.append(max(0.0, time.perf_counter() - before - self.INTERVAL))
-
-
-async def warm_up(client: BaseLLMClient, prompts: Sequence[PromptItem], count: int, concurrency: int) -> int:
-    """``count`` calls on the first prompts, as the run will make them, whose results are discarded.
-
-    They pay for what only the first calls pay (connection set-up, a local model's first batch),
-    so that no statistic describes it.
-    """
-    if count <= 0:
-        return 0
-    started = time.perf_counter()
-    slots = asyncio.Semaphore(concurrency)
-
-    async def one(item: PromptItem) -> None:
-        async with slots:
-            with contextlib.suppress(LLMError):
-                await client.achat(item.messages)
-
-    await asyncio.gather(*(one(prompts[i % len(prompts)]) for i in range(count)))
-    log.info("warm-up: %d calls in %.2f s, not measured", count, time.perf_counter() - started)
-    return count
-
-
-async def call_one(client: BaseLLMClient, index: int, item: PromptItem, cache: ResponseCache | None = None,
-                   identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """One prompt's record: the answer with its measurements, or the error with its class."""
-    record: dict[str, Any] = {"index": index, "id": item.id, "prompt": item.prompt, "start_time": time.time()}
-    if item.repeat:
-        record["repeat"] = item.repeat
-    overrides = {"max_tokens": item.max_tokens} if item.max_tokens else {}
-    if overrides:
-        record["requested_output_tokens"] = item.max_tokens
-    use_cache = cache is not None and cache.mode != "off"
-    key = cache_key(identity or client.describe(), item.messages, client.sampling.merged(overrides)) if use_cache else None
-    try:
-        result = cache.get(key) if use_cache else None
-        if result is None:
-            result = await client.achat(item.messages, **overrides)
-            if use_cache:
-                cache.put(key, result)
-    except LLMError as error:
-        record.update(
-            end_time=time.time(), response=None, finish_reason=None,
-            usage={"prompt_tokens": None, "completion_tokens": None, "total_tokens": None, "source": "none"},
-            latency_s=None, attempts=error.attempts, backoff_s=error.backoff_s, ttft_s=None,
-            error=str(error), error_kind=error.kind,
-        )
-        return record
-    data = result.to_dict()
-    record["end_time"] = time.time()
-    record.update(response=data.pop("text"), **data, error=None, error_kind=None)
-    if result.cached:  # an earlier answer: none of its timings or attempts belong to this run
-        record.update(latency_s=None, ttft_s=None, itl_s=None, tpot_s=None, attempts=0, backoff_s=0.0,
-                      throttle_s=0.0, output_tokens_per_s=None)
-    else:
-        tokens = result.usage.completion_tokens
-        record["output_tokens_per_s"] = tokens / result.latency_s if tokens and result.latency_s > 0 else None
-    return record
 
 
 def start_tracking(tracking: TrackingSidecar, cfg: DictConfig, client: BaseLLMClient, hydra_info: dict[str, Any],

@@ -30,7 +30,7 @@ def test_api_experiment_run_leaves_torch_out(server, tmp_path):
     code = (
         "import asyncio\n"
         "from pikeclient.backends.openai import OpenAIClient\n"
-        "from pikeclient.experiment import run_prompts\n"
+        "from pikeclient.runner import run_prompts\n"
         "from pikeclient.dataset import load_prompts\n"
         f"c = OpenAIClient(model='gpt-4o', base_url='{server.url}/v1')\n"
         "asyncio.run(run_prompts(c, load_prompts('pkg://pikeclient/data/prompts.jsonl'), 4))\n"

@@ -9,7 +9,7 @@ import pytest
 from pikeclient.backends.openai import OpenAIClient
 from pikeclient.dataset import PromptItem
 from pikeclient.errors import ConfigError
-from pikeclient.experiment import run_prompts
+from pikeclient.runner import run_prompts
 from pikeclient.load import Concurrency, Constant, MaxDuration, MaxRequests, Poisson, build_limits, build_strategy
 from pikeclient.stats import RunStats, Slo, bootstrap_ci, percentile
 from pikeclient.testing.server import FakeLLMServer
