@@ -153,3 +153,16 @@ def test_local_token_count_when_server_reports_none(api_env):
         result = c.chat([{"role": "user", "content": "hello world"}])
     assert result.usage.source == "tokenizer"
     assert result.usage.completion_tokens == c.get_token_count(result.text)
+
+
+def test_prepare_leaves_no_one_time_work_to_the_first_measured_call(api_env):
+    # The SDK imports its resources, types and transport lazily, and the first parse builds type caches:
+    # ~0.2-0.4 s inside the first call's TTFT on this machine, and a stall of every call in flight.
+    import sys
+
+    with FakeLLMServer(api_key=API_KEY) as server:
+        client = OpenAIClient(model="gpt-4o", base_url=f"{server.url}/v1", stream=True)
+        client.prepare()
+        before = set(sys.modules)
+        asyncio.run(client.achat([{"role": "user", "content": "hello"}]))
+    assert sorted(set(sys.modules) - before) == []
