@@ -10,7 +10,7 @@ from pikeclient import create_client
 from pikeclient.config import register_configs
 from pikeclient.errors import ConfigError
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CONF = str(Path(__file__).resolve().parents[1] / "pikeclient" / "conf")
 LLM_GROUPS = sorted(p.stem for p in Path(CONF, "llm").glob("*.yaml"))
 
 
