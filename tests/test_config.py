@@ -25,12 +25,14 @@ def compose_cfg(*overrides: str):
 
 
 @pytest.mark.parametrize("group", LLM_GROUPS)
-def test_every_llm_group_instantiates(group, api_env, tiny_model, server):
+def test_every_llm_group_instantiates(group, api_env, tiny_model, server, request):
     overrides = [f"llm={group}"]
     if group == "hf_meta_llama":
         overrides.append(f"llm.model={tiny_model}")
     if group == "smoke_llama":
         overrides.append(f"llm.path={tiny_model}")
+    if group == "smollm2":
+        overrides.append(f"llm.models_dir={Path(request.getfixturevalue('smollm2')).parent}")
     if group in ("openai",):
         overrides.append(f"llm.base_url={server.url}/v1")
     if group == "azure_openai":
