@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
 import logging
 import os
 import re
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
@@ -72,7 +76,20 @@ def main(cfg: DictConfig) -> float | None:
         _fail_sweep(cfg)
         sys.exit(130)
     print(format_summary(stats, f"pikeclient: {hydra_job_info()['job_name']}"))
+    print(first_answers(Path(HydraConfig.get().runtime.output_dir) / cfg.experiment.records_file))
     return stats.metrics().get("latency_s_p50")
+
+
+def first_answers(records: Path, count: int = 3, width: int = 100) -> str:
+    """The first answers of a run, one line each: what the model said, next to how fast it said it."""
+    lines = ["", f"first answers (all in {records}):"]
+    with contextlib.suppress(OSError), records.open(encoding="utf-8") as file:
+        for raw in itertools.islice(file, count):
+            record = json.loads(raw)
+            text = " ".join((record.get("response") or f"[{record.get('error_kind')} error]").split())
+            line = f"  {record['id']}: {text}"
+            lines.append(line if len(line) <= width else line[: width - 3] + "...")
+    return "\n".join(lines)
 
 
 def _fail_sweep(cfg: DictConfig) -> None:
