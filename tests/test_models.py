@@ -3,7 +3,6 @@
 import dataclasses
 import subprocess
 import sys
-import threading
 
 import pytest
 
@@ -50,16 +49,16 @@ def test_run_py_without_network_exits_1_with_one_line(tmp_path):
     assert not list((tmp_path / "runs").rglob("records.jsonl"))
 
 
-def test_two_processes_prepare_the_model_once(smollm2, models_dir):
-    """Both wait on the lock and find the converted folder; neither converts again."""
-    results = []
-
-    def load():
-        results.append(ensure_converted(SMOLLM2, models_dir))
-
-    threads = [threading.Thread(target=load) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == [models_dir / SMOLLM2.name] * 2
+def test_two_processes_fetch_the_file_once(tmp_path):
+    """Two processes at once: one downloads under the lock, the other waits and finds the file."""
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
+            "from pikeclient.models import SMOLLM2, ensure_gguf\n"
+            f"print('path', ensure_gguf(SMOLLM2, {str(tmp_path)!r}))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    paths = {line for out in outputs for line in out.splitlines() if line.startswith("path ")}
+    assert paths == {f"path {tmp_path / (SMOLLM2.name + '-gguf') / SMOLLM2.gguf_name}"}
+    assert sum("downloading" in out for out in outputs) == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [SMOLLM2.name + "-gguf"]
