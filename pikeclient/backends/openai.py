@@ -217,6 +217,7 @@ class _StreamState:
         self.usage = Usage()
         self.model: str | None = None
         self.chunks = 0
+        self.content_type = "text/event-stream"
 
     def add(self, chunk: Any) -> None:
         self.chunks += 1
@@ -236,12 +237,13 @@ class _StreamState:
         if self.finish_reason is None:
             # The server ended the stream cleanly before saying it was done (a dropped connection
             # raises while reading instead): an empty stream or a cut answer, each named.
-            raise stream_ended_early(self.chunks, sum(map(len, self.parts)))
+            raise stream_ended_early(self.chunks, sum(map(len, self.parts)), self.content_type)
         return Completion("".join(self.parts), self.finish_reason, self.usage, self.ttft, self.model)
 
 
 def _consume_stream(stream: Any, start: float) -> Completion:
     state = _StreamState(start)
+    state.content_type = stream.response.headers.get("content-type", "")
     with stream:
         for chunk in stream:
             state.add(chunk)
@@ -250,6 +252,7 @@ def _consume_stream(stream: Any, start: float) -> Completion:
 
 async def _aconsume_stream(stream: Any, start: float) -> Completion:
     state = _StreamState(start)
+    state.content_type = stream.response.headers.get("content-type", "")
     async with stream:
         async for chunk in stream:
             state.add(chunk)

@@ -65,3 +65,8 @@ def test_empty_event_stream_is_a_context_window_error_not_retried(open_server):
 def test_dropped_stream_is_still_a_retried_connection_error(open_server):
     open_server.faults = FaultPlan(script=["cut_stream"])
     assert client(open_server, stream=True).chat(HI).attempts == 2
+
+
+def test_json_where_a_stream_was_expected_is_a_retried_server_error(open_server):
+    open_server.faults = FaultPlan(script=["malformed"])
+    assert client(open_server, stream=True).chat(HI).attempts == 2
