@@ -12,7 +12,7 @@ from pikeclient.config import register_configs
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pikeclient/conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     return run_job(cfg)
 

@@ -62,7 +62,7 @@ def compose_config(*overrides: str, runs_dir: Path) -> DictConfig:
     from pikeclient.config import register_configs
 
     register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "pikeclient" / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=list(overrides))
     with open_dict(cfg):
         cfg.paths.runs_dir = str(runs_dir)

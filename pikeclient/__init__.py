@@ -21,19 +21,33 @@ from pikeclient.retry import RetryPolicy
 from pikeclient.types import ChatResult, SamplingParams, Usage
 
 if TYPE_CHECKING:
-    from pikeclient.factory import create_client
+    from pikeclient.backends.azure_meta_llama import AzureMetaLlamaClient
+    from pikeclient.backends.azure_openai import AzureOpenAIClient
+    from pikeclient.backends.hf_meta_llama import HFLocalClient
+    from pikeclient.backends.openai import OpenAIClient
+    from pikeclient.factory import compose, create_client
+
+# Imported on first use: the SDKs, Hydra and torch cost seconds, and API users never need torch.
+_LAZY = {
+    "OpenAIClient": "pikeclient.backends.openai",
+    "AzureOpenAIClient": "pikeclient.backends.azure_openai",
+    "AzureMetaLlamaClient": "pikeclient.backends.azure_meta_llama",
+    "HFLocalClient": "pikeclient.backends.hf_meta_llama",
+    "compose": "pikeclient.factory",
+    "create_client": "pikeclient.factory",
+}
 
 __all__ = [
-    "AuthError", "BadRequestError", "BaseLLMClient", "ChatResult", "ConfigError", "ContextWindowError",
-    "LLMConnectionError", "LLMError", "LLMTimeoutError", "PikeError", "RateLimitError", "RetryPolicy",
-    "SamplingParams", "ServerError", "Usage", "create_client",
+    "AuthError", "AzureMetaLlamaClient", "AzureOpenAIClient", "BadRequestError", "BaseLLMClient", "ChatResult",
+    "ConfigError", "ContextWindowError", "HFLocalClient", "LLMConnectionError", "LLMError", "LLMTimeoutError",
+    "OpenAIClient", "PikeError", "RateLimitError", "RetryPolicy", "SamplingParams", "ServerError", "Usage",
+    "compose", "create_client",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    # Hydra is only needed to build clients from config; import it when that is asked for.
-    if name == "create_client":
-        from pikeclient.factory import create_client
+    if name in _LAZY:
+        import importlib
 
-        return create_client
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'pikeclient' has no attribute {name!r}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
 import logging
 import os
 import re
@@ -128,7 +131,20 @@ def main(cfg: DictConfig) -> float | None:
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(format_summary(stats, title))
+    print(first_answers(Path(HydraConfig.get().runtime.output_dir) / cfg.experiment.records_file))
     return stats.metrics().get("latency_s_p50")
+
+
+def first_answers(records: Path, count: int = 3, width: int = 100) -> str:
+    """The first answers of a run, one line each: what the model said, next to how fast it said it."""
+    lines = ["", f"first answers (all in {records}):"]
+    with contextlib.suppress(OSError), records.open(encoding="utf-8") as file:
+        for raw in itertools.islice(file, count):
+            record = json.loads(raw)
+            text = " ".join((record.get("response") or f"[{record.get('error_kind')} error]").split())
+            line = f"  {record['id']}: {text}"
+            lines.append(line if len(line) <= width else line[: width - 3] + "...")
+    return "\n".join(lines)
 
 
 def _fail_sweep(cfg: DictConfig) -> None:

@@ -58,6 +58,15 @@ class ContextWindowError(BadRequestError):
     kind = "context_window"
 
 
+class InterruptedStreamError(LLMError):
+    """The server ended a stream cleanly but before the answer's end (llama.cpp's interrupt_requests).
+
+    Not retried: such a server cuts streams whenever requests queue, and retries only add to the queue.
+    """
+
+    kind = "interrupted"
+
+
 class ModelError(LLMError):
     """A local model failed deterministically (out of memory, unloadable checkpoint)."""
 
@@ -84,3 +93,8 @@ def error_for_status(status: int, message: str, retry_after: float | None = None
     else:
         cls = BadRequestError
     return cls(f"HTTP {status}: {message}", status=status, retry_after=retry_after)
+
+
+def one_line(error: BaseException) -> str:
+    """An error's whole message on one line: the real cause is often below the first line."""
+    return " ".join(str(error).split()) or type(error).__name__

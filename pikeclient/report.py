@@ -1,10 +1,11 @@
 """Compare runs: ``python -m pikeclient.report [--sweep latest|RUN_ID] [--plot report.png]``.
 
 Reads the runs of an experiment (or of one sweep) from the tracking store, prints one row per run
-(backend, model, sampling, calls, errors, latency p50/p95, TTFT/ITL/TPOT when streamed, requested and
-achieved rate, SLO attainment and goodput, tokens and who counted them, tokens/s, cost; ranked by goodput
-when SLOs were set) and draws a PNG: median latency against output tokens per second per run, and the
-per-call latency distributions. ``--curve`` draws a saturation sweep (``load.rate=1,2,4,...``).
+(the parameters that differ between runs, backend, model, calls, errors, latency p50 with its 95%
+interval and p95, TTFT/ITL/TPOT when streamed, requested and achieved rate, SLO attainment and goodput,
+tokens and who counted them, tokens/s, cost; ranked by goodput when SLOs were set) and draws a PNG:
+median latency against output tokens per second per run, and the per-call latency distributions.
+``--curve`` draws a saturation sweep (``load.rate=1,2,4,...``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mlflow.entities import Run
@@ -46,6 +47,13 @@ class Row:
     goodput: float | None = None  # runs with SLOs: calls meeting them per second
     slo_attainment: float | None = None
     p50_ci: tuple[float, float] | None = None  # 95% bootstrap interval of the p50 latency
+    params: dict[str, str] = field(default_factory=dict, compare=False)
+    label: str = ""  # what tells this run from the others (see label_rows)
+
+
+WIDTH = 100  # the table fits a terminal of this many columns
+# Parameters that differ from run to run without describing the setup.
+_NOT_SETUP = ("tracking.run_name", "paths.", "cache.path", "client.", "experiment.resume")  # client.*: the backend and model columns
 
 
 def find_runs(client: MlflowClient, experiment: str, sweep: str | None) -> list[Run]:
@@ -79,7 +87,8 @@ def to_row(run: Run) -> Row:
         calls=int(m.get("calls", 0)), errors=int(m.get("errors", 0)),
         p50=m.get("latency_s_p50"), p95=m.get("latency_s_p95"),
         tokens=int(m["total_tokens"]) if "total_tokens" in m else None,
-        tokens_per_s=m.get("output_tokens_per_s"), cost=cost, token_basis=t.get("pikeclient.token_basis", "-"),
+        tokens_per_s=m.get("output_tokens_per_s"), cost=cost, params=dict(p),
+        token_basis=t.get("pikeclient.token_basis", "-"),
         ttft=m.get("ttft_s_p50"), itl_ms=_ms(m.get("itl_s_p50")), tpot_ms=_ms(m.get("tpot_s_p50")),
         p99=m.get("latency_s_p99"), requested_rate=m.get("requested_rate"), achieved_rate=m.get("achieved_rate"),
         goodput=m.get("goodput"), slo_attainment=m.get("slo_attainment"),
@@ -91,21 +100,47 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
 
 
-def format_table(rows: Sequence[Row]) -> str:
-    """One row per run; TTFT, ITL and TPOT columns appear when any run streamed."""
+def label_rows(rows: Sequence[Row]) -> list[Row]:
+    """Label each run by the parameters whose values differ between the runs (all runs alike: the name)."""
+    keys = sorted({k for r in rows for k in r.params} - {k for k in _common_keys(rows)})
+    keys = [k for k in keys if not k.startswith(_NOT_SETUP)]
+    labelled = []
+    for row in rows:
+        label = " ".join(f"{_short_key(k, keys)}={row.params.get(k, '-')}" for k in keys)
+        labelled.append(replace(row, label=label or row.name))
+    return labelled
+
+
+def _common_keys(rows: Sequence[Row]) -> set[str]:
+    """Parameters every run has with the same value."""
+    if not rows:
+        return set()
+    first = rows[0].params
+    return {k for k, v in first.items() if all(r.params.get(k) == v for r in rows[1:])}
+
+
+def _short_key(key: str, keys: Sequence[str]) -> str:
+    """``sampling.temperature`` -> ``temperature`` when no other differing key ends the same way."""
+    last = key.rsplit(".", 1)[-1]
+    return last if sum(k.rsplit(".", 1)[-1] == last for k in keys) == 1 else key
+
+
+def format_table(rows: Sequence[Row], width: int = WIDTH) -> str:
+    """One line per run, at most ``width`` columns where it can (the run label, then the model, give way
+    first); TTFT/ITL/TPOT, rate, SLO and interval columns appear only when some run has them."""
     streamed = any(r.ttft is not None for r in rows)
     rated = any(r.requested_rate is not None for r in rows)
     slos = any(r.goodput is not None for r in rows)
     intervals = any(r.p50_ci is not None for r in rows)
-    headers = ["#", "run", "backend", "model", "sampling", "calls", "errors", "p50 s",
-               *(["p50 95% CI"] if intervals else []), "p95 s",
-               *(["ttft s", "itl ms", "tpot ms"] if streamed else []), *(["rate/s", "got/s"] if rated else []),
-               *(["slo met", "goodput"] if slos else []), "tokens", "counted by", "tok/s", "cost"]
+    headers = ["#", "run", "backend", "model", "calls", "err", "p50 s", *(["p50 95% CI"] if intervals else []),
+               "p95 s", *(["ttft s", "itl ms", "tpot ms"] if streamed else []), *(["rate/s", "got/s"] if rated else []),
+               *(["slo met", "goodput"] if slos else []), "tokens", "counted", "tok/s", "cost"]
 
     def fmt(value: float | int | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    body = [[str(i), r.name, r.backend, _short(r.model), r.sampling, str(r.calls), str(r.errors), fmt(r.p50, ".3f"),
+    rows = label_rows(rows)
+    body = [[str(i), r.label, r.backend, r.model.rsplit("/", 1)[-1], str(r.calls), str(r.errors), fmt(r.p50, ".3f"),
              *([f"[{r.p50_ci[0]:.3f}, {r.p50_ci[1]:.3f}]" if r.p50_ci else "-"] if intervals else []),
              fmt(r.p95, ".3f"),
              *([fmt(r.ttft, ".3f"), fmt(r.itl_ms, ".1f"), fmt(r.tpot_ms, ".1f")] if streamed else []),
@@ -114,9 +149,13 @@ def format_table(rows: Sequence[Row]) -> str:
              fmt(r.tokens, "d"), r.token_basis, fmt(r.tokens_per_s, ".1f"), r.cost]
             for i, r in enumerate(rows, start=1)]
     widths = [max(len(h), *(len(line[i]) for line in body)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in body]
-    return "\n".join(lines)
+    for column, least in ((1, 16), (3, 12)):  # run, then model
+        excess = sum(widths) + len(widths) - 1 - width
+        if excess > 0:
+            widths[column] = max(least, widths[column] - excess)
+    lines = [" ".join(h.ljust(w) for h, w in zip(headers, widths)), " ".join("-" * w for w in widths)]
+    lines += [" ".join(_cut(c, w).ljust(w) for c, w in zip(line, widths)) for line in body]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def rank_by_goodput(rows: Sequence[Row]) -> list[Row]:
@@ -170,6 +209,11 @@ def _short(text: str, width: int = 32) -> str:
     return text if len(text) <= width else "..." + text[-(width - 3):]
 
 
+def _cut(text: str, width: int) -> str:
+    """Cut at the end, marked with ``~``: a label's first parameters already tell the runs apart."""
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
 def plot(client: MlflowClient, rows: Sequence[Row], path: Path) -> Path:
     """Left: median latency vs output tokens/s per run. Right: per-call latency per run (box plot)."""
     import matplotlib
@@ -178,18 +222,21 @@ def plot(client: MlflowClient, rows: Sequence[Row], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
-    for index, row in enumerate(rows, start=1):  # "#" labels match the table's first column
+    for index, row in enumerate(label_rows(rows), start=1):  # "#" labels match the table's first column
         if row.p50 is not None and row.tokens_per_s is not None:
-            left.scatter(row.tokens_per_s, row.p50, s=60, label=f"#{index} {_short(row.name, 48)}")
+            left.scatter(row.tokens_per_s, row.p50, s=60, label=f"#{index} {_cut(row.label, 60)}")
             left.annotate(f"#{index}", (row.tokens_per_s, row.p50), fontsize=9, xytext=(5, 5),
                           textcoords="offset points")
     if rows:
         left.legend(fontsize=7, loc="best")
     left.set(xlabel="output tokens / s (run)", ylabel="latency p50 (s)", title="Throughput vs latency per run")
+    left.set_ylim(bottom=0)  # latencies compared from zero, not from the fastest run
+    left.set_xlim(left=0)
     series = [[m.value for m in client.get_metric_history(r.run_id, "call_latency_s")] for r in rows]
     right.boxplot(series, showfliers=True)
     right.set_xticks(range(1, len(rows) + 1), [f"#{i}" for i in range(1, len(rows) + 1)])
     right.set(ylabel="latency per call (s)", title="Latency distribution per run")
+    right.set_ylim(bottom=0)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

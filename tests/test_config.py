@@ -10,7 +10,7 @@ from pikeclient import create_client
 from pikeclient.config import register_configs
 from pikeclient.errors import ConfigError
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CONF = str(Path(__file__).resolve().parents[1] / "pikeclient" / "conf")
 LLM_GROUPS = sorted(p.stem for p in Path(CONF, "llm").glob("*.yaml"))
 
 
@@ -25,12 +25,14 @@ def compose_cfg(*overrides: str):
 
 
 @pytest.mark.parametrize("group", LLM_GROUPS)
-def test_every_llm_group_instantiates(group, api_env, tiny_model, server):
+def test_every_llm_group_instantiates(group, api_env, tiny_model, server, request):
     overrides = [f"llm={group}"]
     if group == "hf_meta_llama":
         overrides.append(f"llm.model={tiny_model}")
     if group == "smoke_llama":
         overrides.append(f"llm.path={tiny_model}")
+    if group == "smollm2":
+        overrides.append(f"llm.models_dir={Path(request.getfixturevalue('smollm2')).parent}")
     if group in ("openai",):
         overrides.append(f"llm.base_url={server.url}/v1")
     if group == "azure_openai":

@@ -50,3 +50,17 @@ def test_run_py_with_an_api_backend_never_imports_torch(server, tmp_path):
     )
     loaded = modules_after(code, cwd=tmp_path)
     assert "pikeclient.experiment" in loaded and not {"torch", "transformers"} & loaded
+
+
+def test_client_classes_are_exported_without_torch(server):
+    code = (
+        "from pikeclient import OpenAIClient, AzureOpenAIClient, AzureMetaLlamaClient, compose, create_client\n"
+        f"assert OpenAIClient(model='gpt-4o', base_url='{server.url}/v1').generate('hi') == 'You said: hi'\n"
+    )
+    loaded = modules_after(code)
+    assert not {"torch", "transformers"} & loaded
+
+
+def test_hf_client_is_exported_lazily():
+    loaded = modules_after("import pikeclient\nassert 'HFLocalClient' in pikeclient.__all__")
+    assert "torch" not in loaded

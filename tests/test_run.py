@@ -1,6 +1,7 @@
 """run.py end to end as a subprocess; results read back from the sqlite MLflow store."""
 
 import json
+from pathlib import Path
 
 from tests.conftest import API_KEY, files_containing, mlflow_runs, run_py
 
@@ -34,13 +35,13 @@ def test_openai_run_logs_metrics_records_and_no_key(server, tmp_path):
     assert len(server.log) == 20
 
 
-def test_default_run_needs_no_key_and_no_network(tmp_path):
-    proc = run_py("dataset.limit=4", "sampling.max_tokens=8", cwd=tmp_path)
+def test_default_run_needs_no_key_and_no_network(tmp_path, smollm2):
+    # The default model (llm=smollm2), converted once; the run itself needs no network.
+    proc = run_py("dataset.limit=4", "sampling.max_tokens=8", f"llm.models_dir={Path(smollm2).parent}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     [run] = mlflow_runs(tmp_path / "runs")
-    assert run["status"] == "FINISHED" and run["metrics"]["calls"] == 4
-    assert run["tags"]["pikeclient.provider"] == "hf_local"
-    assert (tmp_path / "runs" / "models" / "smoke-llama-v1" / "config.json").exists()
+    assert run["status"] == "FINISHED" and run["metrics"]["calls"] == 4 and run["metrics"]["errors"] == 0
+    assert run["tags"]["pikeclient.provider"] == "hf_local" and "SmolLM2" in run["tags"]["pikeclient.model"]
 
 
 def test_multirun_gives_one_run_per_job_in_one_experiment(server, tmp_path):

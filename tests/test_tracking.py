@@ -118,6 +118,11 @@ def test_report_table_and_plot(sweep, capsys):
     lines = out.splitlines()
     assert lines[0].split()[:4] == ["#", "run", "backend", "model"]
     assert len([line for line in lines if "gpt-4o-mini" in line]) == 4
+    assert max(map(len, lines[:6])) <= 100
+    # Each run is labelled by what differs between the runs, nothing else:
+    labels = sorted(" ".join(line.split()[1:3]).lower() for line in lines[2:6])
+    assert labels == ["stream=false temperature=0.0", "stream=false temperature=0.7",
+                      "stream=true temperature=0.0", "stream=true temperature=0.7"]
     assert (root / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStream
 from transformers.generation.streamers import BaseStreamer
 
 from pikeclient.client import BaseLLMClient
-from pikeclient.errors import BadRequestError, ConfigError, ContextWindowError, ModelError
+from pikeclient.errors import BadRequestError, ConfigError, ContextWindowError, ModelError, one_line
 from pikeclient.types import Completion, Message, SamplingParams, Usage
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,8 @@ class HFLocalClient(BaseLLMClient):
         attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``; None lets transformers pick.
         batch_size: most concurrent requests generated together.
         tokenizer: tokenizer folder or id when it differs from ``model``.
+        gguf_file: a GGUF file's name inside ``model`` (a folder or hub id); transformers dequantizes
+            it on every load (slow): convert once with :func:`pikeclient.models.convert_gguf` to reuse.
     """
 
     provider = "hf_local"
@@ -102,6 +104,7 @@ class HFLocalClient(BaseLLMClient):
         attn_implementation: str | None = None,
         batch_size: int = 8,
         tokenizer: str | None = None,
+        gguf_file: str | None = None,
         **common: Any,
     ) -> None:
         super().__init__(model=model, **common)
@@ -110,8 +113,9 @@ class HFLocalClient(BaseLLMClient):
         self.batch_size = batch_size
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
-        self.tokenizer = _load_tokenizer(tokenizer or model, trust_remote_code)
-        self.lm = _load_model(model, self.device, self.dtype, trust_remote_code, attn_implementation)
+        # A GGUF file carries its tokenizer too: use it unless another tokenizer is named.
+        self.tokenizer = _load_tokenizer(tokenizer or model, trust_remote_code, None if tokenizer else gguf_file)
+        self.lm = _load_model(model, self.device, self.dtype, trust_remote_code, attn_implementation, gguf_file)
         if self.context_window is None:
             self.context_window = getattr(self.lm.config, "max_position_embeddings", None)
         self._eos_ids = _eos_ids(self.lm, self.tokenizer)
@@ -286,11 +290,14 @@ def _eos_ids(lm: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
-def _load_tokenizer(name: str, trust_remote_code: bool) -> Any:
+def _load_tokenizer(name: str, trust_remote_code: bool, gguf_file: str | None = None) -> Any:
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot load tokenizer {name!r}: {_first_line(error)}") from error
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    except (OSError, ValueError, ImportError) as error:
+        raise ConfigError(f"cannot load tokenizer {name!r}: {one_line(error)}") from error
     tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -298,19 +305,18 @@ def _load_tokenizer(name: str, trust_remote_code: bool) -> Any:
 
 
 def _load_model(name: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool,
-                attn_implementation: str | None) -> Any:
+                attn_implementation: str | None, gguf_file: str | None = None) -> Any:
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
     try:
         lm = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot load model {name!r}: {_first_line(error)}") from error
+    except (OSError, ValueError, ImportError) as error:
+        raise ConfigError(f"cannot load model {name!r}: {one_line(error)}") from error
     except torch.OutOfMemoryError as error:
         raise ModelError(f"out of memory loading {name!r} on {device}: try a smaller dtype") from error
     log.info("loaded %s on %s (%s)", name, device, dtype)
     return lm.to(device).eval()
 
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

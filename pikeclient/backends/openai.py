@@ -14,6 +14,8 @@ import httpx2
 import openai
 
 from pikeclient.client import BaseLLMClient
+from pikeclient.backends._flavours import flavour as find_flavour
+from pikeclient.backends._flavours import sampling_extras, stream_ended_early
 from pikeclient.backends._http import LazyClients, status_error, transport_error
 from pikeclient.errors import ConfigError, LLMConnectionError, LLMError, LLMTimeoutError, ServerError
 from pikeclient.tokens import HFTokenizerCounter, TiktokenCounter
@@ -59,6 +61,9 @@ class OpenAIClient(BaseLLMClient):
         tokenizer: a Hugging Face tokenizer folder or ``tokenizer.json`` (with its chat template): exact
             counts for an open model behind an OpenAI-compatible server, where the server reports none.
         default_headers: extra HTTP headers for every request.
+        flavour: the server's names for parameters the OpenAI API lacks (``openai``, ``vllm``,
+            ``llamacpp``, ``ollama``; see :mod:`pikeclient.backends._flavours`).
+        extra_body: server-specific parameters added to every request body as they are.
     """
 
     provider = "openai"
@@ -76,6 +81,8 @@ class OpenAIClient(BaseLLMClient):
         tokenizer_model: str | None = None,
         tokenizer: str | None = None,
         default_headers: Mapping[str, str] | None = None,
+        flavour: str = "openai",
+        extra_body: Mapping[str, Any] | None = None,
         **common: Any,
     ) -> None:
         super().__init__(model=model, **common)
@@ -86,7 +93,10 @@ class OpenAIClient(BaseLLMClient):
         self.base_url = check_url(base_url, "llm.base_url") if base_url else None
         self.stream = stream
         self.timeout = timeout
-        self.max_tokens_field = max_tokens_field
+        self.flavour = find_flavour(flavour)
+        # A server that reads one name only gets that one (llama.cpp ignores max_completion_tokens).
+        self.max_tokens_field = self.flavour.max_tokens_field or max_tokens_field
+        self.extra_body = dict(extra_body or {})
         self._counter: TiktokenCounter | HFTokenizerCounter = (
             HFTokenizerCounter(tokenizer) if tokenizer else TiktokenCounter(tokenizer_model or model))
         if self.context_window is None:
@@ -169,9 +179,8 @@ class OpenAIClient(BaseLLMClient):
             request["stop"] = list(params.stop)
         if params.seed is not None:
             request["seed"] = params.seed
-        extra = {"top_k": params.top_k, "repetition_penalty": params.repetition_penalty}
-        extra = {k: v for k, v in extra.items() if v is not None}
-        if extra:  # not OpenAI parameters; vLLM and llama.cpp read them from the body
+        extra = sampling_extras(self.flavour, params, self.extra_body)
+        if extra:  # not OpenAI parameters; each server reads its own names from the body
             request["extra_body"] = extra
         if self.stream:
             request["stream"] = True
@@ -260,9 +269,12 @@ class _StreamState:
         self.finish_reason: str | None = None
         self.usage = Usage()
         self.model: str | None = None
+        self.chunks = 0
+        self.content_type = "text/event-stream"
 
     def add(self, chunk: Any) -> None:
         now = time.perf_counter()
+        self.chunks += 1
         self.model = chunk.model or self.model
         if chunk.usage is not None:
             self.usage = _usage(chunk.usage)
@@ -279,8 +291,9 @@ class _StreamState:
     def result(self) -> Completion:
         end = time.perf_counter()
         if self.finish_reason is None:
-            # The server closed the stream before saying it was done: the answer may be cut.
-            raise LLMConnectionError("stream ended before the answer was complete")
+            # The server ended the stream cleanly before saying it was done (a dropped connection
+            # raises while reading instead): an empty stream or a cut answer, each named.
+            raise stream_ended_early(self.chunks, sum(map(len, self.parts)), self.content_type)
         if self.first is None:
             return Completion("", self.finish_reason, self.usage, None, self.model)
         gaps = len(self.parts) - 1
@@ -291,6 +304,7 @@ class _StreamState:
 
 def _consume_stream(stream: Any, start: float) -> Completion:
     state = _StreamState(start)
+    state.content_type = stream.response.headers.get("content-type", "")
     with stream:
         for chunk in stream:
             state.add(chunk)
@@ -299,6 +313,7 @@ def _consume_stream(stream: Any, start: float) -> Completion:
 
 async def _aconsume_stream(stream: Any, start: float) -> Completion:
     state = _StreamState(start)
+    state.content_type = stream.response.headers.get("content-type", "")
     async with stream:
         async for chunk in stream:
             state.add(chunk)

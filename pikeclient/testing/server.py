@@ -34,8 +34,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-FAULTS = ("400", "404", "429", "500", "503", "drop", "hang", "malformed", "cut_stream", "html", "empty_choices",
-          "null_content")
+# interrupt: a stream ended cleanly ([DONE]) halfway, with no finish reason (llama.cpp's interrupt_requests);
+# empty_stream: HTTP 200 and an event stream with nothing but [DONE] (llama.cpp on a context overflow);
+# html, empty_choices, null_content: answers with status 200 that carry no answer.
+FAULTS = ("400", "404", "429", "500", "503", "drop", "hang", "malformed", "cut_stream", "interrupt", "empty_stream",
+          "html", "empty_choices", "null_content")
 
 
 @dataclass
@@ -78,6 +81,7 @@ class RequestRecord:
     fault: str | None
     status: int
     headers: dict[str, str]
+    body: dict[str, Any] = field(default_factory=dict)  # the request's JSON, to check what reached the server
 
 
 class FakeLLMServer:
@@ -195,7 +199,8 @@ class FakeLLMServer:
         fault = self.faults.draw()
         status = self._status_for(route, url.query, headers, fault)
         if self.keep_log:
-            self.log.append(RequestRecord(time.time(), url.path, route, _prompt(route, payload), fault, status, headers))
+            self.log.append(RequestRecord(time.time(), url.path, route, _prompt(route, payload), fault, status, headers,
+                                          payload if isinstance(payload, dict) else {}))
         if self.latency:
             if self.capacity:  # a server that works on `capacity` requests at once queues the rest
                 async with self._slots():
@@ -226,7 +231,8 @@ class FakeLLMServer:
             return await self._send_json(writer, 200, {"output": answer.text})
         if payload.get("stream"):
             include_usage = bool((payload.get("stream_options") or {}).get("include_usage")) and self.report_usage
-            return await self._send_stream(writer, answer, include_usage, cut=fault == "cut_stream")
+            return await self._send_stream(writer, answer, include_usage, cut=fault == "cut_stream",
+                                           end_after={"interrupt": 0.5, "empty_stream": 0.0}.get(fault or ""))
         body = answer.completion()
         if not self.report_usage:
             body.pop("usage")
@@ -279,13 +285,16 @@ class FakeLLMServer:
         await writer.drain()
         return True
 
-    async def _send_stream(self, writer, answer: Answer, include_usage: bool, cut: bool) -> bool:
+    async def _send_stream(self, writer, answer: Answer, include_usage: bool, cut: bool,
+                           end_after: float | None = None) -> bool:
         head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
         writer.write(head.encode())
         chunks = list(answer.stream_chunks(include_usage))
         if self.filter_chunk:
             chunks.insert(0, {"id": "", "object": "", "created": 0, "model": "", "choices": [],
                               "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]})
+        if end_after is not None:  # a clean end, [DONE] included, before the finish reason
+            chunks = chunks[: int(len(chunks) * end_after)]
         for index, chunk in enumerate(chunks):
             if cut and index == len(chunks) // 2:
                 await writer.drain()

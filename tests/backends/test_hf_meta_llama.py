@@ -116,3 +116,34 @@ def test_context_window_is_checked_before_generation(llm):
 
     with pytest.raises(ContextWindowError, match="context window"):
         llm.chat([{"role": "user", "content": "word " * 2000}])
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2):
+    client = HFLocalClient(model=smollm2, sampling={"max_tokens": 16})
+    yield client
+    client.close()
+
+
+def test_real_model_answers_and_does_not_count_the_end_of_sequence_token(smol):
+    result = smol.chat(MESSAGES)
+    assert "Paris" in result.text and result.finish_reason == "stop"
+    # As servers count: the answer's tokens, without the end-of-sequence token that ended it.
+    assert result.usage.completion_tokens == smol.get_token_count(result.text)
+
+
+def test_gguf_file_loads_model_and_tokenizer_from_the_file(smol, models_dir):
+    from pikeclient.models import SMOLLM2
+
+    folder = models_dir / f"{SMOLLM2.name}-gguf"
+    direct = HFLocalClient(model=str(folder), gguf_file=SMOLLM2.gguf_name, sampling={"max_tokens": 16})
+    try:
+        assert direct.chat(MESSAGES).text == smol.chat(MESSAGES).text
+    finally:
+        direct.close()
+
+
+def test_missing_gguf_file_is_one_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot load tokenizer") as caught:
+        HFLocalClient(model=str(tmp_path), gguf_file="missing.gguf")
+    assert "\n" not in str(caught.value)
