@@ -218,7 +218,8 @@ async def call_one(client: BaseLLMClient, index: int, item: PromptItem, cache: R
     record: dict[str, Any] = {"index": index, "id": item.id, "prompt": item.prompt, "start_time": time.time()}
     if item.repeat:
         record["repeat"] = item.repeat
-    overrides = {"max_tokens": item.max_tokens} if item.max_tokens else {}
+    # A synthetic prompt asks for an exact output length: max_tokens, and min_tokens where enforced.
+    overrides = {"max_tokens": item.max_tokens, "min_tokens": item.max_tokens} if item.max_tokens else {}
     if overrides:
         record["requested_output_tokens"] = item.max_tokens
     use_cache = cache is not None and cache.mode != "off"

@@ -99,6 +99,9 @@ class SamplingParams:
     seed: int | None = None
     top_k: int | None = None
     repetition_penalty: float | None = None
+    # At least this many output tokens, where the backend can enforce it (vLLM, llama.cpp, local
+    # models): synthetic prompts ask for an exact output length with min_tokens = max_tokens.
+    min_tokens: int | None = None
 
     def __post_init__(self) -> None:
         check_range("temperature", self.temperature, 0.0, 2.0)
@@ -106,6 +109,8 @@ class SamplingParams:
             raise ValueError(f"top_p={self.top_p} is out of range: allowed (0, 1]")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens} is out of range: allowed >= 1")
+        if self.min_tokens is not None and not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} is out of range: allowed [0, max_tokens]")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k={self.top_k} is out of range: allowed >= 1")
         if self.stop is not None:  # a string, a list or a tuple: always a tuple of non-empty strings

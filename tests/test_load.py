@@ -166,3 +166,18 @@ def test_synthetic_run_records_requested_and_actual_output_tokens(server, tmp_pa
                  for f in (tmp_path / "runs" / "outputs").rglob("records.jsonl")]
     assert all(r["requested_output_tokens"] == 5 and r["usage"]["completion_tokens"] == 5 for r in records)
     assert all(r["usage"]["prompt_tokens"] >= 30 for r in records)  # the loopback server counts words
+
+
+def test_synthetic_output_length_is_enforced_where_the_server_can(api_env):
+    # vLLM and llama.cpp read min_tokens: with min = max the answer has exactly the length asked for;
+    # api.openai.com rejects the field, so the openai flavour never sends it.
+    from pikeclient.synthetic import synthetic_prompts
+
+    for flavour, sent in (("vllm", 7), ("llamacpp", 7), ("openai", None)):
+        with FakeLLMServer(api_key=API_KEY) as server:
+            client = OpenAIClient(model="gpt-4o", base_url=f"{server.url}/v1", flavour=flavour)
+            items = synthetic_prompts(client, count=2, input_tokens=20, output_tokens=7)
+            stats, records = run(client, items, Concurrency(2))
+            bodies = [r.body for r in server.log]
+        assert [b.get("min_tokens") for b in bodies] == [sent, sent], flavour
+        assert all(r["requested_output_tokens"] == 7 for r in records)

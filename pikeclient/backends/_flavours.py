@@ -41,12 +41,13 @@ class Flavour:
 
 FLAVOURS: Mapping[str, Flavour] = MappingProxyType({
     # api.openai.com ignores unknown body fields; vLLM and SGLang read these names.
-    "openai": Flavour("openai", {"top_k": "top_k", "repetition_penalty": "repetition_penalty"}),
-    "vllm": Flavour("vllm", {"top_k": "top_k", "repetition_penalty": "repetition_penalty"}),
-    "llamacpp": Flavour("llamacpp", {"top_k": "top_k", "repetition_penalty": "repeat_penalty"},
+    # api.openai.com rejects min_tokens (400), so it is never sent there.
+    "openai": Flavour("openai", {"top_k": "top_k", "repetition_penalty": "repetition_penalty", "min_tokens": None}),
+    "vllm": Flavour("vllm", {"top_k": "top_k", "repetition_penalty": "repetition_penalty", "min_tokens": "min_tokens"}),
+    "llamacpp": Flavour("llamacpp", {"top_k": "top_k", "repetition_penalty": "repeat_penalty", "min_tokens": "min_tokens"},
                         max_tokens_field="max_tokens", neutral={"repeat_penalty": 1.0, "top_k": 0, "min_p": 0.0}),
-    # Ollama's OpenAI route reads neither (its native API does, under options).
-    "ollama": Flavour("ollama", {"top_k": None, "repetition_penalty": None}),
+    # Ollama's OpenAI route reads none of them (its native API does, under options).
+    "ollama": Flavour("ollama", {"top_k": None, "repetition_penalty": None, "min_tokens": None}),
 })
 
 
@@ -60,7 +61,8 @@ def sampling_extras(flavour: Flavour, params: SamplingParams, extra_body: Mappin
     """The request's ``extra_body``: the non-OpenAI sampling parameters under the server's names,
     then ``llm.extra_body`` (which wins)."""
     body: dict[str, Any] = dict(flavour.neutral)
-    for common, value in (("top_k", params.top_k), ("repetition_penalty", params.repetition_penalty)):
+    for common, value in (("top_k", params.top_k), ("repetition_penalty", params.repetition_penalty),
+                          ("min_tokens", params.min_tokens)):
         name = flavour.extras.get(common, common)
         if value is not None and name is not None:
             body[name] = value

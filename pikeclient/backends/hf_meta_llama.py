@@ -235,6 +235,7 @@ class HFLocalClient(BaseLLMClient):
     def _generation_args(self, params: SamplingParams) -> dict[str, Any]:
         args: dict[str, Any] = {
             "max_new_tokens": params.max_tokens,
+            "min_new_tokens": params.min_tokens or 0,
             "pad_token_id": self.tokenizer.pad_token_id,
             "eos_token_id": sorted(self._eos_ids),
         }
