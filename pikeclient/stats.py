@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,7 +89,7 @@ class RunStats:
     dispatch_delays: list[float] = field(default_factory=list)  # open loop: how late each request went
     send_times: list[float] = field(default_factory=list)  # epoch seconds each measured call started
     loop_lags: list[float] = field(default_factory=list)
-    by_repeat: dict[int, list[tuple[float, float]]] = field(default_factory=lambda: defaultdict(list))
+    spans: list[tuple[float, float]] = field(default_factory=list)  # (start, end) epoch seconds, measured calls
     slo: Slo | None = None
     slo_met: int = 0
     requested_rate: float | None = None
@@ -120,7 +120,7 @@ class RunStats:
         self.empty_answers += record["response"] == ""
         self.latencies.append(record["latency_s"])
         self.send_times.append(record["start_time"])
-        self.by_repeat[record.get("repeat", 0)].append((record["start_time"], record.get("end_time") or 0.0))
+        self.spans.append((record["start_time"], record.get("end_time") or 0.0))
         for name, values in (("ttft_s", self.ttfts), ("itl_s", self.itls), ("tpot_s", self.tpots),
                              ("output_tokens_per_s", self.call_rates)):
             if record.get(name) is not None:
@@ -217,7 +217,7 @@ class RunStats:
         return out
 
     def _intervals(self) -> dict[str, float]:
-        """95% bootstrap intervals for latency p50/p95 and TTFT p50; throughput's from the repeats."""
+        """95% bootstrap intervals for latency p50/p95 and TTFT p50, and for requests/s (time blocks)."""
         out: dict[str, float] = {}
         if len(self.latencies) < 10:
             return out  # too few calls for an interval worth reading
@@ -226,12 +226,26 @@ class RunStats:
             if len(values) >= 10:
                 low, high = bootstrap_ci(values, lambda sample, q=q: percentile(sample, q))
                 out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
-        rates = [len(calls) / (max(e for _, e in calls) - min(s for s, _ in calls))
-                 for calls in self.by_repeat.values() if len(calls) > 1 and max(e for _, e in calls) > min(s for s, _ in calls)]
-        if len(rates) >= 2:
+        rates = self._block_rates()
+        if rates:
             low, high = bootstrap_ci(rates, lambda sample: sum(sample) / len(sample))
             out["requests_per_s_ci_low"], out["requests_per_s_ci_high"] = low, high
         return out
+
+    def _block_rates(self, blocks: int = 10) -> list[float]:
+        """Completions per second in ``blocks`` equal slices of the measured span (a block bootstrap of
+        these gives throughput's interval whatever the load strategy; their mean is the run's rate)."""
+        ends = sorted(end for _, end in self.spans if end)
+        if len(ends) < 2 * blocks:
+            return []
+        first = min(start for start, _ in self.spans)
+        width = (ends[-1] - first) / blocks
+        if width <= 0:
+            return []
+        counts = [0] * blocks
+        for end in ends:
+            counts[min(blocks - 1, int((end - first) / width))] += 1
+        return [count / width for count in counts]
 
     def warn_about_the_client(self) -> None:
         """Say when the client's own limits, not the server, may show in the figures."""

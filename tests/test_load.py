@@ -121,17 +121,18 @@ def test_bootstrap_intervals_on_known_samples():
 
 def test_poisson_run_with_repeats_and_slos_end_to_end(server, tmp_path):
     proc = run_py("llm=openai", f"llm.base_url={server.url}/v1", "load=poisson", "load.rate=50", "dataset.limit=5",
-                  "experiment.repeats=3", "slo.latency_s=5", cwd=tmp_path, env={"OPENAI_API_KEY": API_KEY})
+                  "experiment.repeats=4", "slo.latency_s=5", cwd=tmp_path, env={"OPENAI_API_KEY": API_KEY})
     assert proc.returncode == 0, proc.stderr
-    assert len(server.log) == 15
+    assert len(server.log) == 20
     assert "rate achieved / asked" in proc.stdout and "SLO met / goodput" in proc.stdout
     [run] = mlflow_runs(tmp_path / "runs")
     m = run["metrics"]
-    assert m["calls"] == 15 and m["requested_rate"] == 50 and m["slo_attainment"] == 1.0
+    assert m["calls"] == 20 and m["requested_rate"] == 50 and m["slo_attainment"] == 1.0
     for key in ("latency_s_p50_ci_low", "latency_s_p50_ci_high", "latency_s_p95_ci_low", "requests_per_s_ci_low",
                 "dispatch_delay_s_p99", "achieved_rate", "goodput", "loop_lag_s_p99"):
         assert key in m, key
     assert m["latency_s_p50_ci_low"] <= m["latency_s_p50"] <= m["latency_s_p50_ci_high"]
+    assert m["requests_per_s_ci_low"] <= m["requests_per_s_ci_high"]
     assert run["params"]["load.kind"] == "poisson"
 
 
