@@ -71,6 +71,7 @@ class TrackingConfig:
     run_name: Optional[str] = None
     log_records: bool = True
     traces: bool = True
+    reconnect_timeout: float = 600.0
 
 
 @dataclass
@@ -178,5 +179,11 @@ def tracking_uri(cfg: Any) -> str:
     return cfg.tracking.tracking_uri or default_tracking_uri(cfg.paths.runs_dir)
 
 
-def artifact_root(cfg: Any) -> str:
+def artifact_root(cfg: Any) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a local store; a tracking server decides
+    (with ``--serve-artifacts`` they are uploaded through it, so every machine sees them)."""
+    from pikeclient.remote import is_server_uri
+
+    if is_server_uri(tracking_uri(cfg)):
+        return None
     return str(Path(cfg.paths.runs_dir).resolve() / "mlartifacts")

@@ -171,16 +171,23 @@ async def call_one(client: BaseLLMClient, index: int, item: PromptItem, cache: R
 
 
 def start_tracking(tracking: TrackingSidecar, cfg: DictConfig, client: BaseLLMClient, hydra_info: dict[str, Any]) -> None:
-    """Start the MLflow run in the tracking process; a sweep's job becomes a child of the sweep's run."""
-    from pikeclient.sweep import read_parent
+    """Start the MLflow run in the tracking process; a sweep's job becomes a child of the sweep's run.
 
+    A tracking server that does not answer fails here, in seconds and before any call."""
+    from pikeclient.remote import check_reachable, is_server_uri
+    from pikeclient.sweep import find_parent
+
+    uri = tracking_uri(cfg)
+    if is_server_uri(uri):
+        check_reachable(uri)
     description = client.describe()
     tags = {f"pikeclient.{k}": str(v) for k, v in {**description, **hydra_info}.items()}
-    parent = read_parent(hydra_info["sweep_dir"]) if "sweep_dir" in hydra_info else None
+    parent = (find_parent(hydra_info["sweep_dir"], uri, cfg.tracking.experiment_name)
+              if "sweep_dir" in hydra_info else None)
     if parent is not None:
         tags["mlflow.parentRunId"] = parent["run_id"]
     tracking.start({
-        "tracking_uri": tracking_uri(cfg),
+        "tracking_uri": uri,
         "experiment_name": cfg.tracking.experiment_name,
         "run_name": cfg.tracking.run_name or hydra_info.get("job_name") or description["provider"],
         "tags": tags,
@@ -188,4 +195,5 @@ def start_tracking(tracking: TrackingSidecar, cfg: DictConfig, client: BaseLLMCl
         "config": OmegaConf.to_container(cfg, resolve=True),
         "client": description,
         "traces": cfg.tracking.traces,
+        "reconnect_timeout": cfg.tracking.reconnect_timeout,
     })

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
 from pikeclient.config import artifact_root, is_secret_name, tracking_uri
+from pikeclient.remote import TRACKING_PROCESS_HTTP_ENV, is_server_uri
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,12 @@ MAX_PARAM_LENGTH = 6000
 
 
 
-def open_parent_run(cfg: Any, sweep_dir: Path) -> dict[str, str]:
+def open_parent_run(cfg: Any, sweep_dir: Path, tags: Mapping[str, str] | None = None) -> dict[str, str]:
     """Create the experiment (once, before parallel jobs could race on it) and a sweep's parent run."""
     uri = tracking_uri(cfg)
     client = MlflowClient(tracking_uri=uri)
     experiment_id = get_or_create_experiment(client, cfg.tracking.experiment_name, artifact_root(cfg))
-    tags = {"pikeclient.sweep_dir": str(sweep_dir), "pikeclient.role": "sweep"}
+    tags = {"pikeclient.sweep_dir": str(sweep_dir), "pikeclient.role": "sweep", **(tags or {})}
     run = client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}", tags=tags)
     return {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": uri}
 
@@ -82,8 +83,12 @@ class MlflowRun:
         run_name: str | None = None,
         tags: Mapping[str, str] | None = None,
         artifact_root: str | None = None,
+        reconnect_timeout: float = 600.0,
     ) -> None:
+        self.outage = Outage(tracking_uri, reconnect_timeout)
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        if is_server_uri(tracking_uri):  # a server may go away mid-run: wait for it instead of failing
+            self.client = Reconnecting(self.client, self.outage)
         self.tracking_uri = tracking_uri
         self.experiment_id = get_or_create_experiment(self.client, experiment_name, artifact_root)
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
@@ -92,7 +97,12 @@ class MlflowRun:
 
     def end(self, status: str) -> None:
         """FINISHED, FAILED or KILLED."""
-        self.client.set_terminated(self.run_id, status)
+        try:
+            self.client.set_terminated(self.run_id, status)
+        except Exception:
+            if not self.outage.given_up:
+                raise
+            log.error("run %s stays RUNNING on %s: the server did not come back", self.run_id, self.tracking_uri)
 
     def log_params(self, params: Mapping[str, str]) -> None:
         items = [Param(k, v) for k, v in params.items()]
@@ -120,6 +130,8 @@ class MlflowRun:
             # What log_table adds, so the UI lists the file as a table.
             self.log_tags({MLFLOW_LOGGED_ARTIFACTS: json.dumps([{"path": "records_table.json", "type": "table"}])})
         self.log_artifact(output_dir / ".hydra", "hydra")
+        if self.outage.waited_s:  # the run is complete, but say that the server was away meanwhile
+            self.log_tags({"pikeclient.tracking_outage_s": f"{self.outage.waited_s:.1f}"})
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -127,6 +139,74 @@ class MlflowRun:
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         elif path.exists():
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+class Outage:
+    """Waits out a tracking server that cannot be reached: the request is tried again every few seconds,
+    for up to ``timeout`` seconds per outage; after that every request fails at once.
+
+    Only "could not connect" is waited for (the request never reached the server, so trying again
+    cannot log twice); an error the server answers with is raised as before.
+    """
+
+    def __init__(self, uri: str, timeout: float, interval: float = 2.0) -> None:
+        self.uri = uri
+        self.timeout = timeout
+        self.interval = interval
+        self.waited_s = 0.0
+        self.given_up = False
+
+    def call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        started: float | None = None
+        while True:
+            try:
+                result = function(*args, **kwargs)
+            except Exception as error:
+                if self.given_up or not _unreachable(error):
+                    raise
+                now = time.monotonic()
+                if started is None:
+                    started = now
+                    log.warning("the tracking server %s is unreachable; trying again for up to %.0f s (the "
+                                "calls go on and every record is on disk)", self.uri, self.timeout)
+                if now - started >= self.timeout:
+                    self.given_up = True
+                    self.waited_s += now - started
+                    raise MlflowException(f"the tracking server {self.uri} was unreachable for "
+                                          f"{self.timeout:.0f} s; the run is incomplete in MLflow, its "
+                                          "records are on disk") from None
+                time.sleep(self.interval)
+                continue
+            if started is not None:
+                self.waited_s += time.monotonic() - started
+                log.warning("the tracking server %s is back after %.1f s", self.uri, time.monotonic() - started)
+            return result
+
+
+class Reconnecting:
+    """An MlflowClient (or store) whose methods go through ``outage.call``."""
+
+    def __init__(self, target: Any, outage: Outage) -> None:
+        self._target = target
+        self._outage = outage
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if not callable(value):
+            return value
+        return lambda *args, **kwargs: self._outage.call(value, *args, **kwargs)
+
+
+def _unreachable(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a failure to connect, as MLflow's REST client reports it."""
+    import requests
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (requests.ConnectionError, requests.exceptions.RetryError, ConnectionError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str | None = None) -> str:
@@ -182,6 +262,13 @@ class CallLogger:
         self.traces = traces
         # MlflowClient has no public batch span API; its store has (sqlite, MLflow server).
         self.store = run.client._tracking_client.store
+        if isinstance(run.client, Reconnecting):
+            # The REST store asks the server's version before its first span batch and keeps a failed
+            # answer for good (no more traces); ask now, while the server is known to answer.
+            server_version = getattr(self.store, "_get_server_version", None)
+            if traces and server_version is not None:
+                server_version(self.store.get_host_creds())
+            self.store = Reconnecting(self.store, run.outage)
         self.trace_ids: list[str] = []
         self.traces_failed = False
 
@@ -264,7 +351,8 @@ def sidecar_main(conn: Any) -> None:
         return
     try:
         run = MlflowRun(setup["tracking_uri"], setup["experiment_name"], run_name=setup["run_name"],
-                        tags=setup["tags"], artifact_root=setup["artifact_root"])
+                        tags=setup["tags"], artifact_root=setup["artifact_root"],
+                        reconnect_timeout=setup.get("reconnect_timeout", 600.0))
         run.log_params({**flatten(setup["config"]), **flatten({"client": setup["client"]})})
         calls = CallLogger(run, setup["client"], traces=setup["traces"])
     except Exception as error:  # noqa: BLE001 - reported to the experiment as one line
@@ -325,4 +413,6 @@ def _chunks(items: list, size: int) -> Iterable[list]:
 if __name__ == "__main__":
     from multiprocessing.connection import Connection
 
+    for key, value in TRACKING_PROCESS_HTTP_ENV.items():  # a request to a server gives up in seconds
+        os.environ.setdefault(key, value)
     sidecar_main(Connection(int(sys.argv[1])))
