@@ -13,6 +13,7 @@ import signal
 import sys
 import os
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,7 @@ class Outage:
         self.interval = interval
         self.waited_s = 0.0
         self.given_up = False
+        self.while_waiting: Any = None  # called every ``interval`` while waiting (reads the experiment's pipe)
 
     def call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
         started: float | None = None
@@ -175,12 +177,19 @@ class Outage:
                     raise MlflowException(f"the tracking server {self.uri} was unreachable for "
                                           f"{self.timeout:.0f} s; the run is incomplete in MLflow, its "
                                           "records are on disk") from None
-                time.sleep(self.interval)
+                self._wait()
                 continue
             if started is not None:
                 self.waited_s += time.monotonic() - started
                 log.warning("the tracking server %s is back after %.1f s", self.uri, time.monotonic() - started)
             return result
+
+    def _wait(self) -> None:
+        deadline = time.monotonic() + self.interval
+        while time.monotonic() < deadline:
+            if self.while_waiting is not None:
+                self.while_waiting()
+            time.sleep(0.1)
 
 
 class Reconnecting:
@@ -363,15 +372,17 @@ def sidecar_main(conn: Any) -> None:
 
     status = "KILLED"  # unless told otherwise: the experiment process died
     buffer: list = []
+    inbox: deque = deque()  # messages read while waiting for a tracking server (so the experiment never blocks)
+    run.outage.while_waiting = lambda: _drain(conn, inbox)
     try:
         while True:
             try:
-                message = conn.recv()
+                message = inbox.popleft() if inbox else conn.recv()
             except (EOFError, OSError):  # the experiment process is gone
                 break
             if message[0] == "calls":
                 buffer.extend(message[1])
-                if len(buffer) >= 500 or not conn.poll():  # write when caught up, or in 500s
+                if len(buffer) >= 500 or not (inbox or conn.poll()):  # write when caught up, or in 500s
                     calls.write(buffer)
                     buffer = []
             elif message[0] == "finish":
@@ -399,6 +410,13 @@ def sidecar_main(conn: Any) -> None:
                 calls.write(buffer)  # what arrived before a failure or a kill is still logged
                 calls.close()
             run.end(status)
+
+
+def _drain(conn: Any, inbox: deque) -> None:
+    """Read whatever the experiment has sent; at its end (EOF) the main loop finds out by itself."""
+    with contextlib.suppress(EOFError, OSError):
+        while conn.poll():
+            inbox.append(conn.recv())
 
 
 def _one_line(error: BaseException) -> str:

@@ -187,6 +187,18 @@ def runs_of(server: MlflowServer, experiment: str) -> tuple[list, list]:
     return [r for r in runs if r not in parents], parents
 
 
+def count_traces(client: MlflowClient, run) -> int:
+    """A run's traces, page by page (the server answers at most 500 a page)."""
+    count, token = 0, None
+    while True:
+        page = client.search_traces(locations=[run.info.experiment_id], run_id=run.info.run_id, max_results=500,
+                                    page_token=token)
+        count += len(page)
+        token = page.token
+        if not token:
+            return count
+
+
 def assert_one_parent_per_sweep(children: list, parents: list, jobs_per_sweep: int) -> None:
     for parent in parents:
         mine = [c for c in children if c.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -365,30 +377,34 @@ def test_four_sweeps_of_eight_jobs_at_once(mlflow_server, llm_server, experiment
 
 # --- the server goes away mid-run --------------------------------------------------------------------
 
+CALLS = 800  # 13 messages of 64 long-prompt calls (~500 KB): more than the socket between the processes holds
+
+
 def test_server_outage_mid_run_loses_nothing(postgres, tmp_path):
-    """Calls go on while the server is down; when it is back, everything is logged and the run is marked."""
+    """Calls go on while the server is down (more of them than the pipe to the tracking process holds);
+    when it is back, everything is logged and the run is marked."""
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"question {i}"}) + "\n" for i in range(200)))
+    lines = (json.dumps({"id": f"p{i}", "prompt": f"question {i}: {'why ' * 80}"}) for i in range(CALLS))
+    prompts.write_text("\n".join(lines) + "\n")
     experiment = f"outage-{uuid.uuid4().hex[:8]}"
     server = MlflowServer(postgres, tmp_path / "artifacts", workers=1).start()
     client = MlflowClient(tracking_uri=server.url)
     stderr = tmp_path / "job.stderr"
-    with FakeLLMServer(api_key=API_KEY, latency=0.03) as llm:
+    with FakeLLMServer(api_key=API_KEY, latency=0.05) as llm:
         args = ["llm=openai", f"llm.base_url={llm.url}/v1", f"tracking.tracking_uri={server.url}",
-                f"tracking.experiment_name={experiment}", f"dataset.path={prompts}", "experiment.concurrency=2",
+                f"tracking.experiment_name={experiment}", f"dataset.path={prompts}", "experiment.concurrency=4",
                 "cache.mode=off"]
         env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and k != "MLFLOW_TRACKING_URI"}
         job = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=tmp_path, env={**env, **ENV},
                                stdout=subprocess.DEVNULL, stderr=stderr.open("w"), text=True)
         try:
-            def first_batch_logged() -> bool:  # the tracking process writes live, 64 calls a message
+            def run_started() -> bool:
                 exp = client.get_experiment_by_name(experiment)
-                runs = client.search_runs([exp.experiment_id]) if exp else []
-                return bool(runs) and len(client.get_metric_history(runs[0].info.run_id, "call_latency_s")) >= 64
+                return bool(exp and client.search_runs([exp.experiment_id]))
 
-            wait_for(first_batch_logged, 180, "the first calls logged on the server")
+            wait_for(run_started, 180, "the run on the server")
             server.stop()
-            wait_for(lambda: len(llm.log) == 200, 120, "every call answered while the server is down")
+            wait_for(lambda: len(llm.log) == CALLS, 180, "every call answered while the server is down")
             wait_for(lambda: "is unreachable; trying again" in stderr.read_text(), 120, "the tracking process to notice")
             assert job.poll() is None  # waiting for the server, not failed
             server.start()
@@ -402,14 +418,13 @@ def test_server_outage_mid_run_loses_nothing(postgres, tmp_path):
         assert job.returncode == 0, log[-4000:]
         assert "is back after" in log and "Traceback" not in log
         [run], _ = runs_of(server, experiment)
-        assert run.info.status == "FINISHED" and run.data.metrics["calls"] == 200
+        assert run.info.status == "FINISHED" and run.data.metrics["calls"] == CALLS
         assert float(run.data.tags["pikeclient.tracking_outage_s"]) > 0
-        assert len(client.get_metric_history(run.info.run_id, "call_latency_s")) == 200
-        traces = client.search_traces(locations=[run.info.experiment_id], run_id=run.info.run_id, max_results=500)
-        assert len(traces) == 200
+        assert len(client.get_metric_history(run.info.run_id, "call_latency_s")) == CALLS
+        assert count_traces(client, run) == CALLS
         assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"records.jsonl", "records_table.json",
                                                                             "hydra"}
     finally:
         server.stop()
     [records_file] = tmp_path.glob("runs/outputs/*/*/records.jsonl")
-    assert len(records_file.read_text().splitlines()) == 200
+    assert len(records_file.read_text().splitlines()) == CALLS
