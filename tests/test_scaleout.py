@@ -20,6 +20,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -264,7 +265,7 @@ def test_unreachable_server_fails_before_any_call(sweep, tmp_path):
 
 # --- parallel sweeps -------------------------------------------------------------------------------
 
-def test_joblib_sweep_is_one_parent_with_all_children(mlflow_server, llm_server, experiment, tmp_path):
+def test_joblib_sweep_is_one_parent_with_all_children(mlflow_server, llm_server, experiment, tmp_path, capsys):
     proc = run_py("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "sampling.temperature=0,0.3,0.6,0.9",
                   *job_args(llm_server, mlflow_server, experiment), cwd=tmp_path, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -272,6 +273,10 @@ def test_joblib_sweep_is_one_parent_with_all_children(mlflow_server, llm_server,
     assert len(parents) == 1
     assert_one_parent_per_sweep(children, parents, 4)
     assert {c.data.params["sampling.temperature"] for c in children} == {"0.0", "0.3", "0.6", "0.9"}
+    from pikeclient.ui_check import main as ui_check_main
+
+    assert ui_check_main(["--tracking-uri", mlflow_server.url, "--experiment", experiment]) == 0
+    assert f"served: sweep {parents[0].info.run_id} with 4 child runs" in capsys.readouterr().out
 
 
 def test_sweep_parent_is_found_through_the_server(mlflow_server, llm_server, experiment, tmp_path, monkeypatch):
@@ -294,9 +299,15 @@ def test_sweep_parent_is_found_through_the_server(mlflow_server, llm_server, exp
     assert search_parent(mlflow_server.url, experiment, str(elsewhere / sweep_dir)) is None
 
 
+@dataclass
+class RayNode:
+    address: str
+    node_dir: Path  # the node's working directory, where its jobs run
+
+
 @pytest.fixture(scope="session")
-def ray_head(tmp_path_factory) -> Iterator[str]:
-    """A Ray head node on loopback (its own process group, stopped here); yields its address."""
+def ray_head(tmp_path_factory) -> Iterator[RayNode]:
+    """A Ray head node on loopback (its own process group, stopped here), started in its own folder."""
     ray = Path(sys.executable).with_name("ray")
     if not ray.exists():
         pytest.skip("Ray is not installed: pip install -e '.[team]'")
@@ -312,28 +323,34 @@ def ray_head(tmp_path_factory) -> Iterator[str]:
                f"--ray-client-server-port={free_port()}", f"--dashboard-port={free_port()}",
                f"--dashboard-agent-listen-port={free_port()}", f"--min-worker-port={free_port()}",
                "--max-worker-port=0"]
+    node_dir = tmp_path_factory.mktemp("ray-node")
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
-                               start_new_session=True, cwd=temp)
+                               start_new_session=True, cwd=node_dir)
     try:
         def started() -> bool:
             assert process.poll() is None, f"ray start exited: {log.read_text()[-3000:]}"
             return "Ray runtime started" in log.read_text()
 
         wait_for(started, 180, "the Ray head node")
-        yield f"127.0.0.1:{port}"
+        yield RayNode(f"127.0.0.1:{port}", node_dir)
     finally:
         stop_group(process, grace=20)
         shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_sweep_is_one_parent_with_all_children(mlflow_server, llm_server, ray_head, experiment, tmp_path):
-    proc = run_py("-m", "hydra/launcher=ray", f"hydra.launcher.ray.init.address={ray_head}",
+    proc = run_py("-m", "hydra/launcher=ray", f"hydra.launcher.ray.init.address={ray_head.address}",
                   "+hydra.launcher.ray.init.object_store_memory=null", "sampling.temperature=0,0.3,0.6,0.9",
                   *job_args(llm_server, mlflow_server, experiment), cwd=tmp_path, env=ENV, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     children, parents = runs_of(mlflow_server, experiment)
     assert len(parents) == 1
     assert_one_parent_per_sweep(children, parents, 4)
+    # The jobs ran in the node's own folder, as on another machine: the sweep folder's parent file was
+    # not there, so they found the parent through the server; their records are in the node's folder.
+    assert not list(tmp_path.rglob("records.jsonl"))
+    node_records = list(ray_head.node_dir.glob("runs/multirun/*/*/*/records.jsonl"))
+    assert len(node_records) == 4 and not list(ray_head.node_dir.rglob("mlflow_parent_run.json"))
     assert {c.data.params["sampling.temperature"] for c in children} == {"0.0", "0.3", "0.6", "0.9"}
 
 
