@@ -164,8 +164,10 @@ class Outage:
             try:
                 result = function(*args, **kwargs)
             except Exception as error:
-                if self.given_up or not _unreachable(error):
+                if not _unreachable(error):
                     raise
+                if self.given_up:
+                    raise MlflowException(self.gone_message()) from None
                 now = time.monotonic()
                 if started is None:
                     started = now
@@ -174,15 +176,17 @@ class Outage:
                 if now - started >= self.timeout:
                     self.given_up = True
                     self.waited_s += now - started
-                    raise MlflowException(f"the tracking server {self.uri} was unreachable for "
-                                          f"{self.timeout:.0f} s; the run is incomplete in MLflow, its "
-                                          "records are on disk") from None
+                    raise MlflowException(self.gone_message()) from None
                 self._wait()
                 continue
             if started is not None:
                 self.waited_s += time.monotonic() - started
                 log.warning("the tracking server %s is back after %.1f s", self.uri, time.monotonic() - started)
             return result
+
+    def gone_message(self) -> str:
+        return (f"the tracking server {self.uri} was unreachable for {self.timeout:.0f} s; the run is "
+                "incomplete in MLflow, its records are on disk")
 
     def _wait(self) -> None:
         deadline = time.monotonic() + self.interval
@@ -404,12 +408,21 @@ def sidecar_main(conn: Any) -> None:
         log.error("tracking failed: %s", error)
         with contextlib.suppress(OSError):
             conn.send(("error", _one_line(error)))
+        _read_to_the_end(conn)
     finally:
         if status != "FINISHED":  # a finished run was ended before the answer was sent
             with contextlib.suppress(Exception):
                 calls.write(buffer)  # what arrived before a failure or a kill is still logged
                 calls.close()
             run.end(status)
+
+
+def _read_to_the_end(conn: Any) -> None:
+    """After a failure, keep reading (and dropping) the experiment's calls: its calls go on to the end,
+    every record reaches its records file, and it learns that tracking failed when it finishes."""
+    with contextlib.suppress(EOFError, OSError):
+        while conn.recv()[0] not in ("finish", "end"):
+            pass
 
 
 def _drain(conn: Any, inbox: deque) -> None:
@@ -433,4 +446,5 @@ if __name__ == "__main__":
 
     for key, value in TRACKING_PROCESS_HTTP_ENV.items():  # a request to a server gives up in seconds
         os.environ.setdefault(key, value)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # a line per retry; Outage says it once
     sidecar_main(Connection(int(sys.argv[1])))

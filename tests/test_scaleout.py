@@ -445,3 +445,40 @@ def test_server_outage_mid_run_loses_nothing(postgres, tmp_path):
         server.stop()
     [records_file] = tmp_path.glob("runs/outputs/*/*/records.jsonl")
     assert len(records_file.read_text().splitlines()) == CALLS
+
+
+def test_server_gone_for_good_fails_the_job_with_its_records_on_disk(postgres, tmp_path):
+    """Past ``tracking.reconnect_timeout`` the job still makes every call, then exits 1 with one line."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"question {i}"}) + "\n" for i in range(300)))
+    server = MlflowServer(postgres, tmp_path / "artifacts", workers=1).start()
+    client = MlflowClient(tracking_uri=server.url)
+    experiment = f"gone-{uuid.uuid4().hex[:8]}"
+    stderr = tmp_path / "job.stderr"
+    with FakeLLMServer(api_key=API_KEY, latency=0.05) as llm:
+        args = ["llm=openai", f"llm.base_url={llm.url}/v1", f"tracking.tracking_uri={server.url}",
+                f"tracking.experiment_name={experiment}", f"dataset.path={prompts}", "experiment.concurrency=2",
+                "cache.mode=off", "tracking.reconnect_timeout=3"]
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and k != "MLFLOW_TRACKING_URI"}
+        job = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=tmp_path, env={**env, **ENV},
+                               stdout=subprocess.DEVNULL, stderr=stderr.open("w"), text=True)
+        try:
+            def run_started() -> bool:
+                exp = client.get_experiment_by_name(experiment)
+                return bool(exp and client.search_runs([exp.experiment_id]))
+
+            wait_for(run_started, 180, "the run on the server")
+            server.stop()
+            job.wait(300)
+        finally:
+            if job.poll() is None:
+                job.kill()
+                job.wait(30)
+        assert len(llm.log) == 300  # every call was made
+    log = stderr.read_text()
+    assert job.returncode == 1, log[-4000:]
+    [line] = [line for line in log.splitlines() if "[pikeclient.cli][ERROR]" in line]
+    assert "was unreachable for 3 s" in line and "records are on disk" in line
+    assert "Traceback" not in log
+    [records_file] = tmp_path.glob("runs/outputs/*/*/records.jsonl")
+    assert len(records_file.read_text().splitlines()) == 300
