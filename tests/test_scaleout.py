@@ -422,7 +422,8 @@ def test_server_outage_mid_run_loses_nothing(postgres, tmp_path):
             wait_for(run_started, 180, "the run on the server")
             server.stop()
             wait_for(lambda: len(llm.log) == CALLS, 180, "every call answered while the server is down")
-            wait_for(lambda: "is unreachable; trying again" in stderr.read_text(), 120, "the tracking process to notice")
+            noticed = lambda: "is unreachable; trying again" in stderr.read_text()  # noqa: E731
+            wait_for(noticed, 120, "the tracking process to notice")
             assert job.poll() is None  # waiting for the server, not failed
             server.start()
             job.wait(400)
