@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from pikeclient.testing.server import FakeLLMServer, free_port
-from tests.conftest import API_KEY, REPO, run_py
+from tests.conftest import API_KEY, REPO, files_containing, run_py
 
 pytest.importorskip("psycopg", reason="PostgreSQL driver missing: pip install -e '.[team]'")
 from mlflow.tracking import MlflowClient  # noqa: E402 - after the skip above
@@ -235,6 +235,7 @@ def test_single_run_logs_everything_through_the_server(mlflow_server, llm_server
     stored = mlflow_server.artifacts / run.info.experiment_id / run.info.run_id / "artifacts" / "records.jsonl"
     assert len(stored.read_text().splitlines()) == 4
     assert not (tmp_path / "runs" / "mlartifacts").exists()
+    assert files_containing(tmp_path, API_KEY) == [] and files_containing(mlflow_server.artifacts, API_KEY) == []
 
     from pikeclient.report import main as report_main
 
@@ -321,8 +322,8 @@ def ray_head(tmp_path_factory) -> Iterator[RayNode]:
     command = [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
                f"--ray-client-server-port={free_port()}", f"--dashboard-port={free_port()}",
-               f"--dashboard-agent-listen-port={free_port()}", f"--min-worker-port={free_port()}",
-               "--max-worker-port=0"]
+               f"--dashboard-agent-listen-port={free_port()}",
+               "--min-worker-port=0", "--max-worker-port=0"]  # workers: ports the OS picks
     node_dir = tmp_path_factory.mktemp("ray-node")
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
                                start_new_session=True, cwd=node_dir)
