@@ -144,6 +144,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"cache.scope={cfg.cache.scope!r}: allowed run, shared")
     if cfg.experiment.concurrency < 1:
         raise ConfigError(f"experiment.concurrency={cfg.experiment.concurrency} is out of range: allowed >= 1")
+    if cfg.tracking.reconnect_timeout < 0:
+        raise ConfigError(f"tracking.reconnect_timeout={cfg.tracking.reconnect_timeout} is out of range: allowed >= 0")
     if cfg.dataset.limit is not None and cfg.dataset.limit < 1:
         raise ConfigError(f"dataset.limit={cfg.dataset.limit} is out of range: allowed >= 1")
     if not OmegaConf.is_dict(cfg.llm) or "_target_" not in cfg.llm:
