@@ -1,7 +1,9 @@
 """MLflow tracking: the only module that imports mlflow.
 
 Uses an ``MlflowClient`` bound to one tracking URI (no fluent global state), logs in batches, and
-marks a run FAILED or KILLED when the experiment does not finish.
+marks a run FAILED or KILLED when the experiment does not finish. With a tracking server, a request
+that cannot reach it is tried again until the server is back (``Outage``), while the experiment's
+calls keep arriving.
 """
 
 from __future__ import annotations

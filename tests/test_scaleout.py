@@ -267,6 +267,7 @@ def test_unreachable_server_fails_before_any_call(sweep, tmp_path):
 # --- parallel sweeps -------------------------------------------------------------------------------
 
 def test_joblib_sweep_is_one_parent_with_all_children(mlflow_server, llm_server, experiment, tmp_path, capsys):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="pip install -e '.[team]'")
     proc = run_py("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "sampling.temperature=0,0.3,0.6,0.9",
                   *job_args(llm_server, mlflow_server, experiment), cwd=tmp_path, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -367,6 +368,7 @@ def test_submitit_local_sweep_is_one_parent_with_all_children(mlflow_server, llm
 
 def test_four_sweeps_of_eight_jobs_at_once(mlflow_server, llm_server, experiment, tmp_path):
     """32 jobs from 4 sweeps, started together against one server: 4 parents, 32 children, nothing lost."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="pip install -e '.[team]'")
     temperatures = "sampling.temperature=" + ",".join(f"0.{i}" for i in range(8))
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and k != "MLFLOW_TRACKING_URI"}
     procs = []
