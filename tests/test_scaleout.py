@@ -378,13 +378,13 @@ def test_four_sweeps_of_eight_jobs_at_once(mlflow_server, llm_server, experiment
         args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", temperatures,
                 *job_args(llm_server, mlflow_server, experiment)]
         procs.append(subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env={**env, **ENV},
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
     try:
         outputs = [p.communicate(timeout=900)[1] for p in procs]
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
+            stop_group(p, signal.SIGKILL, grace=0)
     for p, err in zip(procs, outputs):
         assert p.returncode == 0, err[-4000:]
     children, parents = runs_of(mlflow_server, experiment)
@@ -416,7 +416,8 @@ def test_server_outage_mid_run_loses_nothing(postgres, tmp_path):
                 "cache.mode=off"]
         env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and k != "MLFLOW_TRACKING_URI"}
         job = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=tmp_path, env={**env, **ENV},
-                               stdout=subprocess.DEVNULL, stderr=stderr.open("w"), text=True)
+                               stdout=subprocess.DEVNULL, stderr=stderr.open("w"), text=True,
+                               start_new_session=True)  # on failure, its tracking process is stopped with it
         try:
             def run_started() -> bool:
                 exp = client.get_experiment_by_name(experiment)
@@ -431,9 +432,7 @@ def test_server_outage_mid_run_loses_nothing(postgres, tmp_path):
             server.start()
             job.wait(400)
         finally:
-            if job.poll() is None:
-                job.kill()
-                job.wait(30)
+            stop_group(job, signal.SIGKILL, grace=0)
     try:
         log = stderr.read_text()
         assert job.returncode == 0, log[-4000:]
@@ -465,7 +464,8 @@ def test_server_gone_for_good_fails_the_job_with_its_records_on_disk(postgres, t
                 "cache.mode=off", "tracking.reconnect_timeout=3"]
         env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and k != "MLFLOW_TRACKING_URI"}
         job = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=tmp_path, env={**env, **ENV},
-                               stdout=subprocess.DEVNULL, stderr=stderr.open("w"), text=True)
+                               stdout=subprocess.DEVNULL, stderr=stderr.open("w"), text=True,
+                               start_new_session=True)  # on failure, its tracking process is stopped with it
         try:
             def run_started() -> bool:
                 exp = client.get_experiment_by_name(experiment)
@@ -475,9 +475,7 @@ def test_server_gone_for_good_fails_the_job_with_its_records_on_disk(postgres, t
             server.stop()
             job.wait(300)
         finally:
-            if job.poll() is None:
-                job.kill()
-                job.wait(30)
+            stop_group(job, signal.SIGKILL, grace=0)
         assert len(llm.log) == 300  # every call was made
     log = stderr.read_text()
     assert job.returncode == 1, log[-4000:]
