@@ -29,7 +29,7 @@ from pikeclient.testing.server import FakeLLMServer, free_port
 from tests.conftest import API_KEY, REPO, files_containing, run_py
 
 pytest.importorskip("psycopg", reason="PostgreSQL driver missing: pip install -e '.[team]'")
-from mlflow.tracking import MlflowClient  # noqa: E402 - after the skip above
+from mlflow.tracking import MlflowClient
 
 ENV = {"OPENAI_API_KEY": API_KEY}
 
@@ -426,7 +426,7 @@ def test_server_outage_mid_run_loses_nothing(postgres, tmp_path):
             wait_for(run_started, 180, "the run on the server")
             server.stop()
             wait_for(lambda: len(llm.log) == CALLS, 180, "every call answered while the server is down")
-            noticed = lambda: "is unreachable; trying again" in stderr.read_text()  # noqa: E731
+            noticed = lambda: "is unreachable; trying again" in stderr.read_text()
             wait_for(noticed, 120, "the tracking process to notice")
             assert job.poll() is None  # waiting for the server, not failed
             server.start()
