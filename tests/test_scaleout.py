@@ -252,16 +252,13 @@ def test_unreachable_server_fails_before_any_call(sweep, tmp_path):
         args = ["llm=openai", f"llm.base_url={llm.url}/v1", f"tracking.tracking_uri={nobody}", "dataset.limit=2"]
         if sweep:
             args = ["-m", *args, "sampling.temperature=0,0.5"]
-        started = time.monotonic()
-        proc = run_py(*args, cwd=tmp_path, env=ENV, timeout=120)
-        elapsed = time.monotonic() - started
+        proc = run_py(*args, cwd=tmp_path, env=ENV, timeout=120)  # MLflow's own retries would take minutes
         assert llm.log == [] and llm.request_count == 0
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "unreachable" in line]
     assert len(errors) == 1 and f"tracking server at {nobody} is unreachable" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("records.jsonl"))
-    assert elapsed < 100  # seconds, not MLflow's minutes of HTTP retries (generous for a loaded machine)
 
 
 # --- parallel sweeps -------------------------------------------------------------------------------
