@@ -80,6 +80,7 @@ class TrackingConfig:
     run_name: Optional[str] = None
     log_records: bool = True
     traces: bool = True
+    reconnect_timeout: float = 600.0
 
 
 @dataclass
@@ -223,6 +224,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset.kind={cfg.dataset.kind!r}: allowed jsonl, synthetic")
     if cfg.dataset.kind == "jsonl" and not cfg.dataset.path:
         raise ConfigError("dataset.path is not set: name a JSONL prompt file (or use dataset=synthetic)")
+    if cfg.tracking.reconnect_timeout < 0:
+        raise ConfigError(f"tracking.reconnect_timeout={cfg.tracking.reconnect_timeout} is out of range: allowed >= 0")
     if cfg.dataset.limit is not None and cfg.dataset.limit < 1:
         raise ConfigError(f"dataset.limit={cfg.dataset.limit} is out of range: allowed >= 1")
     if not OmegaConf.is_dict(cfg.llm) or "_target_" not in cfg.llm:
@@ -274,5 +277,11 @@ def tracking_uri(cfg: Any) -> str:
     return cfg.tracking.tracking_uri or default_tracking_uri(cfg.paths.runs_dir)
 
 
-def artifact_root(cfg: Any) -> str:
+def artifact_root(cfg: Any) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a local store; a tracking server decides
+    (with ``--serve-artifacts`` they are uploaded through it, so every machine sees them)."""
+    from pikeclient.remote import is_server_uri
+
+    if is_server_uri(tracking_uri(cfg)):
+        return None
     return str(Path(cfg.paths.runs_dir).resolve() / "mlartifacts")

@@ -182,18 +182,25 @@ def check_prompts_fit(client: BaseLLMClient, prompts: Sequence[PromptItem]) -> N
 
 def start_tracking(tracking: TrackingSidecar, cfg: DictConfig, client: BaseLLMClient, hydra_info: dict[str, Any],
                    output_dir: Path, earlier: Earlier | None = None, redactor: Redactor | None = None) -> None:
-    """Prepare the MLflow run in the tracking process; a sweep's job becomes a child of the sweep's run."""
-    from pikeclient.sweep import read_parent
+    """Prepare the MLflow run in the tracking process; a sweep's job becomes a child of the sweep's run.
 
+    A tracking server that does not answer fails here, in seconds and before any call."""
+    from pikeclient.remote import check_reachable, is_server_uri
+    from pikeclient.sweep import find_parent
+
+    uri = tracking_uri(cfg)
+    if is_server_uri(uri):
+        check_reachable(uri)
     redactor = redactor or Redactor(())
     description = redactor.data(client.describe())
     tags = {f"pikeclient.{k}": str(v) for k, v in {**description, **hydra_info}.items()}
-    parent = read_parent(hydra_info["sweep_dir"]) if "sweep_dir" in hydra_info else None
+    parent = (find_parent(hydra_info["sweep_dir"], uri, cfg.tracking.experiment_name)
+              if "sweep_dir" in hydra_info else None)
     if parent is not None:
         tags["mlflow.parentRunId"] = parent["run_id"]
     tags["pikeclient.output_dir"] = str(output_dir.resolve())
     tracking.start({
-        "tracking_uri": tracking_uri(cfg),
+        "tracking_uri": uri,
         "experiment_name": cfg.tracking.experiment_name,
         "run_name": redactor.text(str(cfg.tracking.run_name or hydra_info.get("job_name") or description["provider"])),
         "tags": tags,
@@ -203,4 +210,5 @@ def start_tracking(tracking: TrackingSidecar, cfg: DictConfig, client: BaseLLMCl
         "traces": cfg.tracking.traces,
         "output_dir": str(output_dir),
         "resume_run_id": earlier.run_id if earlier else None,
+        "reconnect_timeout": cfg.tracking.reconnect_timeout,
     })

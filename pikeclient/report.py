@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from pikeclient.errors import ConfigError
 from pikeclient.config import default_tracking_uri
+from pikeclient.remote import check_reachable, is_server_uri
 
 
 @dataclass(frozen=True)
@@ -256,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
             raise ConfigError(f"no tracking store at {uri}: run an experiment first, or pass --tracking-uri")
+        if is_server_uri(uri):
+            check_reachable(uri)  # seconds, not MLflow's minutes of HTTP retries
         client = MlflowClient(tracking_uri=uri)
         rows = rank_by_goodput([to_row(run) for run in find_runs(client, args.experiment, args.sweep)])
     except ConfigError as error:

@@ -1,7 +1,9 @@
 """MLflow tracking: the only module that imports mlflow.
 
 Uses an ``MlflowClient`` bound to one tracking URI (no fluent global state), logs in batches, and
-marks a run FAILED or KILLED when the experiment does not finish.
+marks a run FAILED or KILLED when the experiment does not finish. With a tracking server, a request
+that cannot reach it is tried again until the server is back (``Outage``), while the experiment's
+calls keep arriving.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
 from pikeclient.config import artifact_root, is_secret_name, tracking_uri
+from pikeclient.remote import TRACKING_PROCESS_HTTP_ENV, is_server_uri
 from pikeclient.resume import write_job_file
 
 log = logging.getLogger(__name__)
@@ -108,22 +112,22 @@ def _process_alive(pid: int) -> bool:
         return True
 
 
-def open_parent_run(cfg: Any, sweep_dir: Path) -> dict[str, str]:
+def open_parent_run(cfg: Any, sweep_dir: Path, tags: Mapping[str, str] | None = None) -> dict[str, str]:
     """Create the experiment (once, before parallel jobs could race on it) and a sweep's parent run."""
     uri = tracking_uri(cfg)
     client = open_client(uri, artifact_root(cfg))
     experiment_id = get_or_create_experiment(client, cfg.tracking.experiment_name, artifact_root(cfg))
     end_orphaned_runs(client, experiment_id)
-    tags = {"pikeclient.sweep_dir": str(sweep_dir), "pikeclient.role": "sweep", **owner_tags()}
+    tags = {"pikeclient.sweep_dir": str(sweep_dir), "pikeclient.role": "sweep", **owner_tags(), **(tags or {})}
     run = client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}", tags=tags)
     return {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": uri}
 
 
-def reopen_parent_run(parent: Mapping[str, str]) -> None:
+def reopen_parent_run(parent: Mapping[str, str], tags: Mapping[str, str] | None = None) -> None:
     """A resumed sweep's parent: RUNNING again, owned by this process, until its jobs are done."""
     client = MlflowClient(tracking_uri=parent["tracking_uri"])
     client.update_run(parent["run_id"], status="RUNNING")
-    client.log_batch(parent["run_id"], tags=[RunTag(k, v) for k, v in owner_tags().items()])
+    client.log_batch(parent["run_id"], tags=[RunTag(k, v) for k, v in {**owner_tags(), **(tags or {})}.items()])
 
 
 def close_parent_run(parent: Mapping[str, str], status: str | None = None) -> None:
@@ -155,23 +159,27 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 class MlflowRun:
     """One MLflow run, logged in batches through one ``MlflowClient``."""
 
-    def __init__(self, client: MlflowClient, experiment_id: str, run_id: str) -> None:
+    def __init__(self, client: MlflowClient, experiment_id: str, run_id: str, outage: Outage | None = None) -> None:
         self.client = client
         self.experiment_id = experiment_id
         self.run_id = run_id
+        # How long a tracking server was away during this run (never, for a local store).
+        self.outage = outage or Outage(str(client.tracking_uri), 0.0)
 
     @classmethod
     def create(cls, client: MlflowClient, experiment_id: str, *, run_name: str | None = None,
-               tags: Mapping[str, str] | None = None, start_time_ms: int | None = None) -> MlflowRun:
+               tags: Mapping[str, str] | None = None, start_time_ms: int | None = None,
+               outage: Outage | None = None) -> MlflowRun:
         run = client.create_run(experiment_id, start_time=start_time_ms, run_name=run_name, tags=dict(tags or {}))
         log.info("MLflow run %s in experiment %s (%s)", run.info.run_id, experiment_id, client.tracking_uri)
-        return cls(client, experiment_id, run.info.run_id)
+        return cls(client, experiment_id, run.info.run_id, outage)
 
     @classmethod
-    def reopen(cls, client: MlflowClient, experiment_id: str, run_id: str, tags: Mapping[str, str]) -> MlflowRun:
+    def reopen(cls, client: MlflowClient, experiment_id: str, run_id: str, tags: Mapping[str, str],
+               outage: Outage | None = None) -> MlflowRun:
         """An interrupted run, RUNNING again (owned by this process) until this process ends it."""
         client.update_run(run_id, status="RUNNING")
-        run = cls(client, experiment_id, run_id)
+        run = cls(client, experiment_id, run_id, outage)
         run.log_tags(tags)
         return run
 
@@ -181,7 +189,12 @@ class MlflowRun:
 
     def end(self, status: str, end_time_ms: int | None = None) -> None:
         """FINISHED, FAILED or KILLED; ``end_time_ms`` is when the measured part ended."""
-        self.client.set_terminated(self.run_id, status, end_time=end_time_ms)
+        try:
+            self.client.set_terminated(self.run_id, status, end_time=end_time_ms)
+        except Exception:
+            if not self.outage.given_up:
+                raise
+            log.error("run %s stays RUNNING on %s: the server did not come back", self.run_id, self.outage.uri)
 
     def log_params(self, params: Mapping[str, str]) -> None:
         items = [Param(k, v) for k, v in params.items()]
@@ -209,6 +222,8 @@ class MlflowRun:
             # What log_table adds, so the UI lists the file as a table.
             self.log_tags({MLFLOW_LOGGED_ARTIFACTS: json.dumps([{"path": "records_table.json", "type": "table"}])})
         self.log_artifact(output_dir / ".hydra", "hydra")
+        if self.outage.waited_s:  # the run is complete, but say that the server was away meanwhile
+            self.log_tags({"pikeclient.tracking_outage_s": f"{self.outage.waited_s:.1f}"})
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -216,6 +231,86 @@ class MlflowRun:
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         elif path.exists():
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+class Outage:
+    """Waits out a tracking server that cannot be reached: the request is tried again every few seconds,
+    for up to ``timeout`` seconds per outage; after that every request fails at once.
+
+    Only "could not connect" is waited for (the request never reached the server, so trying again
+    cannot log twice); an error the server answers with is raised as before.
+    """
+
+    def __init__(self, uri: str, timeout: float, interval: float = 2.0) -> None:
+        self.uri = uri
+        self.timeout = timeout
+        self.interval = interval
+        self.waited_s = 0.0
+        self.given_up = False
+        self.while_waiting: Any = None  # called every ``interval`` while waiting (reads the experiment's pipe)
+
+    def call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        started: float | None = None
+        while True:
+            try:
+                result = function(*args, **kwargs)
+            except Exception as error:
+                if not _unreachable(error):
+                    raise
+                if self.given_up:
+                    raise MlflowException(self.gone_message()) from None
+                now = time.monotonic()
+                if started is None:
+                    started = now
+                    log.warning("the tracking server %s is unreachable; trying again for up to %.0f s (the "
+                                "calls go on and every record is on disk)", self.uri, self.timeout)
+                if now - started >= self.timeout:
+                    self.given_up = True
+                    self.waited_s += now - started
+                    raise MlflowException(self.gone_message()) from None
+                self._wait()
+                continue
+            if started is not None:
+                self.waited_s += time.monotonic() - started
+                log.warning("the tracking server %s is back after %.1f s", self.uri, time.monotonic() - started)
+            return result
+
+    def gone_message(self) -> str:
+        return (f"the tracking server {self.uri} was unreachable for {self.timeout:.0f} s; the run is "
+                "incomplete in MLflow, its records are on disk")
+
+    def _wait(self) -> None:
+        deadline = time.monotonic() + self.interval
+        while time.monotonic() < deadline:
+            if self.while_waiting is not None:
+                self.while_waiting()
+            time.sleep(0.1)
+
+
+class Reconnecting:
+    """An MlflowClient (or store) whose methods go through ``outage.call``."""
+
+    def __init__(self, target: Any, outage: Outage) -> None:
+        self._target = target
+        self._outage = outage
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if not callable(value):
+            return value
+        return lambda *args, **kwargs: self._outage.call(value, *args, **kwargs)
+
+
+def _unreachable(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a failure to connect, as MLflow's REST client reports it."""
+    import requests
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (requests.ConnectionError, requests.exceptions.RetryError, ConnectionError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str | None = None) -> str:
@@ -271,6 +366,13 @@ class CallLogger:
         self.traces = traces
         # MlflowClient has no public batch span API; its store has (sqlite, MLflow server).
         self.store = run.client._tracking_client.store
+        if isinstance(run.client, Reconnecting):
+            # The REST store asks the server's version before its first span batch and keeps a failed
+            # answer for good (no more traces); ask now, while the server is known to answer.
+            server_version = getattr(self.store, "_get_server_version", None)
+            if traces and server_version is not None:
+                server_version(self.store.get_host_creds())
+            self.store = Reconnecting(self.store, run.outage)
         self.trace_ids: list[str] = []
         self.traces_failed = False
         self.logged: set[int] = set()  # prompt indices a resumed run logged before it stopped
@@ -368,7 +470,11 @@ def sidecar_main(conn: Any) -> None:
     except (EOFError, OSError):  # the experiment stopped before it was ready to start a run
         return
     try:
-        client = open_client(setup["tracking_uri"], setup["artifact_root"])
+        uri = setup["tracking_uri"]
+        outage = Outage(uri, setup.get("reconnect_timeout", 600.0))
+        client = open_client(uri, setup["artifact_root"])
+        if is_server_uri(uri):  # a server may go away mid-run: wait for it instead of failing
+            client = Reconnecting(client, outage)
         experiment_id = get_or_create_experiment(client, setup["experiment_name"], setup["artifact_root"])
         end_orphaned_runs(client, experiment_id)
         if setup.get("resume_run_id"):
@@ -381,23 +487,25 @@ def sidecar_main(conn: Any) -> None:
     calls: CallLogger | None = None
     status = "KILLED"  # unless told otherwise: the experiment process died
     buffer: list = []
+    inbox: deque = deque()  # messages read while waiting for a tracking server (so the experiment never blocks)
+    outage.while_waiting = lambda: _drain(conn, inbox)
     try:
         while True:
             try:
-                message = conn.recv()
+                message = inbox.popleft() if inbox else conn.recv()
             except (EOFError, OSError):  # the experiment process is gone
                 break
             if message[0] == "begin":
-                run, calls = _begin(client, experiment_id, setup, start_time_ms=message[1])
+                run, calls = _begin(client, experiment_id, setup, outage, start_time_ms=message[1])
                 _answer(conn, "run", run.run_id)
             elif message[0] == "calls":
                 buffer.extend(message[1])
-                if len(buffer) >= 500 or not conn.poll():  # write when caught up, or in 500s
+                if len(buffer) >= 500 or not (inbox or conn.poll()):  # write when caught up, or in 500s
                     calls.write(buffer)
                     buffer = []
             elif message[0] == "finish":
                 if run is None:  # no measured part (every prompt was answered before): still one run
-                    run, calls = _begin(client, experiment_id, setup, start_time_ms=message[3])
+                    run, calls = _begin(client, experiment_id, setup, outage, start_time_ms=message[3])
                     _answer(conn, "run", run.run_id)
                 calls.write(buffer)
                 buffer = []
@@ -416,6 +524,7 @@ def sidecar_main(conn: Any) -> None:
         status = "FAILED"
         log.error("tracking failed: %s", error)
         _answer(conn, "error", _one_line(error))
+        _read_to_the_end(conn)
     finally:
         if run is not None and status != "ENDED":
             with contextlib.suppress(Exception):
@@ -433,16 +542,16 @@ def _check_resumable(client: MlflowClient, run_id: str, experiment_id: str) -> N
         raise MlflowException(f"run {run_id} to resume belongs to another experiment")
 
 
-def _begin(client: MlflowClient, experiment_id: str, setup: Mapping[str, Any],
+def _begin(client: MlflowClient, experiment_id: str, setup: Mapping[str, Any], outage: Outage,
            start_time_ms: int) -> tuple[MlflowRun, CallLogger]:
     """Create the run (or reopen the one being resumed) and record its id in the job's run.json."""
     resume = setup.get("resume_run_id")
     owner = owner_tags(os.getppid())  # the experiment process: when it is gone, the run is over
     if resume:
-        run = MlflowRun.reopen(client, experiment_id, resume, owner)
+        run = MlflowRun.reopen(client, experiment_id, resume, owner, outage)
     else:
         run = MlflowRun.create(client, experiment_id, run_name=setup["run_name"], tags={**setup["tags"], **owner},
-                               start_time_ms=start_time_ms)
+                               start_time_ms=start_time_ms, outage=outage)
         run.log_params({**flatten(setup["config"]), **flatten({"client": setup["client"]})})
     calls = CallLogger(run, setup["client"], traces=setup["traces"])
     if resume:
@@ -454,6 +563,21 @@ def _begin(client: MlflowClient, experiment_id: str, setup: Mapping[str, Any],
 def _answer(conn: Any, kind: str, value: Any) -> None:
     with contextlib.suppress(OSError):  # the experiment may have ended already
         conn.send((kind, value))
+
+
+def _read_to_the_end(conn: Any) -> None:
+    """After a failure, keep reading (and dropping) the experiment's calls: its calls go on to the end,
+    every record reaches its records file, and it learns that tracking failed when it finishes."""
+    with contextlib.suppress(EOFError, OSError):
+        while conn.recv()[0] not in ("finish", "end"):
+            pass
+
+
+def _drain(conn: Any, inbox: deque) -> None:
+    """Read whatever the experiment has sent; at its end (EOF) the main loop finds out by itself."""
+    with contextlib.suppress(EOFError, OSError):
+        while conn.poll():
+            inbox.append(conn.recv())
 
 
 def _one_line(error: BaseException) -> str:
@@ -476,4 +600,7 @@ if __name__ == "__main__":
     else:
         from multiprocessing.connection import Connection
 
+        for key, value in TRACKING_PROCESS_HTTP_ENV.items():  # a request to a server gives up in seconds
+            os.environ.setdefault(key, value)
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # a line per retry; Outage says it once
         sidecar_main(Connection(int(sys.argv[1])))

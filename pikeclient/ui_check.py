@@ -1,8 +1,9 @@
 """Check what the MLflow UI serves: ``python -m pikeclient.ui_check [--screenshot compare.png]``.
 
-Starts ``mlflow ui`` on the tracking store (loopback only), confirms through its REST API that the
-latest sweep's parent run and child runs are served with their metrics, and, where Chromium is
-installed, saves a headless screenshot of the UI's run-compare page for those runs.
+Starts ``mlflow ui`` on the tracking store (loopback only; a tracking server is asked directly),
+confirms through its REST API that the latest sweep's parent run and child runs are served with their
+metrics, and, where Chromium is installed, saves a headless screenshot of the UI's run-compare page
+for those runs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from pikeclient.remote import is_server_uri
 from pikeclient.testing.server import free_port
 
 REQUIRED_METRICS = ("calls", "latency_s_p50", "latency_s_p95")
@@ -51,6 +53,19 @@ def mlflow_ui(tracking_uri: str, port: int, timeout: float = 90) -> Iterator[str
             process.wait(10)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@contextmanager
+def served_by(server: str) -> Iterator[str]:
+    """A tracking server (``http://host:port``) is its own UI: check it answers, start nothing."""
+    from pikeclient.errors import ConfigError
+    from pikeclient.remote import check_reachable
+
+    try:
+        check_reachable(server)
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
+    yield server.rstrip("/")
 
 
 def api(base: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -115,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--screenshot", type=Path, help="PNG of the run-compare page (needs Chromium)")
     args = parser.parse_args(argv)
     uri = args.tracking_uri or default_tracking_uri("runs")
-    with mlflow_ui(uri, free_port()) as base:
+    with (served_by(uri) if is_server_uri(uri) else mlflow_ui(uri, free_port())) as base:
         try:
             sweep = served_sweep(base, args.experiment)
         except RuntimeError as error:

@@ -55,3 +55,10 @@ def test_out_of_range_names_the_key(api_env):
         create_client(compose_cfg("llm=openai", "sampling.temperature=2.5"))
     with pytest.raises(ConfigError, match="retry.max_attempts=0"):
         create_client(compose_cfg("llm=openai", "retry.max_attempts=0"))
+
+
+def test_negative_reconnect_timeout_names_the_key():
+    from pikeclient.config import validate
+
+    with pytest.raises(ConfigError, match=r"tracking.reconnect_timeout=-1.0 is out of range: allowed >= 0"):
+        validate(compose_cfg("tracking.reconnect_timeout=-1"))
