@@ -127,30 +127,51 @@ def _short_key(key: str, keys: Sequence[str]) -> str:
 
 
 def format_table(rows: Sequence[Row], width: int = WIDTH) -> str:
-    """One line per run, at most ``width`` columns where it can (the run label, then the model, give way
-    first); TTFT/ITL/TPOT, rate, SLO and interval columns appear only when some run has them."""
-    streamed = any(r.ttft is not None for r in rows)
-    rated = any(r.requested_rate is not None for r in rows)
-    slos = any(r.goodput is not None for r in rows)
-    intervals = any(r.p50_ci is not None for r in rows)
-    headers = ["#", "run", "backend", "model", "calls", "err", "p50 s", *(["p50 95% CI"] if intervals else []),
-               "p95 s", *(["ttft s", "itl ms", "tpot ms"] if streamed else []), *(["rate/s", "got/s"] if rated else []),
-               *(["slo met", "goodput"] if slos else []), "tokens", "counted", "tok/s", "cost"]
+    """One line per run, at most ``width`` columns (the run label, then the model, give way first).
+
+    A second table, keyed by ``#``, holds what only some runs have: the p50's 95% interval, TTFT, ITL
+    and TPOT (streaming), requested and achieved rate (open loop), SLO attainment and goodput, and who
+    counted the tokens when it was not the server.
+    """
 
     def fmt(value: float | int | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
     rows = label_rows(rows)
+    headers = ["#", "run", "backend", "model", "calls", "err", "p50 s", "p95 s", "tokens", "tok/s", "cost"]
     body = [[str(i), r.label, r.backend, r.model.rsplit("/", 1)[-1], str(r.calls), str(r.errors), fmt(r.p50, ".3f"),
-             *([f"[{r.p50_ci[0]:.3f}, {r.p50_ci[1]:.3f}]" if r.p50_ci else "-"] if intervals else []),
-             fmt(r.p95, ".3f"),
-             *([fmt(r.ttft, ".3f"), fmt(r.itl_ms, ".1f"), fmt(r.tpot_ms, ".1f")] if streamed else []),
-             *([fmt(r.requested_rate, "g"), fmt(r.achieved_rate, ".2f")] if rated else []),
-             *([fmt(r.slo_attainment, ".0%"), fmt(r.goodput, ".2f")] if slos else []),
-             fmt(r.tokens, "d"), r.token_basis, fmt(r.tokens_per_s, ".1f"), r.cost]
+             fmt(r.p95, ".3f"), fmt(r.tokens, "d"), fmt(r.tokens_per_s, ".1f"), r.cost]
             for i, r in enumerate(rows, start=1)]
+    currencies = {c.split()[-1] for c in (line[-1] for line in body) if c != "-"}
+    if len(currencies) == 1:  # one currency: said once, in the header
+        (currency,) = currencies
+        headers[-1] = f"cost {currency}"
+        for line in body:
+            line[-1] = line[-1].removesuffix(f" {currency}")
+    tables = [_grid(headers, body, width, squeeze=((1, 16), (3, 12)))]
+    extra = [  # (header, cell) for the columns some run has
+        ("p50 95% CI", lambda r: f"[{r.p50_ci[0]:.3f}, {r.p50_ci[1]:.3f}]" if r.p50_ci else "-", "p50_ci"),
+        ("ttft s", lambda r: fmt(r.ttft, ".3f"), "ttft"), ("itl ms", lambda r: fmt(r.itl_ms, ".1f"), "itl_ms"),
+        ("tpot ms", lambda r: fmt(r.tpot_ms, ".1f"), "tpot_ms"),
+        ("rate/s", lambda r: fmt(r.requested_rate, "g"), "requested_rate"),
+        ("got/s", lambda r: fmt(r.achieved_rate, ".2f"), "achieved_rate"),
+        ("slo met", lambda r: fmt(r.slo_attainment, ".0%"), "slo_attainment"),
+        ("goodput", lambda r: fmt(r.goodput, ".2f"), "goodput"),
+    ]
+    present = [(h, cell) for h, cell, attr in extra if any(getattr(r, attr) is not None for r in rows)]
+    if any(r.token_basis not in ("server", "-") for r in rows):
+        present.append(("tokens counted by", lambda r: r.token_basis))
+    if present:
+        tables.append(_grid(["#", *(h for h, _ in present)],
+                            [[str(i), *(cell(r) for _, cell in present)] for i, r in enumerate(rows, start=1)],
+                            width, squeeze=()))
+    return "\n\n".join(tables)
+
+
+def _grid(headers: Sequence[str], body: Sequence[Sequence[str]], width: int,
+          squeeze: Sequence[tuple[int, int]]) -> str:
     widths = [max(len(h), *(len(line[i]) for line in body)) for i, h in enumerate(headers)]
-    for column, least in ((1, 16), (3, 12)):  # run, then model
+    for column, least in squeeze:
         excess = sum(widths) + len(widths) - 1 - width
         if excess > 0:
             widths[column] = max(least, widths[column] - excess)
