@@ -302,10 +302,10 @@ def format_summary(stats: RunStats, title: str) -> str:
                                                    f"{m.get('dispatch_delay_s_p99', 0) * 1000:.2f}")]
     if "slo_attainment" in m:
         rows.append(("SLO met / goodput (/s)", f"{m['slo_attainment']:.1%} / {num('goodput', '{:.2f}')}"))
-    if stats.streamed:
-        rows += [("TTFT p50 / p90 / p99 (s)", triple("ttft_s")),
-                 ("ITL p50 / p90 / p99 (s)", triple("itl_s")),
-                 ("TPOT p50 / p90 / p99 (s)", triple("tpot_s"))]
+    for name, key, values in (("TTFT", "ttft_s", stats.ttfts), ("ITL", "itl_s", stats.itls),
+                              ("TPOT", "tpot_s", stats.tpots)):
+        if values:  # a local model has TTFT and TPOT, no chunks to time ITL by
+            rows.append((f"{name} p50 / p90 / p99 (s)", triple(key)))
     rows += [
         ("tokens in / out", f"{num('prompt_tokens_total', '{:.0f}')} / {num('completion_tokens_total', '{:.0f}')}"
                             f" ({_sources_note(stats)})"),

@@ -212,7 +212,9 @@ class HFLocalClient(BaseLLMClient):
         with torch.inference_mode():
             output = self.lm.generate(**batch, **self._generation_args(params), streamer=timer)
         new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
-        return [self._completion(row, len(prompt), params, timer.ttft) for row, prompt in zip(new_tokens, prompts)]
+        # Every answer of a batch is ready when the batch ends: TPOT is (that - first token) / (tokens - 1).
+        decode = None if timer.ttft is None else time.perf_counter() - timer.start - timer.ttft
+        return [self._completion(row, len(prompt), params, timer.ttft, decode) for row, prompt in zip(new_tokens, prompts)]
 
     def stream(self, messages: Sequence[Message], **sampling: Any) -> Iterator[str]:
         """Yield the answer's text as it is generated (no retry: a local model fails deterministically)."""
@@ -251,7 +253,7 @@ class HFLocalClient(BaseLLMClient):
         return args
 
     def _completion(self, tokens: list[int], prompt_len: int, params: SamplingParams,
-                    ttft: float | None) -> Completion:
+                    ttft: float | None, decode_s: float | None = None) -> Completion:
         generated, finish = self._trim(tokens)
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
         for stop in params.stop or ():
@@ -261,7 +263,7 @@ class HFLocalClient(BaseLLMClient):
         # answer gets the same completion_tokens locally and from a server.
         usage = Usage(prompt_tokens=prompt_len, completion_tokens=len(generated), source="tokenizer")
         return Completion(text=text, finish_reason="stop" if finish == "stop_eos" else finish, usage=usage,
-                          ttft_s=ttft, model=self.model)
+                          ttft_s=ttft, model=self.model, decode_s=decode_s)
 
     def _trim(self, tokens: list[int]) -> tuple[list[int], str]:
         """Generated tokens without padding, and why generation ended for this row."""
