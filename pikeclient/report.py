@@ -54,7 +54,8 @@ class Row:
 
 WIDTH = 100  # the table fits a terminal of this many columns
 # Parameters that differ from run to run without describing the setup.
-_NOT_SETUP = ("tracking.run_name", "paths.", "cache.path", "client.", "experiment.resume", "llm._target_")  # client.*: the backend and model columns
+# (client.* and llm._target_: the backend and model columns say them.)
+_NOT_SETUP = ("tracking.run_name", "paths.", "cache.path", "client.", "experiment.resume", "llm._target_")
 
 
 def find_runs(client: MlflowClient, experiment: str, sweep: str | None) -> list[Run]:
