@@ -92,7 +92,8 @@ def check_backend_args(llm: dict[str, Any]) -> None:
         takes_any = False
     else:
         inits = [builder.__init__ if inspect.isclass(builder) else builder]
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(inits[0]).parameters.values())
+        parameters = inspect.signature(inits[0]).parameters.values()
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
     hints: dict[str, Any] = {}
     known: set[str] = set()
     for init in inits:

@@ -47,7 +47,8 @@ def secrets_in(config: Mapping[str, Any], environ: Mapping[str, str] | None = No
                 found.add(parts.password)
                 # HTTP clients send user:key@ as "Authorization: Basic base64(user:key)"; a server
                 # echoing that header would otherwise leak the key in another spelling.
-                found.add(base64.b64encode(f"{unquote(parts.username or '')}:{unquote(parts.password)}".encode()).decode())
+                basic = f"{unquote(parts.username or '')}:{unquote(parts.password)}"
+                found.add(base64.b64encode(basic.encode()).decode())
             if parts.username and parts.password is None and len(parts.username) >= MIN_SECRET:
                 found.add(parts.username)  # https://<token>@host
     return sorted((s for s in found if len(s) >= MIN_SECRET and s.lower() != "bearer"), key=len, reverse=True)

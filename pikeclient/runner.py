@@ -223,7 +223,8 @@ async def call_one(client: BaseLLMClient, index: int, item: PromptItem, cache: R
     if overrides:
         record["requested_output_tokens"] = item.max_tokens
     use_cache = cache is not None and cache.mode != "off"
-    key = cache_key(identity or client.describe(), item.messages, client.sampling.merged(overrides)) if use_cache else None
+    params = client.sampling.merged(overrides)
+    key = cache_key(identity or client.describe(), item.messages, params) if use_cache else None
     try:
         result = cache.get(key) if use_cache else None
         if result is None:

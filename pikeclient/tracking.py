@@ -407,7 +407,7 @@ class CallLogger:
     def _span(self, record: Mapping[str, Any], messages: Any) -> Span:
         trace_id = "tr-" + os.urandom(16).hex()
         start_ns = int(record["start_time"] * 1e9)
-        duration = (record.get("latency_s") or 0.0) + (record.get("backoff_s") or 0.0) + (record.get("throttle_s") or 0.0)
+        duration = sum(record.get(name) or 0.0 for name in ("latency_s", "backoff_s", "throttle_s"))
         usage = record["usage"]
         attributes = {
             SpanAttributeKey.REQUEST_ID: trace_id,

@@ -44,7 +44,8 @@ FLAVOURS: Mapping[str, Flavour] = MappingProxyType({
     # api.openai.com rejects min_tokens (400), so it is never sent there.
     "openai": Flavour("openai", {"top_k": "top_k", "repetition_penalty": "repetition_penalty", "min_tokens": None}),
     "vllm": Flavour("vllm", {"top_k": "top_k", "repetition_penalty": "repetition_penalty", "min_tokens": "min_tokens"}),
-    "llamacpp": Flavour("llamacpp", {"top_k": "top_k", "repetition_penalty": "repeat_penalty", "min_tokens": "min_tokens"},
+    "llamacpp": Flavour("llamacpp",
+                        {"top_k": "top_k", "repetition_penalty": "repeat_penalty", "min_tokens": "min_tokens"},
                         max_tokens_field="max_tokens", neutral={"repeat_penalty": 1.0, "top_k": 0, "min_p": 0.0}),
     # Ollama's OpenAI route reads none of them (its native API does, under options).
     "ollama": Flavour("ollama", {"top_k": None, "repetition_penalty": None, "min_tokens": None}),

@@ -214,7 +214,8 @@ class HFLocalClient(BaseLLMClient):
         new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
         # Every answer of a batch is ready when the batch ends: TPOT is (that - first token) / (tokens - 1).
         decode = None if timer.ttft is None else time.perf_counter() - timer.start - timer.ttft
-        return [self._completion(row, len(prompt), params, timer.ttft, decode) for row, prompt in zip(new_tokens, prompts)]
+        return [self._completion(row, len(prompt), params, timer.ttft, decode)
+                for row, prompt in zip(new_tokens, prompts)]
 
     def stream(self, messages: Sequence[Message], **sampling: Any) -> Iterator[str]:
         """Yield the answer's text as it is generated (no retry: a local model fails deterministically)."""

@@ -219,10 +219,12 @@ def _warm_sdk_types() -> None:
     with contextlib.suppress(Exception):  # an SDK internal: warming is worth trying, never worth failing
         from openai._models import construct_type
 
+        answer = [{"index": 0, "message": message, "finish_reason": "stop"}]
+        chunk = [{"index": 0, "delta": message, "finish_reason": None}]
         construct_type(type_=ChatCompletion, value={**head, "object": "chat.completion", "usage": usage,
-                                                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+                                                    "choices": answer})
         construct_type(type_=ChatCompletionChunk, value={**head, "object": "chat.completion.chunk", "usage": usage,
-                                                         "choices": [{"index": 0, "delta": message, "finish_reason": None}]})
+                                                         "choices": chunk})
 
 
 def check_url(url: str, key: str) -> str:
