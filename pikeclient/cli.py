@@ -123,11 +123,12 @@ def main(cfg: DictConfig) -> float | None:
         _fail_sweep(cfg)
         sys.exit(1)
     except KeyboardInterrupt as error:
-        signal_name = "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted"
+        terminated = isinstance(error, Terminated) or getattr(error, "signum", None) == signal.SIGTERM
+        signal_name = "terminated (SIGTERM)" if terminated else "interrupted"
         log.error("%s: the MLflow run is marked KILLED and the records so far are kept; complete it with the "
                   "same command and experiment.resume=%s", signal_name, HydraConfig.get().runtime.output_dir)
         _fail_sweep(cfg)
-        sys.exit(143 if isinstance(error, Terminated) else 130)
+        sys.exit(143 if terminated else 130)
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(format_summary(stats, title))

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +35,14 @@ NON_RETRYABLE = ("auth", "bad_request", "context_window", "model")
 
 class RunStopped(PikeError):
     """The experiment stopped early (authentication failed, or fail_fast met an error)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during the calls: in-flight calls were cancelled and every record written."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 async def run_prompts(
@@ -73,12 +82,17 @@ async def run_prompts(
         lag = LoopLag()
         watcher = asyncio.create_task(lag.watch())
         start = time.perf_counter()
+        calls.catch_signals()
         try:
             if strategy.open_loop:
                 await calls.open_loop(todo, strategy, start)
             else:
                 await calls.closed_loop(todo, strategy.max_in_flight, start)
+        except asyncio.CancelledError:
+            if calls.interrupted is None:
+                raise
         finally:
+            calls.release_signals()
             stats.wall_s = time.perf_counter() - start + (earlier.wall_s if earlier else 0.0)
             stats.end_time = time.time()
             watcher.cancel()
@@ -86,6 +100,8 @@ async def run_prompts(
             calls.progress.close()
     finally:
         await client.aclose()
+    if calls.interrupted is not None:
+        raise Interrupted(calls.interrupted)
     if calls.stop:
         raise RunStopped(f"stopped after {stats.calls} of {len(prompts)} prompts: {calls.stop[0]}")
     return stats
@@ -102,7 +118,40 @@ class _Calls:
         self.identity = client.describe()
         self.stop: list[str] = []
         self.sent = 0
+        self.tasks: set[asyncio.Task] = set()  # the calls' tasks, cancelled on Ctrl-C or SIGTERM
+        self.interrupted: int | None = None
         self.progress = tqdm(total=total, desc="calls", unit="call", file=sys.stderr, disable=None, mininterval=0.5)
+
+    def catch_signals(self) -> None:
+        """Ctrl-C and SIGTERM stop the sending and cancel the calls in flight.
+
+        Not left to asyncio.run's cancellation of the main task alone: a layer below (the HTTP
+        transport's cancel scopes) can absorb one cancellation, and the run then went on to the end
+        and exited 0 after a Ctrl-C.
+        """
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                loop.add_signal_handler(signum, self._interrupt, signum)
+
+    def release_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(signum)
+
+    def _interrupt(self, signum: int) -> None:
+        if self.interrupted is None:
+            self.interrupted = signum
+            self.stop.append(signal.Signals(signum).name)
+        for task in list(self.tasks):
+            task.cancel()
+
+    def track(self, coroutine: Any) -> asyncio.Task:
+        task = asyncio.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
 
     def allowed(self, start: float) -> bool:
         """No stop asked for, and every limit still allows another request."""
@@ -143,13 +192,12 @@ class _Calls:
                     return
                 await self.one(index, item)
 
-        await asyncio.gather(*(worker() for _ in range(min(workers, len(todo)))))
+        await asyncio.gather(*(self.track(worker()) for _ in range(min(workers, len(todo)))))
 
     async def open_loop(self, todo: Sequence[tuple[int, PromptItem]], strategy: Strategy, start: float) -> None:
         """Requests go when they are due, whether or not earlier ones returned; ``max_in_flight`` caps
         them, and a request held back by the cap (or by a busy loop) records how late it went."""
         slots = asyncio.Semaphore(strategy.max_in_flight)
-        tasks: set[asyncio.Task] = set()
 
         async def send(index: int, item: PromptItem, due: float) -> None:
             try:
@@ -165,11 +213,9 @@ class _Calls:
             if not self.allowed(start):
                 break
             await slots.acquire()
-            task = asyncio.create_task(send(index, item, due))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*tasks)
+            self.track(send(index, item, due))
+        if self.tasks:
+            await asyncio.gather(*self.tasks)
 
 
 class LoopLag:

@@ -366,12 +366,7 @@ class CallLogger:
         self.traces = traces
         # MlflowClient has no public batch span API; its store has (sqlite, MLflow server).
         self.store = run.client._tracking_client.store
-        if isinstance(run.client, Reconnecting):
-            # The REST store asks the server's version before its first span batch and keeps a failed
-            # answer for good (no more traces); ask now, while the server is known to answer.
-            server_version = getattr(self.store, "_get_server_version", None)
-            if traces and server_version is not None:
-                server_version(self.store.get_host_creds())
+        if isinstance(run.client, Reconnecting):  # the server's version was asked for at set-up
             self.store = Reconnecting(self.store, run.outage)
         self.trace_ids: list[str] = []
         self.traces_failed = False
@@ -476,6 +471,8 @@ def sidecar_main(conn: Any) -> None:
         if is_server_uri(uri):  # a server may go away mid-run: wait for it instead of failing
             client = Reconnecting(client, outage)
         experiment_id = get_or_create_experiment(client, setup["experiment_name"], setup["artifact_root"])
+        if is_server_uri(uri) and setup["traces"]:
+            ask_server_version(client)
         end_orphaned_runs(client, experiment_id)
         if setup.get("resume_run_id"):
             _check_resumable(client, setup["resume_run_id"], experiment_id)
@@ -531,6 +528,16 @@ def sidecar_main(conn: Any) -> None:
                 calls.write(buffer)  # what arrived before a failure or a kill is still logged
                 calls.close()
             run.end(status)
+
+
+def ask_server_version(client: Any) -> None:
+    """A tracking server's REST store asks the server's version before its first span batch and keeps a
+    failed answer for good (no more traces for the process); ask at set-up, while the server answers
+    and before any run exists that an outage could interrupt."""
+    store = client._tracking_client.store
+    server_version = getattr(store, "_get_server_version", None)
+    if server_version is not None:
+        server_version(store.get_host_creds())
 
 
 def _check_resumable(client: MlflowClient, run_id: str, experiment_id: str) -> None:
