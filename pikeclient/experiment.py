@@ -93,7 +93,7 @@ def _run(cfg: DictConfig, output_dir: Path, hydra_info: dict[str, Any], tracking
         records_path = output_dir / cfg.experiment.records_file
         price = find_price(OmegaConf.to_container(cfg.pricing), client.describe())
         if tracking is not None:
-            start_tracking(tracking, cfg, client, redactor.data(hydra_info), output_dir, earlier, redactor)
+            start_tracking(tracking, cfg, config, client, redactor.data(hydra_info), output_dir, earlier, redactor)
             tracking.wait_ready()  # a store or experiment that cannot be used fails here, before any call
         warmup = cfg.experiment.warmup if cfg.experiment.warmup is not None else client.default_warmup
         with contextlib.closing(ResponseCache(cfg.cache.path, cfg.cache.mode)) as cache, \
@@ -180,8 +180,9 @@ def check_prompts_fit(client: BaseLLMClient, prompts: Sequence[PromptItem]) -> N
             raise ConfigError(f"dataset prompt {item.id!r}: {error}") from None
 
 
-def start_tracking(tracking: TrackingSidecar, cfg: DictConfig, client: BaseLLMClient, hydra_info: dict[str, Any],
-                   output_dir: Path, earlier: Earlier | None = None, redactor: Redactor | None = None) -> None:
+def start_tracking(tracking: TrackingSidecar, cfg: DictConfig, config: Mapping[str, Any], client: BaseLLMClient,
+                   hydra_info: dict[str, Any], output_dir: Path, earlier: Earlier | None = None,
+                   redactor: Redactor | None = None) -> None:
     """Prepare the MLflow run in the tracking process; a sweep's job becomes a child of the sweep's run.
 
     A tracking server that does not answer fails here, in seconds and before any call."""
@@ -205,7 +206,7 @@ def start_tracking(tracking: TrackingSidecar, cfg: DictConfig, client: BaseLLMCl
         "run_name": redactor.text(str(cfg.tracking.run_name or hydra_info.get("job_name") or description["provider"])),
         "tags": tags,
         "artifact_root": artifact_root(cfg),
-        "config": redactor.data(OmegaConf.to_container(cfg, resolve=True)),
+        "config": config,  # resolved and redacted once, in _run
         "client": description,
         "traces": cfg.tracking.traces,
         "output_dir": str(output_dir),

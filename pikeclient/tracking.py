@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
 from pikeclient.config import artifact_root, is_secret_name, tracking_uri
+from pikeclient.errors import one_line
 from pikeclient.remote import TRACKING_PROCESS_HTTP_ENV, is_server_uri
 from pikeclient.resume import write_job_file
 
@@ -477,7 +478,7 @@ def sidecar_main(conn: Any) -> None:
         if setup.get("resume_run_id"):
             _check_resumable(client, setup["resume_run_id"], experiment_id)
     except Exception as error:  # noqa: BLE001 - reported to the experiment as one line
-        _answer(conn, "error", _one_line(error))
+        _answer(conn, "error", one_line(error))
         return
     _answer(conn, "ready", experiment_id)
     run: MlflowRun | None = None
@@ -520,7 +521,7 @@ def sidecar_main(conn: Any) -> None:
     except Exception as error:  # noqa: BLE001 - the run is marked FAILED and the reason sent back
         status = "FAILED"
         log.error("tracking failed: %s", error)
-        _answer(conn, "error", _one_line(error))
+        _answer(conn, "error", one_line(error))
         _read_to_the_end(conn)
     finally:
         if run is not None and status != "ENDED":
@@ -585,10 +586,6 @@ def _drain(conn: Any, inbox: deque) -> None:
     with contextlib.suppress(EOFError, OSError):
         while conn.poll():
             inbox.append(conn.recv())
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__  # the whole message: the cause may be below
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:
