@@ -397,6 +397,18 @@ def test_four_sweeps_of_eight_jobs_at_once(mlflow_server, llm_server, experiment
 CALLS = 800  # 13 messages of 64 long-prompt calls (~500 KB): more than the socket between the processes holds
 
 
+def start_job(args: list[str], cwd, stderr) -> subprocess.Popen:
+    """run.py in its own session (on failure, its tracking process is stopped with it)."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and k != "MLFLOW_TRACKING_URI"}
+    return subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env={**env, **ENV},
+                            stdout=subprocess.DEVNULL, stderr=stderr.open("w"), text=True, start_new_session=True)
+
+
+def run_started(client: MlflowClient, experiment: str) -> bool:
+    exp = client.get_experiment_by_name(experiment)
+    return bool(exp and client.search_runs([exp.experiment_id]))
+
+
 def test_server_outage_mid_run_loses_nothing(postgres, tmp_path):
     """Calls go on while the server is down (more of them than the pipe to the tracking process holds);
     when it is back, everything is logged and the run is marked."""
@@ -411,16 +423,9 @@ def test_server_outage_mid_run_loses_nothing(postgres, tmp_path):
         args = ["llm=openai", f"llm.base_url={llm.url}/v1", f"tracking.tracking_uri={server.url}",
                 f"tracking.experiment_name={experiment}", f"dataset.path={prompts}", "experiment.concurrency=4",
                 "cache.mode=off"]
-        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and k != "MLFLOW_TRACKING_URI"}
-        job = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=tmp_path, env={**env, **ENV},
-                               stdout=subprocess.DEVNULL, stderr=stderr.open("w"), text=True,
-                               start_new_session=True)  # on failure, its tracking process is stopped with it
+        job = start_job(args, tmp_path, stderr)
         try:
-            def run_started() -> bool:
-                exp = client.get_experiment_by_name(experiment)
-                return bool(exp and client.search_runs([exp.experiment_id]))
-
-            wait_for(run_started, 180, "the run on the server")
+            wait_for(lambda: run_started(client, experiment), 180, "the run on the server")
             server.stop()
             wait_for(lambda: len(llm.log) == CALLS, 180, "every call answered while the server is down")
             noticed = lambda: "is unreachable; trying again" in stderr.read_text()
@@ -459,16 +464,9 @@ def test_server_gone_for_good_fails_the_job_with_its_records_on_disk(postgres, t
         args = ["llm=openai", f"llm.base_url={llm.url}/v1", f"tracking.tracking_uri={server.url}",
                 f"tracking.experiment_name={experiment}", f"dataset.path={prompts}", "experiment.concurrency=2",
                 "cache.mode=off", "tracking.reconnect_timeout=3"]
-        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and k != "MLFLOW_TRACKING_URI"}
-        job = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=tmp_path, env={**env, **ENV},
-                               stdout=subprocess.DEVNULL, stderr=stderr.open("w"), text=True,
-                               start_new_session=True)  # on failure, its tracking process is stopped with it
+        job = start_job(args, tmp_path, stderr)
         try:
-            def run_started() -> bool:
-                exp = client.get_experiment_by_name(experiment)
-                return bool(exp and client.search_runs([exp.experiment_id]))
-
-            wait_for(run_started, 180, "the run on the server")
+            wait_for(lambda: run_started(client, experiment), 180, "the run on the server")
             server.stop()
             job.wait(300)
         finally:
