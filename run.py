@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from pikeclient.cli import check_runs_dir, refuse_secret_overrides
 from pikeclient.cli import main as run_job
-from pikeclient.config import register_configs
+from pikeclient.config.schema import register_configs
 
 register_configs()
 

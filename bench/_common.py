@@ -59,7 +59,7 @@ def write_prompts(path: Path, n: int) -> Path:
 
 
 def compose_config(*overrides: str, runs_dir: Path) -> DictConfig:
-    from pikeclient.config import register_configs
+    from pikeclient.config.schema import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "pikeclient" / "conf"), version_base="1.3"):

@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import API_KEY, loopback_server  # noqa: E402
 from bench._report import command_line, emit  # noqa: E402
 from pikeclient.backends.openai import OpenAIClient  # noqa: E402
-from pikeclient.dataset import PromptItem  # noqa: E402
-from pikeclient.runner import run_prompts  # noqa: E402
-from pikeclient.load import Constant  # noqa: E402
-from pikeclient.stats import percentile  # noqa: E402
+from pikeclient.run.dataset import PromptItem  # noqa: E402
+from pikeclient.run.load import Constant  # noqa: E402
+from pikeclient.run.runner import run_prompts  # noqa: E402
+from pikeclient.run.stats import percentile  # noqa: E402
 
 MESSAGE = {"role": "user", "content": "say ok"}
 

@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._report import command_line, emit  # noqa: E402
 from pikeclient.backends.hf_meta_llama import HFLocalClient  # noqa: E402
-from pikeclient.dataset import load_prompts  # noqa: E402
-from pikeclient.runner import run_prompts  # noqa: E402
-from pikeclient.smoke_model import build_tiny_llama  # noqa: E402
+from pikeclient.backends.smoke_llama import build_tiny_llama  # noqa: E402
+from pikeclient.run.dataset import load_prompts  # noqa: E402
+from pikeclient.run.runner import run_prompts  # noqa: E402
 
 
 def one_at_a_time(client: HFLocalClient, items) -> tuple[int, float]:

@@ -27,8 +27,8 @@ PIKECLIENT = """
 import asyncio, sys, time
 sys.path.insert(0, {repo!r})
 from pikeclient.backends.openai import OpenAIClient
-from pikeclient.dataset import load_prompts
-from pikeclient.runner import run_prompts
+from pikeclient.run.dataset import load_prompts
+from pikeclient.run.runner import run_prompts
 url, dataset, concurrency = sys.argv[1], sys.argv[2], int(sys.argv[3])
 prompts = load_prompts(dataset)
 client = OpenAIClient(model="gpt-4o-mini", base_url=url, sampling={{"max_tokens": 64}},

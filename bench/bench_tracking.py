@@ -31,7 +31,7 @@ import json, os, sys, time
 sys.path.insert(0, {repo!r})
 from pathlib import Path
 from bench._common import compose_config
-from pikeclient.experiment import run_experiment
+from pikeclient.run.experiment import run_experiment
 runs = Path(sys.argv[1]); overrides = json.loads(sys.argv[2])
 cfg = compose_config(*overrides, runs_dir=runs)
 start = time.perf_counter()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pikeclient.client import BaseLLMClient
-from pikeclient.errors import (
+from pikeclient.core.client import BaseLLMClient
+from pikeclient.core.errors import (
     AuthError,
     BadRequestError,
     ConfigError,
@@ -17,15 +17,15 @@ from pikeclient.errors import (
     RateLimitError,
     ServerError,
 )
-from pikeclient.retry import RetryPolicy
-from pikeclient.types import ChatResult, SamplingParams, Usage
+from pikeclient.core.retry import RetryPolicy
+from pikeclient.core.types import ChatResult, SamplingParams, Usage
 
 if TYPE_CHECKING:
     from pikeclient.backends.azure_meta_llama import AzureMetaLlamaClient
     from pikeclient.backends.azure_openai import AzureOpenAIClient
     from pikeclient.backends.hf_meta_llama import HFLocalClient
     from pikeclient.backends.openai import OpenAIClient
-    from pikeclient.factory import compose, create_client
+    from pikeclient.config.factory import compose, create_client
 
 # Imported on first use: the SDKs, Hydra and torch cost seconds, and API users never need torch.
 _LAZY = {
@@ -33,8 +33,8 @@ _LAZY = {
     "AzureOpenAIClient": "pikeclient.backends.azure_openai",
     "AzureMetaLlamaClient": "pikeclient.backends.azure_meta_llama",
     "HFLocalClient": "pikeclient.backends.hf_meta_llama",
-    "compose": "pikeclient.factory",
-    "create_client": "pikeclient.factory",
+    "compose": "pikeclient.config.factory",
+    "create_client": "pikeclient.config.factory",
 }
 
 __all__ = [

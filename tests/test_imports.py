@@ -1,4 +1,5 @@
-"""API-only users never import torch or transformers; only the tracking module imports mlflow."""
+"""API-only users never import torch or transformers; only the tracking process imports mlflow; the
+package's folders import only downwards (core <- backends <- config <- tracking <- run <- cli)."""
 
 import subprocess
 import sys
@@ -30,11 +31,11 @@ def test_api_experiment_run_leaves_torch_out(server, tmp_path):
     code = (
         "import asyncio\n"
         "from pikeclient.backends.openai import OpenAIClient\n"
-        "from pikeclient.runner import run_prompts\n"
-        "from pikeclient.dataset import load_prompts\n"
+        "from pikeclient.run.runner import run_prompts\n"
+        "from pikeclient.run.dataset import load_prompts\n"
         f"c = OpenAIClient(model='gpt-4o', base_url='{server.url}/v1')\n"
         "asyncio.run(run_prompts(c, load_prompts('pkg://pikeclient/data/prompts.jsonl'), 4))\n"
-        "import pikeclient.tracking\n"
+        "import pikeclient.tracking.process\n"
     )
     loaded = modules_after(code)
     assert "mlflow" in loaded and not {"torch", "transformers"} & loaded
@@ -49,7 +50,7 @@ def test_run_py_with_an_api_backend_never_imports_torch(server, tmp_path):
         f"runpy.run_path({str(REPO / 'run.py')!r}, run_name='__main__')\n"
     )
     loaded = modules_after(code, cwd=tmp_path)
-    assert "pikeclient.experiment" in loaded and not {"torch", "transformers"} & loaded
+    assert "pikeclient.run.experiment" in loaded and not {"torch", "transformers"} & loaded
 
 
 def test_client_classes_are_exported_without_torch(server):
@@ -64,3 +65,33 @@ def test_client_classes_are_exported_without_torch(server):
 def test_hf_client_is_exported_lazily():
     loaded = modules_after("import pikeclient\nassert 'HFLocalClient' in pikeclient.__all__")
     assert "torch" not in loaded
+
+
+# The package's folders by concern; each imports only from folders of a lower rank (or from itself).
+LAYERS = {"core": 0, "testing": 0, "backends": 1, "config": 2, "tracking": 3, "run": 4, "cli": 5}
+
+
+def test_every_import_points_down_the_layers():
+    import ast
+
+    from tests.conftest import REPO
+
+    package = REPO / "pikeclient"
+    upward = []
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package).with_suffix("").parts
+        if parts == ("__init__",):
+            continue  # the package's lazy exports
+        assert parts[0] in LAYERS, f"{path}: a module outside the layers {sorted(LAYERS)}"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                group = name.split(".")[1] if name.startswith("pikeclient.") else None
+                if group and group != parts[0] and LAYERS[group] >= LAYERS[parts[0]]:
+                    upward.append(f"{path.relative_to(REPO)}:{node.lineno} imports {name}")
+    assert not upward, "\n".join(upward)

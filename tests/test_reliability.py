@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from pikeclient.cli import secret_overrides
-from pikeclient.ratelimit import RateLimiter
+from pikeclient.core.ratelimit import RateLimiter
 from pikeclient.testing.server import FakeLLMServer, FaultPlan
 from tests.conftest import API_KEY, REPO, files_containing, mlflow_runs, run_py
 
@@ -142,7 +142,7 @@ def test_call_deadline_cuts_a_hanging_attempt(api_env):
     import asyncio
 
     from pikeclient.backends.openai import OpenAIClient
-    from pikeclient.errors import LLMTimeoutError
+    from pikeclient.core.errors import LLMTimeoutError
 
     with FakeLLMServer(api_key=API_KEY, faults=FaultPlan(rates={"hang": 1.0}, hang_s=5)) as server:
         client = OpenAIClient(model="gpt-4o", base_url=f"{server.url}/v1", timeout=30, retry={"deadline": 0.3})
@@ -258,7 +258,7 @@ def _tracking_processes(parent_pid):
             cmdline = open(stat.replace("stat", "cmdline"), "rb").read()
         except OSError:
             continue
-        if int(fields[1]) == parent_pid and b"pikeclient.tracking" in cmdline:
+        if int(fields[1]) == parent_pid and b"pikeclient.tracking.process" in cmdline:
             found.append(int(stat.split("/")[2]))
     return found
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from pikeclient.errors import ConfigError, ContextWindowError, InterruptedStreamError, LLMError, ServerError
-from pikeclient.types import SamplingParams
+from pikeclient.core.errors import ConfigError, ContextWindowError, InterruptedStreamError, LLMError, ServerError
+from pikeclient.core.types import SamplingParams
 
 INTERRUPT_HINT = ("llama.cpp's server does this to a running stream when another request waits: "
                   "start it with --interrupt_requests False")

@@ -8,8 +8,8 @@ from typing import Any, Generic, TypeVar
 
 import httpx2
 
-from pikeclient.errors import LLMConnectionError, LLMError, LLMTimeoutError, ServerError, error_for_status
-from pikeclient.retry import parse_retry_after
+from pikeclient.core.errors import LLMConnectionError, LLMError, LLMTimeoutError, ServerError, error_for_status
+from pikeclient.core.retry import parse_retry_after
 
 S = TypeVar("S")
 A = TypeVar("A")

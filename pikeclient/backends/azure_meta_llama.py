@@ -19,10 +19,10 @@ import httpx2
 
 from pikeclient.backends._http import LazyClients, status_error, transport_error
 from pikeclient.backends.openai import check_url, read_api_key
-from pikeclient.client import BaseLLMClient
-from pikeclient.errors import ConfigError, ServerError
-from pikeclient.tokens import HFTokenizerCounter
-from pikeclient.types import Completion, Message, SamplingParams, TokenSource, Usage
+from pikeclient.core.client import BaseLLMClient
+from pikeclient.core.errors import ConfigError, ServerError
+from pikeclient.core.tokens import HFTokenizerCounter
+from pikeclient.core.types import Completion, Message, SamplingParams, TokenSource, Usage
 
 APIS = ("chat_completions", "aml_score")
 

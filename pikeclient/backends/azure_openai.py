@@ -7,7 +7,7 @@ from typing import Any
 import openai
 
 from pikeclient.backends.openai import OpenAIClient, check_url
-from pikeclient.errors import ConfigError
+from pikeclient.core.errors import ConfigError
 
 ENTRA_SCOPE = "https://cognitiveservices.azure.com/.default"
 

@@ -20,9 +20,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
-from pikeclient.client import BaseLLMClient
-from pikeclient.errors import BadRequestError, ConfigError, ContextWindowError, ModelError, one_line
-from pikeclient.types import Completion, Message, SamplingParams, Usage
+from pikeclient.core.client import BaseLLMClient
+from pikeclient.core.errors import BadRequestError, ConfigError, ContextWindowError, ModelError, one_line
+from pikeclient.core.types import Completion, Message, SamplingParams, Usage
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class HFLocalClient(BaseLLMClient):
         batch_size: most concurrent requests generated together.
         tokenizer: tokenizer folder or id when it differs from ``model``.
         gguf_file: a GGUF file's name inside ``model`` (a folder or hub id); transformers dequantizes
-            it on every load (slow): convert once with :func:`pikeclient.models.convert_gguf` to reuse.
+            it on every load (slow): convert once with :func:`pikeclient.backends.smollm2.convert_gguf` to reuse.
     """
 
     provider = "hf_local"

@@ -13,13 +13,13 @@ from typing import Any
 import httpx2
 import openai
 
-from pikeclient.client import BaseLLMClient
 from pikeclient.backends._flavours import flavour as find_flavour
 from pikeclient.backends._flavours import sampling_extras, stream_ended_early
 from pikeclient.backends._http import LazyClients, status_error, transport_error
-from pikeclient.errors import ConfigError, LLMConnectionError, LLMError, LLMTimeoutError, ServerError
-from pikeclient.tokens import HFTokenizerCounter, TiktokenCounter
-from pikeclient.types import Completion, Message, SamplingParams, TokenSource, Usage
+from pikeclient.core.client import BaseLLMClient
+from pikeclient.core.errors import ConfigError, LLMConnectionError, LLMError, LLMTimeoutError, ServerError
+from pikeclient.core.tokens import HFTokenizerCounter, TiktokenCounter
+from pikeclient.core.types import Completion, Message, SamplingParams, TokenSource, Usage
 
 # Sent when a server needs no key (local vLLM, Ollama): the SDK refuses an empty one.
 NO_KEY = "no-key"

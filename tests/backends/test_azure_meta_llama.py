@@ -5,9 +5,9 @@ import asyncio
 import pytest
 
 from pikeclient.backends.azure_meta_llama import AzureMetaLlamaClient
-from pikeclient.errors import AuthError, ConfigError, RateLimitError
+from pikeclient.core.errors import AuthError, ConfigError, RateLimitError
+from pikeclient.core.tokens import HFTokenizerCounter
 from pikeclient.testing.server import FaultPlan
-from pikeclient.tokens import HFTokenizerCounter
 
 FAST = {"initial_delay": 0.001}
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "one two three"}]

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 
 from pikeclient.backends.azure_openai import AzureOpenAIClient
-from pikeclient.errors import ConfigError
+from pikeclient.core.errors import ConfigError
 from pikeclient.testing.server import FaultPlan
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from pikeclient.backends.openai import OpenAIClient
-from pikeclient.errors import ConfigError, ContextWindowError, InterruptedStreamError
+from pikeclient.core.errors import ConfigError, ContextWindowError, InterruptedStreamError
 from pikeclient.testing.server import FaultPlan
 
 HI = [{"role": "user", "content": "a b c d e f g h"}]

@@ -7,8 +7,8 @@ import pytest
 pytest.importorskip("transformers")
 
 from pikeclient.backends.hf_meta_llama import HFLocalClient  # noqa: E402
-from pikeclient.errors import BadRequestError, ConfigError  # noqa: E402
-from pikeclient.smoke_model import build_tiny_llama  # noqa: E402
+from pikeclient.backends.smoke_llama import build_tiny_llama  # noqa: E402
+from pikeclient.core.errors import BadRequestError, ConfigError  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -35,7 +35,7 @@ def test_token_counts_are_exact(llm):
 
 def test_completion_tokens_leave_out_the_end_of_sequence_token(llm):
     # Servers (llama.cpp, vLLM) do not count the EOS token; the same answer counts the same here.
-    from pikeclient.types import SamplingParams
+    from pikeclient.core.types import SamplingParams
 
     words = llm.tokenizer("hello there friend", add_special_tokens=False)["input_ids"]
     eos = next(iter(llm._eos_ids))
@@ -97,7 +97,7 @@ def test_stream_yields_the_same_text_as_chat(llm):
 def test_out_of_memory_is_a_model_error_and_not_retried(llm, monkeypatch):
     import torch
 
-    from pikeclient.errors import ModelError
+    from pikeclient.core.errors import ModelError
 
     calls = []
 
@@ -112,7 +112,7 @@ def test_out_of_memory_is_a_model_error_and_not_retried(llm, monkeypatch):
 
 
 def test_context_window_is_checked_before_generation(llm):
-    from pikeclient.errors import ContextWindowError
+    from pikeclient.core.errors import ContextWindowError
 
     with pytest.raises(ContextWindowError, match="context window"):
         llm.chat([{"role": "user", "content": "word " * 2000}])
@@ -133,7 +133,7 @@ def test_real_model_answers_and_does_not_count_the_end_of_sequence_token(smol):
 
 
 def test_gguf_file_loads_model_and_tokenizer_from_the_file(smol, models_dir):
-    from pikeclient.models import SMOLLM2
+    from pikeclient.backends.smollm2 import SMOLLM2
 
     folder = models_dir / f"{SMOLLM2.name}-gguf"
     direct = HFLocalClient(model=str(folder), gguf_file=SMOLLM2.gguf_name, sampling={"max_tokens": 16})

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from pikeclient.backends.openai import OpenAIClient
-from pikeclient.errors import AuthError, ConfigError, LLMConnectionError, LLMTimeoutError, ServerError
+from pikeclient.core.errors import AuthError, ConfigError, LLMConnectionError, LLMTimeoutError, ServerError
 from pikeclient.testing.server import FakeLLMServer, FaultPlan
 from tests.conftest import API_KEY
 

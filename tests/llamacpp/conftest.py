@@ -64,7 +64,7 @@ def stop(server: LlamaServer) -> None:
 def smollm2_gguf(models_dir) -> Path:
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip('llama.cpp tier: llama_cpp is not importable (pip install "llama-cpp-python[server]")')
-    from pikeclient.models import SMOLLM2, ensure_gguf
+    from pikeclient.backends.smollm2 import SMOLLM2, ensure_gguf
 
     return ensure_gguf(SMOLLM2, models_dir)
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from pikeclient.backends.openai import OpenAIClient
-from pikeclient.errors import ContextWindowError, InterruptedStreamError
+from pikeclient.core.errors import ContextWindowError, InterruptedStreamError
 from tests.conftest import mlflow_runs, run_py
 from tests.llamacpp.conftest import ALIAS, start_llama_server, stop
 

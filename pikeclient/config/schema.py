@@ -1,0 +1,289 @@
+"""Structured config: dataclass schemas registered in Hydra's ConfigStore, and validation.
+
+Types are checked when Hydra composes the config (a typo in a key or a string where a number belongs
+fails at load time); ranges are checked by :func:`validate`, which turns every problem into one line.
+The schemas use ``Optional``/``List`` because OmegaConf 2.3 does not read ``X | None`` annotations.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf 2.3 needs typing generics
+from urllib.parse import urlsplit
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from pikeclient.core.errors import ConfigError
+from pikeclient.core.ratelimit import RateLimiter
+from pikeclient.core.retry import RetryPolicy
+from pikeclient.core.types import SamplingParams
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: Optional[List[str]] = None
+    seed: Optional[int] = None
+    top_k: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+
+
+@dataclass
+class RetryConfig:
+    max_attempts: int = 4
+    initial_delay: float = 0.5
+    multiplier: float = 2.0
+    max_delay: float = 20.0
+    jitter: bool = True
+    max_retry_after: float = 60.0
+    deadline: Optional[float] = None
+
+
+@dataclass
+class RateLimitConfig:
+    requests_per_minute: Optional[float] = None
+    tokens_per_minute: Optional[float] = None
+
+
+@dataclass
+class CacheConfig:
+    mode: str = "off"
+    path: str = MISSING
+
+
+@dataclass
+class DatasetConfig:
+    """``jsonl`` (a prompt file) or ``synthetic`` (seeded prompts of known token sizes)."""
+
+    kind: str = "jsonl"
+    path: Optional[str] = None
+    limit: Optional[int] = None
+    count: int = 100
+    input_tokens: int = 256
+    input_tokens_std: float = 0.0
+    output_tokens: int = 128
+    output_tokens_std: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: Optional[str] = None
+    experiment_name: str = "pikeclient"
+    run_name: Optional[str] = None
+    log_records: bool = True
+    traces: bool = True
+    reconnect_timeout: float = 600.0
+
+
+@dataclass
+class ModelPrice:
+    input: float = MISSING
+    output: float = MISSING
+
+
+@dataclass
+class EndpointPrice:
+    """A price for one endpoint (a self-hosted server billed by the token, say), matched by URL prefix."""
+
+    url: str = MISSING
+    input: float = MISSING
+    output: float = MISSING
+
+
+@dataclass
+class PricingConfig:
+    currency: str = "USD"
+    models: Dict[str, ModelPrice] = field(default_factory=dict)
+    deployments: Dict[str, str] = field(default_factory=dict)
+    endpoints: List[EndpointPrice] = field(default_factory=list)
+
+
+@dataclass
+class LoadConfig:
+    """``conf/load/``: when requests go (pikeclient.run.load)."""
+
+    kind: str = "concurrency"
+    concurrency: int = 8
+    rate: Optional[float] = None
+    max_in_flight: int = 1024
+    seed: int = 0
+
+
+@dataclass
+class SloConfig:
+    """Service-level objectives a call must meet (null: none)."""
+
+    ttft_s: Optional[float] = None
+    tpot_s: Optional[float] = None
+    latency_s: Optional[float] = None
+
+
+@dataclass
+class ExperimentConfig:
+    concurrency: Optional[int] = None  # deprecated: load.concurrency
+    records_file: str = "records.jsonl"
+    fail_fast: bool = False
+    max_error_rate: float = 0.5
+    warmup: Optional[int] = None
+    resume: Optional[str] = None
+    max_requests: Optional[int] = None
+    max_duration: Optional[float] = None
+    repeats: int = 1
+
+
+@dataclass
+class PathsConfig:
+    runs_dir: str = MISSING
+
+
+@dataclass
+class Config:
+    """The root schema; ``llm`` is free-form because each backend takes its own arguments."""
+
+    llm: Any = MISSING
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    load: LoadConfig = field(default_factory=LoadConfig)
+    slo: SloConfig = field(default_factory=SloConfig)
+    pricing: PricingConfig = field(default_factory=PricingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+_SCHEMAS = {"sampling": SamplingConfig, "retry": RetryConfig, "rate_limit": RateLimitConfig, "cache": CacheConfig,
+            "dataset": DatasetConfig, "tracking": TrackingConfig, "experiment": ExperimentConfig,
+            "load": LoadConfig, "slo": SloConfig,
+            "pricing": PricingConfig, "paths": PathsConfig}
+
+
+def register_configs() -> None:
+    """Register the schemas; ``conf/config.yaml`` lists ``base_config`` first in its defaults.
+
+    Also the ``${pid:}`` resolver: job and sweep folders carry the launching process's id, so two runs
+    started in the same second never share a folder. It is cached like Hydra's ``${now:}``, and Hydra
+    copies that cache into every sweep job's config, so all jobs of a sweep agree on its folder.
+    """
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+    OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()), use_cache=True, replace=True)
+
+
+def sampling_params(cfg: DictConfig) -> SamplingParams:
+    return _checked("sampling", lambda: SamplingParams.from_mapping(OmegaConf.to_container(cfg.sampling)))
+
+
+def retry_policy(cfg: DictConfig) -> RetryPolicy:
+    return _checked("retry", lambda: RetryPolicy(**OmegaConf.to_container(cfg.retry)))
+
+
+def rate_limiter(cfg: DictConfig) -> RateLimiter:
+    return _checked("rate_limit", lambda: RateLimiter(**OmegaConf.to_container(cfg.rate_limit)))
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check ranges the schema's types cannot express; raise ConfigError naming the key.
+
+    The load strategy and limits check their own values when they are built (``pikeclient.run.settings``)."""
+    check_known_keys(cfg)
+    sampling_params(cfg)
+    retry_policy(cfg)
+    rate_limiter(cfg)
+    if cfg.cache.mode not in ("off", "use", "refresh"):
+        raise ConfigError(f"cache.mode={cfg.cache.mode!r}: allowed off, use, refresh")
+    experiment = cfg.experiment
+    if experiment.concurrency is not None and experiment.concurrency < 1:
+        raise ConfigError(f"experiment.concurrency={experiment.concurrency} is out of range: allowed >= 1")
+    if experiment.repeats < 1:
+        raise ConfigError(f"experiment.repeats={experiment.repeats} is out of range: allowed >= 1")
+    for name, value in OmegaConf.to_container(cfg.slo).items():
+        if value is not None and not value > 0:
+            raise ConfigError(f"slo.{name}={value} is out of range: allowed > 0 (seconds) or null")
+    if not 0.0 <= experiment.max_error_rate <= 1.0:
+        raise ConfigError(f"experiment.max_error_rate={experiment.max_error_rate} is out of range: allowed [0, 1]")
+    if experiment.warmup is not None and experiment.warmup < 0:
+        raise ConfigError(f"experiment.warmup={experiment.warmup} is out of range: allowed >= 0 (null: automatic)")
+    records = str(experiment.records_file)
+    if not records.strip() or records in (".", "..") or "/" in records or "\\" in records:
+        raise ConfigError(f"experiment.records_file={records!r}: give a file name (it goes in the job's folder)")
+    if experiment.resume is not None and not str(experiment.resume).strip():
+        raise ConfigError("experiment.resume is empty: give a job folder, an MLflow run id, or latest")
+    if cfg.dataset.kind not in ("jsonl", "synthetic"):
+        raise ConfigError(f"dataset.kind={cfg.dataset.kind!r}: allowed jsonl, synthetic")
+    if cfg.dataset.kind == "jsonl" and not cfg.dataset.path:
+        raise ConfigError("dataset.path is not set: name a JSONL prompt file (or use dataset=synthetic)")
+    if cfg.tracking.reconnect_timeout < 0:
+        raise ConfigError(f"tracking.reconnect_timeout={cfg.tracking.reconnect_timeout} is out of range: allowed >= 0")
+    if cfg.dataset.limit is not None and cfg.dataset.limit < 1:
+        raise ConfigError(f"dataset.limit={cfg.dataset.limit} is out of range: allowed >= 1")
+    if not OmegaConf.is_dict(cfg.llm) or "_target_" not in cfg.llm:
+        raise ConfigError("llm must name a backend with _target_ (choose a file in conf/llm/)")
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Keys the schema does not know fail, also when added with ``+`` (which bypasses Hydra's own check:
+    ``+sampling.temprature=0.5`` would otherwise run at temperature 0 without a word)."""
+    for name, schema in _SCHEMAS.items():
+        node = cfg.get(name)
+        if not OmegaConf.is_dict(node):
+            continue
+        allowed = {f.name for f in fields(schema)}
+        unknown = sorted(set(node.keys()) - allowed)
+        if unknown:
+            raise ConfigError(f"{name}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
+    unknown = sorted(set(cfg.keys()) - {f.name for f in fields(Config)})
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown config group or key")
+
+
+def _checked(group: str, build: Any) -> Any:
+    try:
+        return build()
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{group}.{error}") from error
+
+
+# Config keys and environment variables whose values are credentials. ``api_key_env`` names a
+# variable and is safe; a bare ``key`` is, but ``cache_key`` or ``bogus_key`` are not.
+_SECRET_NAME = re.compile(r"^((.*_)?(api_?key|access_key|secret|password|token|credential)|key)$", re.IGNORECASE)
+
+
+def is_secret_name(name: str) -> bool:
+    return bool(_SECRET_NAME.match(name))
+
+
+def default_tracking_uri(runs_dir: str | os.PathLike[str]) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else one sqlite store for all runs and sweep jobs."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
+
+
+def tracking_uri(cfg: Any) -> str:
+    """The store a config logs to: ``tracking.tracking_uri``, else the default above."""
+    return cfg.tracking.tracking_uri or default_tracking_uri(cfg.paths.runs_dir)
+
+
+def is_server_uri(uri: str | None) -> bool:
+    """A tracking server, as opposed to a local store (sqlite, file)."""
+    return bool(uri) and urlsplit(uri).scheme in ("http", "https")
+
+
+def artifact_root(cfg: Any) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a local store; a tracking server decides
+    (with ``--serve-artifacts`` they are uploaded through it, so every machine sees them)."""
+    if is_server_uri(tracking_uri(cfg)):
+        return None
+    return str(Path(cfg.paths.runs_dir).resolve() / "mlartifacts")

@@ -1,0 +1,106 @@
+"""Prompt sets: JSONL files with one ``{"id", "prompt"}`` or ``{"id", "messages"}`` object a line."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from pikeclient.core.errors import ConfigError
+from pikeclient.core.types import Message, user_message
+
+PACKAGE_SCHEME = "pkg://"
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    id: str
+    messages: tuple[Message, ...]
+    repeat: int = 0  # which pass over the dataset (experiment.repeats)
+    max_tokens: int | None = None  # the output length this prompt asks for (synthetic prompts)
+
+    @property
+    def prompt(self) -> str:
+        """The last user message: what a person reads as "the prompt" in records."""
+        users = [m["content"] for m in self.messages if m.get("role") == "user"]
+        return users[-1] if users else self.messages[-1]["content"]
+
+
+def resolve_path(path: str) -> Path:
+    """A file path, or ``pkg://package/file`` for data shipped inside a package (like Hydra's pkg://)."""
+    if not path.startswith(PACKAGE_SCHEME):
+        return Path(path).expanduser()
+    package, _, name = path.removeprefix(PACKAGE_SCHEME).partition("/")
+    try:
+        return Path(str(resources.files(package).joinpath(name)))
+    except (ModuleNotFoundError, TypeError, ValueError):
+        raise ConfigError(f"dataset.path={path!r}: no installed package {package!r}") from None
+
+
+def load_prompts(path: str, limit: int | None = None) -> list[PromptItem]:
+    """Read and check every line first, so a bad file fails before any call is made."""
+    file = resolve_path(path)
+    if not file.is_file():
+        raise ConfigError(f"dataset.path: no such file: {file}")
+    items: list[PromptItem] = []
+    seen: dict[str, int] = {}
+    for lineno, raw in enumerate(file.read_bytes().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        item = _parse_line(raw, f"{file}:{lineno}", default_id=str(lineno))
+        if item.id in seen:
+            raise ConfigError(f"{file}:{lineno}: duplicate id {item.id!r} (first on line {seen[item.id]})")
+        seen[item.id] = lineno
+        items.append(item)
+    if not items:
+        raise ConfigError(f"dataset.path: {file} holds no prompts")
+    return items[:limit] if limit else items
+
+
+def _parse_line(raw: bytes, where: str, default_id: str) -> PromptItem:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{where}: not UTF-8 (byte {error.start})") from error
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{where}: invalid JSON: {error.msg} (column {error.colno})") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a JSON object with 'prompt' or 'messages'")
+    item_id = str(data.get("id", default_id))
+    _check_text(item_id, where)
+    if "messages" in data:
+        return PromptItem(item_id, _check_messages(data["messages"], where))
+    prompt = data.get("prompt")
+    if not isinstance(prompt, str):
+        raise ConfigError(f"{where}: needs a 'prompt' string or a 'messages' list")
+    _check_text(prompt, where)
+    if is_blank(prompt):
+        raise ConfigError(f"{where}: empty prompt")
+    return PromptItem(item_id, tuple(user_message(prompt)))
+
+
+def is_blank(text: str) -> bool:
+    """No visible character: whitespace, zero-width spaces and other format characters only."""
+    return not any(ch.isprintable() and not ch.isspace() for ch in text)
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:  # a lone surrogate ("\ud800") decodes from JSON but cannot be sent
+        raise ConfigError(f"{where}: invalid Unicode (a lone surrogate at character {error.start})") from None
+
+
+def _check_messages(messages: object, where: str) -> tuple[Message, ...]:
+    if not isinstance(messages, list) or not messages:
+        raise ConfigError(f"{where}: 'messages' must be a non-empty list")
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or "role" not in message:
+            raise ConfigError(f"{where}: each message needs a 'role' and a 'content' string")
+        if message["role"] not in ("system", "user", "assistant", "developer"):
+            raise ConfigError(f"{where}: unknown role {message['role']!r}")
+        _check_text(message["content"], where)
+    if all(is_blank(m["content"]) for m in messages):
+        raise ConfigError(f"{where}: empty prompt")
+    return tuple({"role": m["role"], "content": m["content"]} for m in messages)

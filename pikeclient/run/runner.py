@@ -1,0 +1,297 @@
+"""The runner: push prompts through a client under a load strategy, and record every call.
+
+``run_prompts`` makes the calls (closed loop: a fixed pool of workers; open loop: requests sent when
+they are due), warms up first, writes one record per prompt and feeds the statistics. It knows nothing
+of Hydra or MLflow: ``pikeclient.run.experiment`` builds its inputs from the config and tracks its output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, Any
+
+from tqdm import tqdm
+
+from pikeclient.core.client import BaseLLMClient
+from pikeclient.core.errors import LLMError, PikeError
+from pikeclient.run.cache import ResponseCache, cache_key
+from pikeclient.run.dataset import PromptItem
+from pikeclient.run.load import Concurrency, Limit, Strategy
+from pikeclient.run.redact import Redactor
+from pikeclient.run.resume import Earlier
+from pikeclient.run.stats import RunStats, Slo
+
+log = logging.getLogger(__name__)
+
+NON_RETRYABLE = ("auth", "bad_request", "context_window", "model")
+
+
+class RunStopped(PikeError):
+    """The experiment stopped early (authentication failed, or fail_fast met an error)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during the calls: in-flight calls were cancelled and every record written."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+async def run_prompts(
+    client: BaseLLMClient,
+    prompts: Sequence[PromptItem],
+    load: int | Strategy,
+    sink: IO[str] | None = None,
+    on_record: Callable[[dict[str, Any], PromptItem], None] | None = None,
+    cache: ResponseCache | None = None,
+    fail_fast: bool = False,
+    warmup: int = 0,
+    earlier: Earlier | None = None,
+    on_begin: Callable[[float], None] | None = None,
+    redactor: Redactor | None = None,
+    limits: Sequence[Limit] = (),
+    slo: Slo | None = None,
+) -> RunStats:
+    """Call ``client`` once per prompt under the ``load`` strategy; stream records to ``sink``.
+
+    ``load`` is a strategy from ``pikeclient.run.load`` (an int means that many workers in a closed loop).
+    ``warmup`` calls go first and are discarded. Prompts answered in ``earlier`` are not called again;
+    ``limits`` end the sending early. An authentication error stops the run (every further call would
+    fail the same way), and so does any error retrying cannot fix when ``fail_fast`` is set.
+    """
+    strategy = Concurrency(load) if isinstance(load, int) else load
+    stats = RunStats(slo=slo)
+    try:
+        stats.warmup_calls = await warm_up(client, prompts, warmup, strategy.max_in_flight)
+        stats.start_time = time.time()
+        if on_begin is not None:
+            on_begin(stats.start_time)
+        done = earlier.records if earlier else {}
+        todo = [(i, item) for i, item in enumerate(prompts) if i not in done]
+        calls = _Calls(client, stats, sink, on_record, cache, fail_fast, redactor, limits, len(todo))
+        for index, record in sorted(done.items()):
+            calls.emit(record, prompts[index])
+        lag = LoopLag()
+        watcher = asyncio.create_task(lag.watch())
+        start = time.perf_counter()
+        calls.catch_signals()
+        try:
+            if strategy.open_loop:
+                await calls.open_loop(todo, strategy, start)
+            else:
+                await calls.closed_loop(todo, strategy.max_in_flight, start)
+        except asyncio.CancelledError:
+            if calls.interrupted is None:
+                raise
+        finally:
+            calls.release_signals()
+            stats.wall_s = time.perf_counter() - start + (earlier.wall_s if earlier else 0.0)
+            stats.end_time = time.time()
+            watcher.cancel()
+            stats.loop_lags = lag.samples
+            calls.progress.close()
+    finally:
+        await client.aclose()
+    if calls.interrupted is not None:
+        raise Interrupted(calls.interrupted)
+    if calls.stop:
+        raise RunStopped(f"stopped after {stats.calls} of {len(prompts)} prompts: {calls.stop[0]}")
+    return stats
+
+
+class _Calls:
+    """Makes and records the calls of one run, under a closed or an open loop."""
+
+    def __init__(self, client: BaseLLMClient, stats: RunStats, sink: IO[str] | None,
+                 on_record: Callable[[dict[str, Any], PromptItem], None] | None, cache: ResponseCache | None,
+                 fail_fast: bool, redactor: Redactor | None, limits: Sequence[Limit], total: int) -> None:
+        self.client, self.stats, self.sink, self.on_record, self.cache = client, stats, sink, on_record, cache
+        self.fail_fast, self.redactor, self.limits = fail_fast, redactor, limits
+        self.identity = client.describe()
+        self.stop: list[str] = []
+        self.sent = 0
+        self.tasks: set[asyncio.Task] = set()  # the calls' tasks, cancelled on Ctrl-C or SIGTERM
+        self.interrupted: int | None = None
+        self.progress = tqdm(total=total, desc="calls", unit="call", file=sys.stderr, disable=None, mininterval=0.5)
+
+    def catch_signals(self) -> None:
+        """Ctrl-C and SIGTERM stop the sending and cancel the calls in flight.
+
+        Not left to asyncio.run's cancellation of the main task alone: a layer below (the HTTP
+        transport's cancel scopes) can absorb one cancellation, and the run then went on to the end
+        and exited 0 after a Ctrl-C.
+        """
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                loop.add_signal_handler(signum, self._interrupt, signum)
+
+    def release_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(signum)
+
+    def _interrupt(self, signum: int) -> None:
+        if self.interrupted is None:
+            self.interrupted = signum
+            self.stop.append(signal.Signals(signum).name)
+        for task in list(self.tasks):
+            task.cancel()
+
+    def track(self, coroutine: Any) -> asyncio.Task:
+        task = asyncio.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def allowed(self, start: float) -> bool:
+        """No stop asked for, and every limit still allows another request."""
+        elapsed = time.perf_counter() - start
+        return not self.stop and all(limit.allows(self.sent, elapsed) for limit in self.limits)
+
+    def emit(self, record: dict[str, Any], item: PromptItem) -> None:
+        if self.redactor and record["error"] is not None:  # a server may echo the key in its error body
+            record["error"] = self.redactor.text(record["error"])
+        self.stats.add(record)
+        if self.sink is not None:
+            self.sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if self.on_record is not None:
+            self.on_record(record, item)
+
+    async def one(self, index: int, item: PromptItem, due: float | None = None) -> None:
+        """One call; ``due`` (perf_counter) is when an open loop scheduled it: its dispatch delay is kept."""
+        self.sent += 1
+        late = None if due is None else time.perf_counter() - due
+        record = await call_one(self.client, index, item, self.cache, self.identity)
+        if late is not None:
+            record["dispatch_delay_s"] = late
+        self.stats.slo_verdict(record)
+        self.emit(record, item)
+        self.progress.update(1)
+        kind = record["error_kind"]
+        if kind == "auth" or (self.fail_fast and kind in NON_RETRYABLE):
+            self.stop.append(f"{kind} error on prompt {item.id!r}: {record['error']}")
+
+    async def closed_loop(self, todo: Sequence[tuple[int, PromptItem]], workers: int, start: float) -> None:
+        """A fixed pool of workers pulls prompts from one iterator: no task per prompt, and a call's
+        latency starts when the call starts, not while it waits for a free worker."""
+        pending = iter(todo)
+
+        async def worker() -> None:
+            for index, item in pending:
+                if not self.allowed(start):
+                    return
+                await self.one(index, item)
+
+        await asyncio.gather(*(self.track(worker()) for _ in range(min(workers, len(todo)))))
+
+    async def open_loop(self, todo: Sequence[tuple[int, PromptItem]], strategy: Strategy, start: float) -> None:
+        """Requests go when they are due, whether or not earlier ones returned; ``max_in_flight`` caps
+        them, and a request held back by the cap (or by a busy loop) records how late it went."""
+        slots = asyncio.Semaphore(strategy.max_in_flight)
+
+        async def send(index: int, item: PromptItem, due: float) -> None:
+            try:
+                await self.one(index, item, due)
+            finally:
+                slots.release()
+
+        for (index, item), offset in zip(todo, strategy.offsets()):
+            due = start + offset
+            wait = due - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if not self.allowed(start):
+                break
+            await slots.acquire()
+            self.track(send(index, item, due))
+        if self.tasks:
+            await asyncio.gather(*self.tasks)
+
+
+class LoopLag:
+    """Samples how late the event loop wakes a 10 ms timer: the client's own headroom.
+
+    A busy loop delays every timestamp taken on it; when the lag is high, latencies partly measure
+    the client, not the server.
+    """
+
+    INTERVAL = 0.01
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+
+    async def watch(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(self.INTERVAL)
+            self.samples.append(max(0.0, time.perf_counter() - before - self.INTERVAL))
+
+
+async def warm_up(client: BaseLLMClient, prompts: Sequence[PromptItem], count: int, concurrency: int) -> int:
+    """``count`` calls on the first prompts, as the run will make them, whose results are discarded.
+
+    They pay for what only the first calls pay (connection set-up, a local model's first batch),
+    so that no statistic describes it.
+    """
+    if count <= 0:
+        return 0
+    started = time.perf_counter()
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(item: PromptItem) -> None:
+        async with slots:
+            with contextlib.suppress(LLMError):
+                await client.achat(item.messages)
+
+    await asyncio.gather(*(one(prompts[i % len(prompts)]) for i in range(count)))
+    log.info("warm-up: %d calls in %.2f s, not measured", count, time.perf_counter() - started)
+    return count
+
+
+async def call_one(client: BaseLLMClient, index: int, item: PromptItem, cache: ResponseCache | None = None,
+                   identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One prompt's record: the answer with its measurements, or the error with its class."""
+    record: dict[str, Any] = {"index": index, "id": item.id, "prompt": item.prompt, "start_time": time.time()}
+    if item.repeat:
+        record["repeat"] = item.repeat
+    # A synthetic prompt asks for an exact output length: max_tokens, and min_tokens where enforced.
+    overrides = {"max_tokens": item.max_tokens, "min_tokens": item.max_tokens} if item.max_tokens else {}
+    if overrides:
+        record["requested_output_tokens"] = item.max_tokens
+    use_cache = cache is not None and cache.mode != "off"
+    params = client.sampling.merged(overrides)
+    key = cache_key(identity or client.describe(), item.messages, params) if use_cache else None
+    try:
+        result = cache.get(key) if use_cache else None
+        if result is None:
+            result = await client.achat(item.messages, **overrides)
+            if use_cache:
+                cache.put(key, result)
+    except LLMError as error:
+        record.update(
+            end_time=time.time(), response=None, finish_reason=None,
+            usage={"prompt_tokens": None, "completion_tokens": None, "total_tokens": None, "source": "none"},
+            latency_s=None, attempts=error.attempts, backoff_s=error.backoff_s, ttft_s=None,
+            error=str(error), error_kind=error.kind,
+        )
+        return record
+    data = result.to_dict()
+    record["end_time"] = time.time()
+    record.update(response=data.pop("text"), **data, error=None, error_kind=None)
+    if result.cached:  # an earlier answer: none of its timings or attempts belong to this run
+        record.update(latency_s=None, ttft_s=None, itl_s=None, tpot_s=None, attempts=0, backoff_s=0.0,
+                      throttle_s=0.0, output_tokens_per_s=None)
+    else:
+        tokens = result.usage.completion_tokens
+        record["output_tokens_per_s"] = tokens / result.latency_s if tokens and result.latency_s > 0 else None
+    return record

@@ -1,0 +1,60 @@
+"""A run's settings, typed and checked, built once from the composed Hydra config.
+
+``run.py`` composes a DictConfig; :meth:`RunSettings.from_config` checks it (one line per problem,
+before any call), turns it into the schema's dataclasses and builds what the config describes: the
+load strategy, the limits, the SLOs, the tracking store. Everything below takes these settings, not
+the DictConfig.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, cast
+
+from omegaconf import DictConfig, OmegaConf
+
+from pikeclient.config.schema import Config, artifact_root, tracking_uri, validate
+from pikeclient.run.load import Limit, Strategy, build_limits, build_strategy
+from pikeclient.run.stats import Slo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """``config``: every group as the schema's dataclasses (``config.llm``: the backend's arguments);
+    ``resolved``: the same as plain data, what the run logs (redacted first) and ``run.json`` keeps."""
+
+    config: Config
+    resolved: dict[str, Any]
+    strategy: Strategy
+    limits: tuple[Limit, ...]
+    slo: Slo
+    tracking_uri: str
+    artifact_root: str | None
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> RunSettings:
+        validate(cfg)
+        config = cast(Config, OmegaConf.to_object(cfg))
+        experiment, load = config.experiment, config.load
+        concurrency = load.concurrency
+        if experiment.concurrency is not None:
+            log.warning("experiment.concurrency is deprecated: use load.concurrency (load=concurrency)")
+            concurrency = experiment.concurrency
+        return cls(
+            config=config,
+            resolved=cast(dict, OmegaConf.to_container(cfg, resolve=True)),
+            strategy=build_strategy(load.kind, concurrency=concurrency, rate=load.rate,
+                                    max_in_flight=load.max_in_flight, seed=load.seed),
+            limits=tuple(build_limits(experiment.max_requests, experiment.max_duration)),
+            slo=Slo(**asdict(config.slo)),
+            tracking_uri=tracking_uri(config),
+            artifact_root=artifact_root(config),
+        )
+
+    def client_arguments(self) -> dict[str, dict[str, Any]]:
+        """The groups a client is built from besides ``llm`` (see ``pikeclient.config.factory.build_client``)."""
+        c = self.config
+        return {"sampling": asdict(c.sampling), "retry": asdict(c.retry), "rate_limit": asdict(c.rate_limit)}

@@ -1,0 +1,77 @@
+"""Synthetic prompts (``dataset=synthetic``): a seeded prompt set of known sizes, as load tools make them.
+
+Input sizes are measured with the client's own token counter (the model's tokenizer where known, so
+``input_tokens`` is what the model sees, chat template included); each prompt also carries the output
+length it asks for, sent as its ``max_tokens``. Records say requested and actual output tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+
+from pikeclient.core.client import BaseLLMClient
+from pikeclient.core.errors import ConfigError
+from pikeclient.core.types import user_message
+from pikeclient.run.dataset import PromptItem
+
+log = logging.getLogger(__name__)
+
+# Common English words: text any tokenizer splits into ordinary tokens (no rare symbols).
+WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
+         "government company number group problem fact be have do say get make go know take see come think look "
+         "want give use find tell ask seem feel try leave call good new first last long great little own other "
+         "old right big high different small large next early young important few public bad same able to of in "
+         "for on with at by from up about into over after river mountain city table window garden music story "
+         "light water paper voice market answer question reason moment history system program morning evening").split()
+
+
+def synthetic_prompts(client: BaseLLMClient, count: int, input_tokens: int, output_tokens: int,
+                      input_std: float = 0.0, output_std: float = 0.0, seed: int = 0) -> list[PromptItem]:
+    """``count`` prompts of about ``input_tokens`` tokens (normal, ``input_std``), each asking for about
+    ``output_tokens`` (normal, ``output_std``); the same seed gives the same prompts."""
+    for name, value in (("count", count), ("input_tokens", input_tokens), ("output_tokens", output_tokens)):
+        if value < 1:
+            raise ConfigError(f"dataset.{name}={value} is out of range: allowed >= 1")
+    if input_std < 0 or output_std < 0:
+        raise ConfigError("dataset.input_tokens_std and dataset.output_tokens_std must be >= 0")
+    if client.count_source == "none":
+        raise ConfigError("dataset=synthetic needs token counts: set llm.tokenizer to the model's tokenizer")
+    if client.count_source == "estimate":
+        log.warning("synthetic prompt sizes are estimates: %s counts with an encoding made for another model "
+                    "(set llm.tokenizer for exact sizes)", client.model)
+    rng = random.Random(seed)
+    items = []
+    for index in range(count):
+        target = max(1, round(rng.gauss(input_tokens, input_std))) if input_std else input_tokens
+        wanted = max(1, round(rng.gauss(output_tokens, output_std))) if output_std else output_tokens
+        text = _text_of(client, target, rng, prefix=f"{index}: ")
+        items.append(PromptItem(f"synthetic-{index}", tuple(user_message(text)), max_tokens=wanted))
+    return items
+
+
+def _text_of(client: BaseLLMClient, target: int, rng: random.Random, prefix: str) -> str:
+    """The shortest run of words whose prompt (as the model sees it) has at least ``target`` tokens.
+
+    Binary search on the number of words: a dozen counts a prompt, whatever its length. A unique prefix
+    keeps prompts distinct, so no server-side prefix cache answers one from another.
+    """
+    words = [rng.choice(WORDS) for _ in range(4 * target + 8)]
+
+    def tokens(n: int) -> int:
+        return client.count_message_tokens(user_message(prefix + " ".join(words[:n]))) or 0
+
+    low, high = 1, len(words)
+    while low < high:
+        middle = (low + high) // 2
+        if tokens(middle) >= target:
+            high = middle
+        else:
+            low = middle + 1
+    return prefix + " ".join(words[:low])
+
+
+def sizes(items: Sequence[PromptItem], client: BaseLLMClient) -> list[int]:
+    """Prompt tokens of each item, as the client counts them."""
+    return [client.count_message_tokens(list(item.messages)) or 0 for item in items]

@@ -1,0 +1,610 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+Uses an ``MlflowClient`` bound to one tracking URI (no fluent global state), logs in batches, and
+marks a run FAILED or KILLED when the experiment does not finish. With a tracking server, a request
+that cannot reach it is tried again until the server is back (``Outage``), while the experiment's
+calls keep arriving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag, SpanType
+from mlflow.entities.span import Span
+from mlflow.exceptions import MlflowException
+from mlflow.tracing.constant import SpanAttributeKey
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+from pikeclient.config.schema import artifact_root, is_secret_name, is_server_uri, tracking_uri
+from pikeclient.core.errors import one_line
+from pikeclient.tracking.job_file import write_job_file
+from pikeclient.tracking.remote import TRACKING_PROCESS_HTTP_ENV
+
+log = logging.getLogger(__name__)
+
+# MLflow's limits for one log_batch call.
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAM_LENGTH = 6000
+
+
+def open_client(uri: str, artifact_root: str | None = None) -> MlflowClient:
+    """An ``MlflowClient`` on ``uri``; a new sqlite store is created first, whole or not at all."""
+    if uri.startswith("sqlite:///"):
+        ensure_sqlite_store(Path(uri.removeprefix("sqlite:///")), artifact_root)
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_sqlite_store(path: Path, artifact_root: str | None = None) -> None:
+    """Create the sqlite store at ``path`` if it does not exist: serialized and atomic.
+
+    MLflow builds a new store by running its migrations in place (~1 s). Two processes doing that at
+    once, or a kill half-way (SIGKILL, or a SIGKILLed experiment whose tracking process is still
+    migrating when the user runs again), left a store broken for good ("table ... already exists").
+    Here one process at a time (an flock beside the file) migrates a private temporary file, and only a
+    complete store is renamed into place; a file at ``path`` is therefore always a complete store.
+    """
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
+        if path.exists():  # another process created it while this one waited
+            return
+        for stale in path.parent.glob(f".{path.name}.*.tmp*"):  # left by a process killed mid-creation
+            stale.unlink(missing_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        root = Path(artifact_root or path.parent / "mlartifacts").resolve().as_uri()
+        store = SqlAlchemyStore(f"sqlite:///{temporary}", root)
+        store.engine.dispose()
+        os.replace(temporary, path)
+
+
+def owner_tags(pid: int | None = None) -> dict[str, str]:
+    """Which process owns a RUNNING run, so that a later process can tell when the owner is gone."""
+    return {"pikeclient.host": socket.gethostname(), "pikeclient.pid": str(pid or os.getpid())}
+
+
+def end_orphaned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs whose process (on this host) no longer exists.
+
+    A SIGKILL to a whole process group, or a machine that lost power, leaves runs RUNNING forever:
+    nobody is left to end them. The next process that uses the store ends them instead.
+    """
+    host, ended = socket.gethostname(), []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000):
+        tags = run.data.tags
+        pid = tags.get("pikeclient.pid", "")
+        if tags.get("pikeclient.host") == host and pid.isdigit() and not _process_alive(int(pid)):
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    if ended:
+        log.warning("marked %d run(s) KILLED whose process is gone: %s", len(ended), ", ".join(ended))
+    return ended
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) is gone too
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def open_parent_run(cfg: Any, sweep_dir: Path, tags: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Create the experiment (once, before parallel jobs could race on it) and a sweep's parent run."""
+    uri = tracking_uri(cfg)
+    client = open_client(uri, artifact_root(cfg))
+    experiment_id = get_or_create_experiment(client, cfg.tracking.experiment_name, artifact_root(cfg))
+    end_orphaned_runs(client, experiment_id)
+    tags = {"pikeclient.sweep_dir": str(sweep_dir), "pikeclient.role": "sweep", **owner_tags(), **(tags or {})}
+    run = client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}", tags=tags)
+    return {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": uri}
+
+
+def reopen_parent_run(parent: Mapping[str, str], tags: Mapping[str, str] | None = None) -> None:
+    """A resumed sweep's parent: RUNNING again, owned by this process, until its jobs are done."""
+    client = MlflowClient(tracking_uri=parent["tracking_uri"])
+    client.update_run(parent["run_id"], status="RUNNING")
+    client.log_batch(parent["run_id"], tags=[RunTag(k, v) for k, v in {**owner_tags(), **(tags or {})}.items()])
+
+
+def close_parent_run(parent: Mapping[str, str], status: str | None = None) -> None:
+    """Finish a parent run: FAILED if any child failed (or ``status`` says so), else FINISHED."""
+    client = MlflowClient(tracking_uri=parent["tracking_uri"])
+    children = client.search_runs([parent["experiment_id"]], f"tags.mlflow.parentRunId = '{parent['run_id']}'")
+    failed = [c for c in children if c.info.status != "FINISHED"]
+    client.log_batch(parent["run_id"], metrics=[
+        Metric("jobs", len(children), int(time.time() * 1000), 0),
+        Metric("jobs_failed", len(failed), int(time.time() * 1000), 0),
+    ])
+    client.set_terminated(parent["run_id"], status or ("FAILED" if failed else "FINISHED"))
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``, with credential-like keys left out."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if is_secret_name(str(key)):
+            continue
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:MAX_PARAM_LENGTH]
+    return flat
+
+
+class MlflowRun:
+    """One MLflow run, logged in batches through one ``MlflowClient``."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, run_id: str, outage: Outage | None = None) -> None:
+        self.client = client
+        self.experiment_id = experiment_id
+        self.run_id = run_id
+        # How long a tracking server was away during this run (never, for a local store).
+        self.outage = outage or Outage(str(client.tracking_uri), 0.0)
+
+    @classmethod
+    def create(cls, client: MlflowClient, experiment_id: str, *, run_name: str | None = None,
+               tags: Mapping[str, str] | None = None, start_time_ms: int | None = None,
+               outage: Outage | None = None) -> MlflowRun:
+        run = client.create_run(experiment_id, start_time=start_time_ms, run_name=run_name, tags=dict(tags or {}))
+        log.info("MLflow run %s in experiment %s (%s)", run.info.run_id, experiment_id, client.tracking_uri)
+        return cls(client, experiment_id, run.info.run_id, outage)
+
+    @classmethod
+    def reopen(cls, client: MlflowClient, experiment_id: str, run_id: str, tags: Mapping[str, str],
+               outage: Outage | None = None) -> MlflowRun:
+        """An interrupted run, RUNNING again (owned by this process) until this process ends it."""
+        client.update_run(run_id, status="RUNNING")
+        run = cls(client, experiment_id, run_id, outage)
+        run.log_tags(tags)
+        return run
+
+    def logged_steps(self, key: str) -> set[int]:
+        """Steps already logged for a metric (a resumed run's calls that reached MLflow before the stop)."""
+        return {metric.step for metric in self.client.get_metric_history(self.run_id, key)}
+
+    def end(self, status: str, end_time_ms: int | None = None) -> None:
+        """FINISHED, FAILED or KILLED; ``end_time_ms`` is when the measured part ended."""
+        try:
+            self.client.set_terminated(self.run_id, status, end_time=end_time_ms)
+        except Exception:
+            if not self.outage.given_up:
+                raise
+            log.error("run %s stays RUNNING on %s: the server did not come back", self.run_id, self.outage.uri)
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        items = [Param(k, v) for k, v in params.items()]
+        for chunk in _chunks(items, MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=chunk)
+
+    def log_tags(self, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self._log_metric_objects(Metric(k, float(v), now, step) for k, v in metrics.items())
+
+    def _log_metric_objects(self, metrics: Iterable[Metric]) -> None:
+        for chunk in _chunks(list(metrics), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def log_results(self, metrics: Mapping[str, float], records_path: Path, output_dir: Path,
+                    *, log_records: bool = True) -> None:
+        """Run metrics and the run's files as artifacts (the per-call series were logged live)."""
+        self.log_metrics(metrics)
+        if log_records:
+            self.log_artifact(records_path)
+            self.log_artifact(write_records_table(records_path, output_dir / "records_table.json"))
+            # What log_table adds, so the UI lists the file as a table.
+            self.log_tags({MLFLOW_LOGGED_ARTIFACTS: json.dumps([{"path": "records_table.json", "type": "table"}])})
+        self.log_artifact(output_dir / ".hydra", "hydra")
+        if self.outage.waited_s:  # the run is complete, but say that the server was away meanwhile
+            self.log_tags({"pikeclient.tracking_outage_s": f"{self.outage.waited_s:.1f}"})
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        elif path.exists():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+class Outage:
+    """Waits out a tracking server that cannot be reached: the request is tried again every few seconds,
+    for up to ``timeout`` seconds per outage; after that every request fails at once.
+
+    Only "could not connect" is waited for (the request never reached the server, so trying again
+    cannot log twice); an error the server answers with is raised as before.
+    """
+
+    def __init__(self, uri: str, timeout: float, interval: float = 2.0) -> None:
+        self.uri = uri
+        self.timeout = timeout
+        self.interval = interval
+        self.waited_s = 0.0
+        self.given_up = False
+        self.while_waiting: Any = None  # called every ``interval`` while waiting (reads the experiment's pipe)
+
+    def call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        started: float | None = None
+        while True:
+            try:
+                result = function(*args, **kwargs)
+            except Exception as error:
+                if not _unreachable(error):
+                    raise
+                if self.given_up:
+                    raise MlflowException(self.gone_message()) from None
+                now = time.monotonic()
+                if started is None:
+                    started = now
+                    log.warning("the tracking server %s is unreachable; trying again for up to %.0f s (the "
+                                "calls go on and every record is on disk)", self.uri, self.timeout)
+                if now - started >= self.timeout:
+                    self.given_up = True
+                    self.waited_s += now - started
+                    raise MlflowException(self.gone_message()) from None
+                self._wait()
+                continue
+            if started is not None:
+                self.waited_s += time.monotonic() - started
+                log.warning("the tracking server %s is back after %.1f s", self.uri, time.monotonic() - started)
+            return result
+
+    def gone_message(self) -> str:
+        return (f"the tracking server {self.uri} was unreachable for {self.timeout:.0f} s; the run is "
+                "incomplete in MLflow, its records are on disk")
+
+    def _wait(self) -> None:
+        deadline = time.monotonic() + self.interval
+        while time.monotonic() < deadline:
+            if self.while_waiting is not None:
+                self.while_waiting()
+            time.sleep(0.1)
+
+
+class Reconnecting:
+    """An MlflowClient (or store) whose methods go through ``outage.call``."""
+
+    def __init__(self, target: Any, outage: Outage) -> None:
+        self._target = target
+        self._outage = outage
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if not callable(value):
+            return value
+        return lambda *args, **kwargs: self._outage.call(value, *args, **kwargs)
+
+
+def _unreachable(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a failure to connect, as MLflow's REST client reports it."""
+    import requests
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (requests.ConnectionError, requests.exceptions.RetryError, ConnectionError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str | None = None) -> str:
+    """The experiment's id, creating it if needed; safe when parallel jobs race to create it."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = Path(artifact_root).resolve().as_uri() if artifact_root else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+TABLE_COLUMNS = ("index", "id", "prompt", "response", "finish_reason", "latency_s", "ttft_s", "attempts",
+                 "prompt_tokens", "completion_tokens", "cached", "error_kind", "error")
+
+
+def write_records_table(records_path: Path, table_path: Path) -> Path:
+    """Per-call records as the JSON table MLflow's UI shows (pandas' ``orient="split"`` layout).
+
+    Written row by row: ``MlflowClient.log_table`` would build a DataFrame of every record first
+    (44 MiB more at 10,000 records).
+    """
+    with records_path.open(encoding="utf-8") as lines, table_path.open("w", encoding="utf-8") as out:
+        out.write(f'{{"columns": {json.dumps(list(TABLE_COLUMNS))}, "data": [')
+        for number, line in enumerate(lines):
+            record = json.loads(line)
+            flat = {**record, **{k: record["usage"].get(k) for k in ("prompt_tokens", "completion_tokens")}}
+            out.write(("," if number else "") + json.dumps([flat.get(c) for c in TABLE_COLUMNS], ensure_ascii=False))
+        out.write("]}")
+    return table_path
+
+
+class CallLogger:
+    """Logs finished calls in batches: the per-call metric series (step = prompt index) and, when
+    ``traces`` is on, one MLflow trace (a single LLM span) per call.
+
+    Spans carry the timestamps the calls really had and go through the run's own store (``log_spans``:
+    many traces in one transaction), then are linked to the run; MLflow's fluent tracing would export
+    through its global tracking URI, one trace at a time.
+    """
+
+    LINK_BATCH = 100
+
+    def __init__(self, run: MlflowRun, client: Mapping[str, Any], *, traces: bool) -> None:
+        self.run = run
+        self.model = str(client.get("model"))
+        self.provider = str(client.get("provider"))
+        self.traces = traces
+        # MlflowClient has no public batch span API; its store has (sqlite, MLflow server).
+        self.store = run.client._tracking_client.store
+        if isinstance(run.client, Reconnecting):  # the server's version was asked for at set-up
+            self.store = Reconnecting(self.store, run.outage)
+        self.trace_ids: list[str] = []
+        self.traces_failed = False
+        self.logged: set[int] = set()  # prompt indices a resumed run logged before it stopped
+
+    def write(self, calls: list[tuple[Mapping[str, Any], Any]]) -> None:
+        """Log a batch of (record, messages): answers from the response cache are no calls of this run,
+        and a resumed run's earlier calls are logged only if they had not reached MLflow before."""
+        calls = [(record, messages) for record, messages in calls if not record.get("cached")
+                 and not (record.get("resumed") and record["index"] in self.logged)]
+        if not calls:
+            return
+        self.run._log_metric_objects(_series(record for record, _ in calls))
+        if self.traces and not self.traces_failed:
+            self._write_spans([self._span(record, messages) for record, messages in calls])
+
+    def close(self) -> None:
+        """Link the written traces to the run."""
+        for chunk in _chunks(self.trace_ids, self.LINK_BATCH):
+            self.run.client.link_traces_to_run(chunk, self.run.run_id)
+        if self.traces:
+            self.run.log_tags({"pikeclient.traces": str(len(self.trace_ids))})
+
+    def _write_spans(self, spans: list[Span]) -> None:
+        try:
+            self.store.log_spans(self.run.experiment_id, spans)
+        except Exception as error:  # noqa: BLE001 - traces are extra: the run's results stay intact
+            self.traces_failed = True
+            log.warning("writing traces failed; no more traces for this run: %s", error)
+            return
+        self.trace_ids.extend(span.trace_id for span in spans)
+
+    def _span(self, record: Mapping[str, Any], messages: Any) -> Span:
+        trace_id = "tr-" + os.urandom(16).hex()
+        start_ns = int(record["start_time"] * 1e9)
+        duration = sum(record.get(name) or 0.0 for name in ("latency_s", "backoff_s", "throttle_s"))
+        usage = record["usage"]
+        attributes = {
+            SpanAttributeKey.REQUEST_ID: trace_id,
+            SpanAttributeKey.SPAN_TYPE: SpanType.LLM,
+            SpanAttributeKey.INPUTS: {"messages": list(messages)},
+            SpanAttributeKey.OUTPUTS: {"text": record.get("response"), "finish_reason": record.get("finish_reason")},
+            SpanAttributeKey.MODEL: self.model,
+            # Not SpanAttributeKey.MODEL_PROVIDER: with it MLflow fetches a price catalog from
+            # github.com on every write (offline: ~10 s of retries); our provider names are our own.
+            "pikeclient.provider": self.provider,
+            "pikeclient.attempts": record["attempts"],
+            "pikeclient.prompt_id": record["id"],
+            "pikeclient.prompt_index": record["index"],
+        }
+        if record.get("resumed"):
+            attributes["pikeclient.resumed"] = True
+        for name in ("ttft_s", "itl_s", "tpot_s"):
+            if record.get(name) is not None:
+                attributes[f"pikeclient.{name}"] = record[name]
+        if usage.get("total_tokens") is not None:
+            attributes[SpanAttributeKey.CHAT_USAGE] = {"input_tokens": usage["prompt_tokens"],
+                                                       "output_tokens": usage["completion_tokens"],
+                                                       "total_tokens": usage["total_tokens"]}
+        if record.get("error"):
+            attributes["pikeclient.error"] = record["error"]
+        return Span.from_dict({
+            "trace_id": trace_id, "span_id": os.urandom(8).hex(), "parent_span_id": None, "name": "chat",
+            "start_time_unix_nano": start_ns, "end_time_unix_nano": start_ns + int(duration * 1e9),
+            "events": [], "links": [],
+            "status": {"code": "STATUS_CODE_ERROR" if record.get("error") else "STATUS_CODE_OK", "message": ""},
+            "attributes": {k: json.dumps(v, ensure_ascii=False) for k, v in attributes.items()},
+        })
+
+
+def _series(records: Iterable[Mapping[str, Any]]) -> list[Metric]:
+    """Per-call latency and completion tokens of answered, measured calls (step = prompt index)."""
+    metrics = []
+    for record in records:
+        if record["error"] is None and not record.get("cached"):
+            when = int(record["start_time"] * 1000)
+            metrics.append(Metric("call_latency_s", record["latency_s"], when, record["index"]))
+            if record["usage"]["completion_tokens"] is not None:
+                metrics.append(Metric("call_completion_tokens", record["usage"]["completion_tokens"], when,
+                                      record["index"]))
+    return metrics
+
+
+def sidecar_main(conn: Any) -> None:
+    """The tracking process (see pikeclient.tracking.sidecar): open the store, run the run, log calls as they come.
+
+    Messages: ``setup`` (store and experiment; answered ``ready`` or ``error``), ``begin`` (the run is
+    created, or reopened when resuming, with the measured start; answered ``run``), ``calls``, then
+    ``finish`` (answered ``done``) or ``end``. If the experiment process dies, the run ends KILLED.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the experiment's; it says how the run ends
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # so is SIGTERM to the process group: the experiment ends the run
+    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        _, setup = conn.recv()
+    except (EOFError, OSError):  # the experiment stopped before it was ready to start a run
+        return
+    try:
+        uri = setup["tracking_uri"]
+        outage = Outage(uri, setup.get("reconnect_timeout", 600.0))
+        client = open_client(uri, setup["artifact_root"])
+        if is_server_uri(uri):  # a server may go away mid-run: wait for it instead of failing
+            client = Reconnecting(client, outage)
+        experiment_id = get_or_create_experiment(client, setup["experiment_name"], setup["artifact_root"])
+        if is_server_uri(uri) and setup["traces"]:
+            ask_server_version(client)
+        end_orphaned_runs(client, experiment_id)
+        if setup.get("resume_run_id"):
+            _check_resumable(client, setup["resume_run_id"], experiment_id)
+    except Exception as error:  # noqa: BLE001 - reported to the experiment as one line
+        _answer(conn, "error", one_line(error))
+        return
+    _answer(conn, "ready", experiment_id)
+    run: MlflowRun | None = None
+    calls: CallLogger | None = None
+    status = "KILLED"  # unless told otherwise: the experiment process died
+    buffer: list = []
+    inbox: deque = deque()  # messages read while waiting for a tracking server (so the experiment never blocks)
+    outage.while_waiting = lambda: _drain(conn, inbox)
+    try:
+        while True:
+            try:
+                message = inbox.popleft() if inbox else conn.recv()
+            except (EOFError, OSError):  # the experiment process is gone
+                break
+            if message[0] == "begin":
+                run, calls = _begin(client, experiment_id, setup, outage, start_time_ms=message[1])
+                _answer(conn, "run", run.run_id)
+            elif message[0] == "calls":
+                buffer.extend(message[1])
+                if len(buffer) >= 500 or not (inbox or conn.poll()):  # write when caught up, or in 500s
+                    calls.write(buffer)
+                    buffer = []
+            elif message[0] == "finish":
+                if run is None:  # no measured part (every prompt was answered before): still one run
+                    run, calls = _begin(client, experiment_id, setup, outage, start_time_ms=message[3])
+                    _answer(conn, "run", run.run_id)
+                calls.write(buffer)
+                buffer = []
+                calls.close()
+                _, metrics, tags, end_time_ms, records_path, output_dir, log_records, status = message
+                run.log_tags(tags)
+                run.log_results(metrics, Path(records_path), Path(output_dir), log_records=log_records)
+                run.end(status, end_time_ms)  # before answering: the experiment need not wait for this process
+                status = "ENDED"
+                _answer(conn, "done", run.run_id)
+                return
+            elif message[0] == "end":
+                status = message[1]
+                break
+    except Exception as error:  # noqa: BLE001 - the run is marked FAILED and the reason sent back
+        status = "FAILED"
+        log.error("tracking failed: %s", error)
+        _answer(conn, "error", one_line(error))
+        _read_to_the_end(conn)
+    finally:
+        if run is not None and status != "ENDED":
+            with contextlib.suppress(Exception):
+                calls.write(buffer)  # what arrived before a failure or a kill is still logged
+                calls.close()
+            run.end(status)
+
+
+def ask_server_version(client: Any) -> None:
+    """A tracking server's REST store asks the server's version before its first span batch and keeps a
+    failed answer for good (no more traces for the process); ask at set-up, while the server answers
+    and before any run exists that an outage could interrupt."""
+    store = client._tracking_client.store
+    server_version = getattr(store, "_get_server_version", None)
+    if server_version is not None:
+        server_version(store.get_host_creds())
+
+
+def _check_resumable(client: MlflowClient, run_id: str, experiment_id: str) -> None:
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise MlflowException(f"run {run_id} to resume is not in this store") from None
+    if run.info.experiment_id != experiment_id:
+        raise MlflowException(f"run {run_id} to resume belongs to another experiment")
+
+
+def _begin(client: MlflowClient, experiment_id: str, setup: Mapping[str, Any], outage: Outage,
+           start_time_ms: int) -> tuple[MlflowRun, CallLogger]:
+    """Create the run (or reopen the one being resumed) and record its id in the job's run.json."""
+    resume = setup.get("resume_run_id")
+    owner = owner_tags(os.getppid())  # the experiment process: when it is gone, the run is over
+    if resume:
+        run = MlflowRun.reopen(client, experiment_id, resume, owner, outage)
+    else:
+        run = MlflowRun.create(client, experiment_id, run_name=setup["run_name"], tags={**setup["tags"], **owner},
+                               start_time_ms=start_time_ms, outage=outage)
+        run.log_params({**flatten(setup["config"]), **flatten({"client": setup["client"]})})
+    calls = CallLogger(run, setup["client"], traces=setup["traces"])
+    if resume:
+        calls.logged = run.logged_steps("call_latency_s")
+    write_job_file(setup["output_dir"], setup["config"], run.run_id, setup["tracking_uri"])
+    return run, calls
+
+
+def _answer(conn: Any, kind: str, value: Any) -> None:
+    with contextlib.suppress(OSError):  # the experiment may have ended already
+        conn.send((kind, value))
+
+
+def _read_to_the_end(conn: Any) -> None:
+    """After a failure, keep reading (and dropping) the experiment's calls: its calls go on to the end,
+    every record reaches its records file, and it learns that tracking failed when it finishes."""
+    with contextlib.suppress(EOFError, OSError):
+        while conn.recv()[0] not in ("finish", "end"):
+            pass
+
+
+def _drain(conn: Any, inbox: deque) -> None:
+    """Read whatever the experiment has sent; at its end (EOF) the main loop finds out by itself."""
+    with contextlib.suppress(EOFError, OSError):
+        while conn.poll():
+            inbox.append(conn.recv())
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    """``python -m pikeclient.tracking.process end URI RUN_ID STATUS``: end a run whose tracking process died."""
+    open_client(uri).set_terminated(run_id, status)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "end":
+        end_run(*sys.argv[2:5])
+    else:
+        from multiprocessing.connection import Connection
+
+        for key, value in TRACKING_PROCESS_HTTP_ENV.items():  # a request to a server gives up in seconds
+            os.environ.setdefault(key, value)
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # a line per retry; Outage says it once
+        sidecar_main(Connection(int(sys.argv[1])))

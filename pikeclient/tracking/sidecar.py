@@ -1,0 +1,154 @@
+"""The experiment's side of tracking: MLflow runs in a separate process, fed through a pipe.
+
+The experiment process never imports mlflow. Importing it (~1.5 s of CPU) happens while the
+experiment loads its prompts and client; opening the store (~0.8 s) and MLflow's ORM work per logged
+value happen on another core while the calls run, so tracking adds no GIL pauses to the latencies
+being measured. When the experiment process
+dies (even by SIGKILL), the sidecar sees its pipe close and marks the run KILLED.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from pikeclient.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SEND_BATCH = 64  # calls per pipe message: fewer syscalls and pickles, still near-live in the UI
+
+
+class TrackingSidecar:
+    """Starts the tracking process: ``start`` (store and experiment), ``wait_ready``, ``begin`` the run,
+    ``add`` each call, then ``finish`` or ``end`` it."""
+
+    def __init__(self, *, ready_timeout: float = 120.0) -> None:
+        # A plain subprocess on a socketpair: unlike multiprocessing's spawn it does not re-import the
+        # caller's __main__ (which fails for stdin scripts and notebooks); fork after threads is unsafe.
+        # It imports MLflow at once, then waits for ``start``: nothing is written before that.
+        ours, theirs = socket.socketpair()
+        self.process = subprocess.Popen([sys.executable, "-m", "pikeclient.tracking.process", str(theirs.fileno())],
+                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.conn = Connection(ours.detach())
+        self.ready_timeout = ready_timeout
+        self.started = False
+        self.ready = False
+        self.tracking_uri = ""
+        self.run_id: str | None = None
+        self.pending: list[tuple[dict[str, Any], Any]] = []
+        self.closed = False
+
+    def start(self, setup: Mapping[str, Any]) -> None:
+        """Open the store and the experiment described by ``setup``; the run itself comes with ``begin``."""
+        self._send(("setup", dict(setup)))
+        self.started = True
+        self.tracking_uri = str(setup["tracking_uri"])
+
+    def wait_ready(self) -> None:
+        """Wait until the store and experiment are usable; raises ConfigError with the reason if not."""
+        if self.ready:
+            return
+        if not self.conn.poll(self.ready_timeout):
+            raise ConfigError(f"tracking did not start within {self.ready_timeout:.0f} s")
+        self._expect("ready")
+        self.ready = True
+
+    def begin(self, start_time: float) -> None:
+        """The measured part begins: create (or, resuming, reopen) the run with this start time."""
+        self._send(("begin", int(start_time * 1000)))
+
+    def add(self, record: Mapping[str, Any], item: Any) -> None:
+        """Queue one finished call; raises ConfigError if the tracking process stopped."""
+        self.pending.append((dict(record), list(item.messages)))
+        if len(self.pending) >= SEND_BATCH:
+            self._flush()
+        if self.run_id is None and self.conn.poll():
+            self._expect("run")
+
+    def finish(self, metrics: Mapping[str, float], tags: Mapping[str, str], end_time: float, records_path: Path,
+               output_dir: Path, *, log_records: bool, status: str = "FINISHED") -> str:
+        """Log the run's results and end it (FINISHED, or FAILED for a run with too many errors)."""
+        self._flush()
+        self._send(("finish", dict(metrics), dict(tags), int(end_time * 1000), str(records_path), str(output_dir),
+                    log_records, status))
+        if self.run_id is None:
+            self._expect("run")
+        self._expect("done")  # the run has ended in the store; the process may take a moment to exit
+        self._close(wait=False)
+        assert self.run_id is not None
+        return self.run_id
+
+    def end(self, status: str) -> None:
+        """End the run as FAILED or KILLED (what was logged so far stays); before ``start``, just stop."""
+        if self.closed:
+            return
+        if not self.started:  # no run exists yet: stop the process (it may still be importing MLflow)
+            self.process.terminate()
+            self._close()
+            return
+        try:
+            self._flush()
+            self._send(("end", status))
+        except ConfigError:  # the tracking process died: end its run from a fresh one
+            self._end_from_outside(status)
+        self._close()
+
+    def _end_from_outside(self, status: str) -> None:
+        if self.run_id is None:
+            return  # never created, or the next process using the store marks it KILLED (owner gone)
+        command = [sys.executable, "-m", "pikeclient.tracking.process", "end", self.tracking_uri, self.run_id, status]
+        try:
+            subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=120, check=True)
+        except (subprocess.SubprocessError, OSError):
+            log.warning("could not mark MLflow run %s %s", self.run_id, status)
+
+    def _flush(self) -> None:
+        if self.pending:
+            self._send(("calls", self.pending))
+            self.pending = []
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self.conn.send(message)
+        except (OSError, BrokenPipeError) as error:
+            raise ConfigError(f"the tracking process stopped: {self._exit_reason()}") from error
+
+    def _expect(self, expected: str) -> None:
+        kind, value = self._recv()
+        if kind == "error":
+            raise ConfigError(f"tracking: {value}")
+        if kind != expected:
+            raise ConfigError(f"tracking: unexpected answer {kind!r}")
+        if kind == "run":
+            self.run_id = value
+            log.info("MLflow run %s", value)
+
+    def _recv(self) -> tuple[str, Any]:
+        try:
+            return self.conn.recv()
+        except EOFError as error:
+            raise ConfigError(f"the tracking process stopped: {self._exit_reason()}") from error
+
+    def _exit_reason(self) -> str:
+        try:
+            return f"exit code {self.process.wait(5)}"
+        except subprocess.TimeoutExpired:
+            return "no answer"
+
+    def _close(self, wait: bool = True) -> None:
+        self.closed = True
+        self.conn.close()
+        if not wait:
+            return  # subprocess reaps it once it has exited
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
