@@ -1,19 +1,24 @@
-"""Streaming timings against known truth: TTFT and ITL measured by pikeclient and by the raw AsyncOpenAI
-client, against a loopback server whose first-token and per-chunk delays are set.
+"""Streaming timings against truth: TTFT and ITL measured by pikeclient and by the raw AsyncOpenAI client,
+against a loopback server whose first-token and per-chunk delays are set and whose own clock is read.
 
-The server sleeps ``latency`` before answering and ``token_delay`` after every chunk, and sends a role
-chunk before the first word: true TTFT = latency + token_delay, true ITL = token_delay. Both clients
-run the same prompts at the same concurrency, in alternating order; the figures are each one's error
-against the truth, the mean TTFT of the first ten calls (what one-time set-up on the event loop costs
-them) and the ratio pikeclient / raw.
+The server answers ``latency`` after a request arrives, with a role chunk and then one word every
+``token_delay`` on a fixed schedule: the set truth is TTFT = latency + token_delay, ITL = token_delay.
+It also keeps, per stream, when it had read the request and when it wrote the first and the last text
+chunk (``--timings``, on the same CLOCK_MONOTONIC as the client's ``perf_counter``): that is each call's
+truth as the server delivered it, whatever its own scheduling on this shared machine cost. Each client's
+per-call error is its reading over that call's server-side truth; the figures are the median and the
+90th percentile of those errors, the median against the set delays, and the ratio pikeclient / raw.
+Both clients run the same number of calls at the same concurrency, in alternating order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,78 +26,105 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import API_KEY, loopback_server  # noqa: E402
 from bench._report import command_line, emit  # noqa: E402
 from pikeclient.backends.openai import OpenAIClient  # noqa: E402
-from pikeclient.dataset import PromptItem  # noqa: E402
-from pikeclient.runner import run_prompts  # noqa: E402
+from pikeclient.run.dataset import PromptItem  # noqa: E402
+from pikeclient.run.runner import run_prompts  # noqa: E402
 
 PROMPT = "one two three four five six seven eight nine ten eleven twelve"
+Reading = tuple[str, float, float]  # (prompt, TTFT, ITL) as a client read them
 
 
-async def raw_sdk(url: str, calls: int, concurrency: int) -> list[tuple[float, float]]:
-    """(TTFT, ITL) per call with the bare SDK, timed the way pikeclient defines them."""
+def prompt_text(i: int) -> str:
+    return f"{PROMPT} call{i}"  # unique, so the server's timing of each call can be found
+
+
+async def raw_sdk(url: str, calls: int, concurrency: int) -> list[Reading]:
+    """(prompt, TTFT, ITL) per call with the bare SDK, timed the way pikeclient defines them."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=url, api_key=API_KEY, max_retries=0)
     pending = iter(range(calls))
-    out: list[tuple[float, float]] = []
+    out: list[Reading] = []
 
     async def worker() -> None:
-        for _ in pending:
+        for i in pending:
             start = time.perf_counter()
             stream = await client.chat.completions.create(model="gpt-4o", stream=True,
-                                                          messages=[{"role": "user", "content": PROMPT}])
+                                                          messages=[{"role": "user", "content": prompt_text(i)}])
             stamps = []
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
                     stamps.append(time.perf_counter())
-            out.append((stamps[0] - start, (stamps[-1] - stamps[0]) / (len(stamps) - 1)))
+            out.append((prompt_text(i), stamps[0] - start, (stamps[-1] - stamps[0]) / (len(stamps) - 1)))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     await client.close()
     return out
 
 
-async def pikeclient_run(url: str, calls: int, concurrency: int) -> list[tuple[float, float]]:
+async def pikeclient_run(url: str, calls: int, concurrency: int) -> list[Reading]:
     client = OpenAIClient(model="gpt-4o", base_url=url, api_key_env=None, stream=True)
-    getattr(client, "prepare", lambda: None)()  # absent before pikeclient prepared clients (for before/after runs)
-    prompts = [PromptItem(f"p{i}", ({"role": "user", "content": PROMPT},)) for i in range(calls)]
+    client.prepare()
+    prompts = [PromptItem(f"p{i}", ({"role": "user", "content": prompt_text(i)},)) for i in range(calls)]
     records: list[dict] = []
     await run_prompts(client, prompts, concurrency, on_record=lambda record, _: records.append(record))
     client.close()
-    return [(r["ttft_s"], r.get("itl_s") or float("nan")) for r in sorted(records, key=lambda r: r["start_time"])]
+    return [(prompt_text(r["index"]), r["ttft_s"], r["itl_s"]) for r in records]
 
 
-def summarize(samples: list[tuple[float, float]], truth_ttft: float, truth_itl: float) -> dict[str, float]:
-    ttft = [s[0] for s in samples]
-    itl = [s[1] for s in samples]
-    return {"ttft_p50": statistics.median(ttft), "itl_p50": statistics.median(itl),
-            "first10_ttft": statistics.fmean(ttft[:10]),
-            "ttft_err": statistics.median(ttft) / truth_ttft - 1, "itl_err": statistics.median(itl) / truth_itl - 1}
+def server_truth(url: str) -> dict[str, tuple[float, float]]:
+    """(TTFT, ITL) per prompt as the server's clock saw them; the server forgets them once read."""
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/_timings", timeout=30) as response:
+        streams = json.load(response)
+    return {s["prompt"]: (s["first"] - s["received"], (s["last"] - s["first"]) / (s["text_chunks"] - 1))
+            for s in streams}
+
+
+def errors(readings: list[Reading], truth: dict[str, tuple[float, float]]) -> dict[str, list[float]]:
+    """Each call's relative error against the server's timing of that same call."""
+    missing = {p for p, _, _ in readings} - set(truth)
+    if missing:
+        raise SystemExit(f"the server has no timing for {len(missing)} calls")
+    return {"ttft": [ttft / truth[p][0] - 1 for p, ttft, _ in readings],
+            "itl": [itl / truth[p][1] - 1 for p, _, itl in readings]}
+
+
+def p90_abs(values: list[float]) -> float:
+    return sorted(abs(v) for v in values)[int(0.9 * (len(values) - 1))]
 
 
 def main() -> None:
     args = command_line(__doc__, calls=200, latency=0.06, token_delay=0.01, concurrency="8,64").parse_args()
-    truth_ttft, truth_itl = args.latency + args.token_delay, args.token_delay
-    rows = [("server", f"TTFT {truth_ttft * 1000:.0f} ms, ITL {truth_itl * 1000:.0f} ms (set)")]
-    with loopback_server(args.latency, "--token-delay", str(args.token_delay)) as url:
+    set_ttft, set_itl = args.latency + args.token_delay, args.token_delay
+    rows = [("server (set)", f"TTFT {set_ttft * 1000:.0f} ms, ITL {set_itl * 1000:.0f} ms")]
+    with loopback_server(args.latency, "--token-delay", str(args.token_delay), "--timings") as url:
         asyncio.run(raw_sdk(url, 16, 8))  # the server process's own first requests
+        server_truth(url)
         for concurrency in (int(c) for c in str(args.concurrency).split(",")):
-            results = {}
-            for name, fn in (("raw", raw_sdk), ("pikeclient", pikeclient_run), ("pikeclient2", pikeclient_run),
-                             ("raw2", raw_sdk)):
-                results[name] = asyncio.run(fn(url, args.calls, concurrency))
-            raw = summarize(results["raw"] + results["raw2"], truth_ttft, truth_itl)
-            pike = summarize(results["pikeclient"] + results["pikeclient2"], truth_ttft, truth_itl)
-            first = {"raw": summarize(results["raw"], truth_ttft, truth_itl)["first10_ttft"],
-                     "pike": summarize(results["pikeclient"], truth_ttft, truth_itl)["first10_ttft"]}
-            rows += [
-                (f"conc {concurrency}: TTFT p50 pikeclient / raw", f"{pike['ttft_p50'] * 1000:.1f} / "
-                 f"{raw['ttft_p50'] * 1000:.1f} ms (error vs truth {pike['ttft_err']:+.1%} / {raw['ttft_err']:+.1%})"),
-                (f"conc {concurrency}: ITL p50 pikeclient / raw", f"{pike['itl_p50'] * 1000:.2f} / "
-                 f"{raw['itl_p50'] * 1000:.2f} ms (error vs truth {pike['itl_err']:+.1%} / {raw['itl_err']:+.1%})"),
-                (f"conc {concurrency}: first 10 calls' TTFT pikeclient / raw",
-                 f"{first['pike'] * 1000:.1f} / {first['raw'] * 1000:.1f} ms"),
-                (f"conc {concurrency}: TTFT ratio pikeclient / raw", f"{pike['ttft_p50'] / raw['ttft_p50']:.3f}x"),
-            ]
+            read: dict[str, dict[str, list[float]]] = {n: {"ttft": [], "itl": []} for n in ("raw", "pikeclient")}
+            err: dict[str, dict[str, list[float]]] = {n: {"ttft": [], "itl": []} for n in ("raw", "pikeclient")}
+            served: dict[str, list[float]] = {"ttft": [], "itl": []}
+            for name, fn in (("raw", raw_sdk), ("pikeclient", pikeclient_run), ("pikeclient", pikeclient_run),
+                             ("raw", raw_sdk)):
+                got = asyncio.run(fn(url, args.calls, concurrency))
+                truth = server_truth(url)
+                for key, values in errors(got, truth).items():
+                    err[name][key] += values
+                read[name]["ttft"] += [t for _, t, _ in got]
+                read[name]["itl"] += [i for _, _, i in got]
+                served["ttft"] += [truth[p][0] for p, _, _ in got]
+                served["itl"] += [truth[p][1] for p, _, _ in got]
+            srv = {key: statistics.median(values) for key, values in served.items()}
+            rows.append((f"conc {concurrency}: server's own TTFT / ITL p50",
+                         f"{srv['ttft'] * 1000:.1f} ms ({srv['ttft'] / set_ttft - 1:+.1%} vs set) / "
+                         f"{srv['itl'] * 1000:.2f} ms ({srv['itl'] / set_itl - 1:+.1%} vs set)"))
+            for key, label, set_truth in (("ttft", "TTFT", set_ttft), ("itl", "ITL", set_itl)):
+                e = {name: (statistics.median(v[key]), p90_abs(v[key])) for name, v in err.items()}
+                c = {name: statistics.median(v[key]) for name, v in read.items()}
+                rows.append((f"conc {concurrency}: {label} error vs server, p50 (p90 abs) pikeclient / raw",
+                             f"{e['pikeclient'][0]:+.1%} ({e['pikeclient'][1]:.1%}) / {e['raw'][0]:+.1%} ({e['raw'][1]:.1%})"))
+                rows.append((f"conc {concurrency}: {label} p50 pikeclient / raw (vs set)",
+                             f"{c['pikeclient'] * 1000:.2f} / {c['raw'] * 1000:.2f} ms "
+                             f"({c['pikeclient'] / set_truth - 1:+.1%} / {c['raw'] / set_truth - 1:+.1%})"))
     emit(f"Streaming timings vs truth ({args.calls} calls a client, x2)", rows, to_results=not args.no_append)
 
 

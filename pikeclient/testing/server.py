@@ -23,9 +23,10 @@ import socket
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
 
 def free_port() -> int:
     """A port on loopback that nothing listens on right now."""
@@ -101,6 +102,7 @@ class FakeLLMServer:
         filter_chunk: bool = False,
         echo_key: bool = False,
         capacity: int | None = None,
+        keep_timings: bool = False,
     ) -> None:
         self.host = host
         self.port = port
@@ -115,6 +117,10 @@ class FakeLLMServer:
         self.filter_chunk = filter_chunk
         self.echo_key = echo_key  # a 401 body that repeats the credential it got, as some servers do
         self.capacity = capacity  # requests served at once (None: unlimited): a server that saturates
+        # keep_timings=True: the server's own clock readings for every stream, served at GET /_timings
+        # (the truth a client's TTFT and ITL are compared with in bench/bench_streaming.py)
+        self.keep_timings = keep_timings
+        self.timings: list[StreamTiming] = []
         self._semaphore: asyncio.Semaphore | None = None
         self.log: list[RequestRecord] = []
         self.request_count = 0
@@ -176,19 +182,24 @@ class FakeLLMServer:
         try:
             while True:
                 request = await _read_request(reader)
+                received = time.perf_counter()
                 if request is None:
                     break
-                if not await self._respond(writer, *request):
+                if not await self._respond(writer, *request, received=received):
                     break
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
 
-    async def _respond(self, writer: asyncio.StreamWriter, method: str, target: str, headers: dict, body: bytes) -> bool:
+    async def _respond(self, writer: asyncio.StreamWriter, method: str, target: str, headers: dict, body: bytes,
+                       received: float) -> bool:
         """Answer one request; False closes the connection."""
         self.request_count += 1
         url = urlsplit(target)
+        if method == "GET" and url.path == "/_timings":  # and forgets them
+            timings, self.timings = self.timings, []
+            return await self._send_json(writer, 200, [asdict(t) for t in timings])
         route = _route(method, url.path)
         if route is None:
             return await self._send_json(writer, 404, {"error": {"message": f"no route {method} {url.path}"}})
@@ -205,8 +216,8 @@ class FakeLLMServer:
             if self.capacity:  # a server that works on `capacity` requests at once queues the rest
                 async with self._slots():
                     await asyncio.sleep(self.latency)
-            else:
-                await asyncio.sleep(self.latency)
+            else:  # from the request's arrival, whatever parsing it took
+                await _sleep_until(received + self.latency)
         if fault == "drop":
             return False
         if fault == "hang":
@@ -232,7 +243,8 @@ class FakeLLMServer:
         if payload.get("stream"):
             include_usage = bool((payload.get("stream_options") or {}).get("include_usage")) and self.report_usage
             return await self._send_stream(writer, answer, include_usage, cut=fault == "cut_stream",
-                                           end_after={"interrupt": 0.5, "empty_stream": 0.0}.get(fault or ""))
+                                           end_after={"interrupt": 0.5, "empty_stream": 0.0}.get(fault or ""),
+                                           timing=StreamTiming(_prompt(route, payload), received))
         body = answer.completion()
         if not self.report_usage:
             body.pop("usage")
@@ -286,7 +298,8 @@ class FakeLLMServer:
         return True
 
     async def _send_stream(self, writer, answer: Answer, include_usage: bool, cut: bool,
-                           end_after: float | None = None) -> bool:
+                           end_after: float | None = None, timing: StreamTiming | None = None) -> bool:
+        """Chunk k goes at k * token_delay after the first (a schedule, so sleeps' overshoots do not add up)."""
         head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
         writer.write(head.encode())
         chunks = list(answer.stream_chunks(include_usage))
@@ -295,18 +308,48 @@ class FakeLLMServer:
                               "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]})
         if end_after is not None:  # a clean end, [DONE] included, before the finish reason
             chunks = chunks[: int(len(chunks) * end_after)]
+        start = time.perf_counter()
         for index, chunk in enumerate(chunks):
             if cut and index == len(chunks) // 2:
                 await writer.drain()
                 return False  # close mid-stream, without the terminating chunk
             _write_chunk(writer, f"data: {json.dumps(chunk)}\n\n".encode())
+            if timing is not None and _has_text(chunk):
+                timing.wrote(time.perf_counter())
             if self.token_delay:
                 await writer.drain()
-                await asyncio.sleep(self.token_delay)
+                await _sleep_until(start + (index + 1) * self.token_delay)
         _write_chunk(writer, b"data: [DONE]\n\n")
         writer.write(b"0\r\n\r\n")
         await writer.drain()
+        if timing is not None and self.keep_timings:
+            self.timings.append(timing)
         return True
+
+
+@dataclass
+class StreamTiming:
+    """One stream as the server's clock saw it (``time.perf_counter``, which on Linux is CLOCK_MONOTONIC,
+    shared with the client's process): when the request had been read, when each text chunk was written."""
+
+    prompt: str
+    received: float
+    first: float | None = None
+    last: float | None = None
+    text_chunks: int = 0
+
+    def wrote(self, now: float) -> None:
+        self.first = self.first if self.first is not None else now
+        self.last = now
+        self.text_chunks += 1
+
+
+def _has_text(chunk: dict) -> bool:
+    return any((choice.get("delta") or {}).get("content") for choice in chunk.get("choices") or ())
+
+
+async def _sleep_until(due: float) -> None:
+    await asyncio.sleep(max(0.0, due - time.perf_counter()))
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests",
@@ -426,13 +469,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-usage", action="store_true", help="report no usage (as llama.cpp's streams)")
     parser.add_argument("--capacity", type=int, default=None, help="requests served at once; the rest queue")
     parser.add_argument("--no-log", action="store_true", help="keep no request log (long benchmarks)")
+    parser.add_argument("--timings", action="store_true", help="keep each stream's send times, at GET /_timings")
     for name in FAULTS:
         parser.add_argument(f"--rate-{name.replace('_', '-')}", type=float, default=0.0, dest=f"rate_{name}")
     args = parser.parse_args(argv)
     rates = {name: getattr(args, f"rate_{name}") for name in FAULTS if getattr(args, f"rate_{name}")}
     server = FakeLLMServer(host=args.host, port=args.port, latency=args.latency, api_key=args.api_key,
                            faults=FaultPlan(rates=rates), keep_log=not args.no_log, token_delay=args.token_delay,
-                           report_usage=not args.no_usage, capacity=args.capacity)
+                           report_usage=not args.no_usage, capacity=args.capacity,
+                           keep_timings=args.timings)
     try:
         asyncio.run(server.serve_forever())
     except KeyboardInterrupt:
