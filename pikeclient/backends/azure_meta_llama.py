@@ -13,11 +13,20 @@ the Llama tokenizer named in ``tokenizer`` (never a GPT encoding), or reported a
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import httpx2
 
-from pikeclient.backends._http import LazyClients, status_error, transport_error
+from pikeclient.backends._http import (
+    ASYNC_HOOKS,
+    SYNC_HOOKS,
+    LazyClients,
+    send_delay,
+    status_error,
+    transport_error,
+    wire_clock,
+)
 from pikeclient.backends.openai import check_url, read_api_key
 from pikeclient.core.client import BaseLLMClient
 from pikeclient.core.errors import ConfigError, ServerError
@@ -75,8 +84,8 @@ class AzureMetaLlamaClient(BaseLLMClient):
         self._headers = self._auth_headers(read_api_key(api_key_env), auth, api, deployment)
         self._counter = HFTokenizerCounter(tokenizer) if tokenizer else None
         self._clients: LazyClients[httpx2.Client, httpx2.AsyncClient] = LazyClients(
-            lambda: httpx2.Client(timeout=self.timeout, headers=self._headers),
-            lambda: httpx2.AsyncClient(timeout=self.timeout, headers=self._headers),
+            lambda: httpx2.Client(timeout=self.timeout, headers=self._headers, event_hooks=SYNC_HOOKS),
+            lambda: httpx2.AsyncClient(timeout=self.timeout, headers=self._headers, event_hooks=ASYNC_HOOKS),
         )
 
     @staticmethod
@@ -115,19 +124,24 @@ class AzureMetaLlamaClient(BaseLLMClient):
 
     def _complete(self, messages: list[Message], params: SamplingParams) -> Completion:
         start = time.perf_counter()
-        try:
-            response = self._clients.sync.post(self.url, params=self.params, json=self._body(messages, params))
-            return self._parse(response, start)
-        except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
-            raise transport_error(error) or error from error
+        with wire_clock() as sent:
+            try:
+                response = self._clients.sync.post(self.url, params=self.params, json=self._body(messages, params))
+                completion = self._parse(response)
+            except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
+                raise transport_error(error) or error from error
+        return replace(completion, send_delay_s=send_delay(start, sent))
 
     async def _acomplete(self, messages: list[Message], params: SamplingParams) -> Completion:
         start = time.perf_counter()
-        try:
-            response = await self._clients.aio.post(self.url, params=self.params, json=self._body(messages, params))
-            return self._parse(response, start)
-        except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
-            raise transport_error(error) or error from error
+        with wire_clock() as sent:
+            try:
+                response = await self._clients.aio.post(self.url, params=self.params,
+                                                        json=self._body(messages, params))
+                completion = self._parse(response)
+            except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
+                raise transport_error(error) or error from error
+        return replace(completion, send_delay_s=send_delay(start, sent))
 
     def _body(self, messages: list[Message], params: SamplingParams) -> dict[str, Any]:
         if self.api == "aml_score":
@@ -155,7 +169,7 @@ class AzureMetaLlamaClient(BaseLLMClient):
             body["seed"] = params.seed
         return body
 
-    def _parse(self, response: httpx2.Response, start: float) -> Completion:
+    def _parse(self, response: httpx2.Response) -> Completion:
         body = response.json() if response.content else None
         if response.status_code >= 400:
             raise status_error(response.status_code, response.headers, body, response.reason_phrase)

@@ -6,7 +6,7 @@ from typing import Any
 
 import openai
 
-from pikeclient.backends.openai import OpenAIClient, check_url
+from pikeclient.backends.openai import OpenAIClient, check_url, sdk_http_client
 from pikeclient.core.errors import ConfigError
 
 ENTRA_SCOPE = "https://cognitiveservices.azure.com/.default"
@@ -59,10 +59,10 @@ class AzureOpenAIClient(OpenAIClient):
         return args
 
     def _make_sync(self) -> openai.AzureOpenAI:
-        return openai.AzureOpenAI(**self._azure_args())
+        return openai.AzureOpenAI(http_client=sdk_http_client(), **self._azure_args())
 
     def _make_async(self) -> openai.AsyncAzureOpenAI:
-        return openai.AsyncAzureOpenAI(**self._azure_args())
+        return openai.AsyncAzureOpenAI(http_client=sdk_http_client(aio=True), **self._azure_args())
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -8,6 +8,7 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import httpx2
@@ -15,7 +16,15 @@ import openai
 
 from pikeclient.backends._flavours import flavour as find_flavour
 from pikeclient.backends._flavours import sampling_extras, stream_ended_early
-from pikeclient.backends._http import LazyClients, status_error, transport_error
+from pikeclient.backends._http import (
+    ASYNC_HOOKS,
+    SYNC_HOOKS,
+    LazyClients,
+    send_delay,
+    status_error,
+    transport_error,
+    wire_clock,
+)
 from pikeclient.core.client import BaseLLMClient
 from pikeclient.core.errors import ConfigError, LLMConnectionError, LLMError, LLMTimeoutError, ServerError
 from pikeclient.core.tokens import HFTokenizerCounter, TiktokenCounter
@@ -114,10 +123,10 @@ class OpenAIClient(BaseLLMClient):
     # -- SDK clients (created on first use, one pair per client object) ----------------------------
 
     def _make_sync(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url, **self._sdk_args)
+        return openai.OpenAI(base_url=self.base_url, http_client=sdk_http_client(), **self._sdk_args)
 
     def _make_async(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.base_url, **self._sdk_args)
+        return openai.AsyncOpenAI(base_url=self.base_url, http_client=sdk_http_client(aio=True), **self._sdk_args)
 
     @property
     def sdk(self) -> openai.OpenAI:
@@ -147,25 +156,30 @@ class OpenAIClient(BaseLLMClient):
 
     # -- one attempt ------------------------------------------------------------------------------
 
+    # TTFT counts from the moment the request went out (the wire clock), not from before the SDK built
+    # it: that client time is the attempt's ``send_delay_s``.
+
     def _complete(self, messages: list[Message], params: SamplingParams) -> Completion:
         start = time.perf_counter()
-        try:
-            response = self.sdk.chat.completions.create(**self._request(messages, params))
-            if not self.stream:
-                return _completion(response)
-            return _consume_stream(response, start)
-        except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
-            raise translate_error(error) from error
+        with wire_clock() as sent:
+            try:
+                response = self.sdk.chat.completions.create(**self._request(messages, params))
+                completion = (_consume_stream(response, sent[0] if sent else start) if self.stream
+                              else _completion(response))
+            except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
+                raise translate_error(error) from error
+        return replace(completion, send_delay_s=send_delay(start, sent))
 
     async def _acomplete(self, messages: list[Message], params: SamplingParams) -> Completion:
         start = time.perf_counter()
-        try:
-            response = await self.async_sdk.chat.completions.create(**self._request(messages, params))
-            if not self.stream:
-                return _completion(response)
-            return await _aconsume_stream(response, start)
-        except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
-            raise translate_error(error) from error
+        with wire_clock() as sent:
+            try:
+                response = await self.async_sdk.chat.completions.create(**self._request(messages, params))
+                completion = (await _aconsume_stream(response, sent[0] if sent else start) if self.stream
+                              else _completion(response))
+            except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
+                raise translate_error(error) from error
+        return replace(completion, send_delay_s=send_delay(start, sent))
 
     def _request(self, messages: list[Message], params: SamplingParams) -> dict[str, Any]:
         request: dict[str, Any] = {
@@ -233,6 +247,13 @@ def check_url(url: str, key: str) -> str:
     if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
         raise ConfigError(f"{key}={url!r} is not an http(s) URL")
     return url
+
+
+def sdk_http_client(aio: bool = False) -> Any:
+    """The SDK's own default HTTP client (its timeouts and connection limits), reading the wire clock."""
+    if aio:
+        return openai.DefaultAsyncHttpxClient(event_hooks=ASYNC_HOOKS)
+    return openai.DefaultHttpxClient(event_hooks=SYNC_HOOKS)
 
 
 def _completion(response: Any) -> Completion:

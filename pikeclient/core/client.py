@@ -171,20 +171,22 @@ class BaseLLMClient(abc.ABC):
 
     def _finish(self, messages: list[Message], outcome: RetryOutcome[Completion], elapsed: float,
                 throttled: float = 0.0, usage: Usage | None = None) -> ChatResult:
-        """Latency is the time in attempts: retry waits and rate-limit waits are reported apart."""
+        """Latency is the time in attempts from the send: retry waits, rate-limit waits and the client's
+        time before the last attempt's request went out are reported apart."""
         completion = outcome.value
         usage = usage or self._usage(messages, completion)
         return ChatResult(
             text=completion.text,
             finish_reason=completion.finish_reason,
             usage=usage,
-            latency_s=elapsed - outcome.backoff_s - throttled,
+            latency_s=elapsed - outcome.backoff_s - throttled - (completion.send_delay_s or 0.0),
             attempts=outcome.attempts,
             backoff_s=outcome.backoff_s,
             throttle_s=throttled,
             ttft_s=completion.ttft_s,
             itl_s=completion.itl_s,
             tpot_s=time_per_output_token(completion.decode_s, usage.completion_tokens),
+            send_delay_s=completion.send_delay_s,
             model=completion.model or self.model,
         )
 

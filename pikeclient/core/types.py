@@ -53,6 +53,9 @@ class Completion:
     # output chunk to the end of the attempt (what TPOT divides by the tokens after the first).
     itl_s: float | None = None
     decode_s: float | None = None
+    # HTTP backends: the attempt's client time before its request went out (building it, waiting for
+    # a connection or for the event loop); TTFT and latency count from the send.
+    send_delay_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,11 @@ class ChatResult:
     """The outcome of one chat call, retries included.
 
     ``latency_s`` is the time spent in attempts (retry and rate-limit waits are ``backoff_s`` and
-    ``throttle_s``). Streaming calls also carry ``ttft_s`` (first output text), ``itl_s`` (mean gap
-    between output chunks after the first) and ``tpot_s`` ((time after the first output chunk) /
-    (completion tokens - 1)).
+    ``throttle_s``), the last attempt counted from when its request went out: the client's own time
+    before that (building the request, waiting for a connection or for the event loop) is
+    ``send_delay_s`` (HTTP backends; None where nothing is sent). Streaming calls also carry ``ttft_s``
+    (first output text, from the send), ``itl_s`` (mean gap between output chunks after the first) and
+    ``tpot_s`` ((time after the first output chunk) / (completion tokens - 1)).
     """
 
     text: str
@@ -75,6 +80,7 @@ class ChatResult:
     ttft_s: float | None = None
     itl_s: float | None = None
     tpot_s: float | None = None
+    send_delay_s: float | None = None
     model: str | None = None
     cached: bool = False
 

@@ -97,7 +97,7 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
             tracking.wait_ready()  # a store or experiment that cannot be used fails here, before any call
         warmup = experiment.warmup if experiment.warmup is not None else client.default_warmup
         with contextlib.closing(ResponseCache(c.cache.path, c.cache.mode)) as cache, \
-                records_path.open("w", encoding="utf-8") as sink:
+                records_path.open("w", encoding="utf-8", buffering=1) as sink:  # a line each: a kill loses no answer
             stats = asyncio.run(run_prompts(
                 client, prompts, settings.strategy, sink,
                 on_record=tracking.add if tracking else None, cache=cache, fail_fast=experiment.fail_fast,

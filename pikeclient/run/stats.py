@@ -88,6 +88,7 @@ class RunStats:
     warmup_calls: int = 0
     dispatch_delays: list[float] = field(default_factory=list)  # open loop: how late each request went
     send_times: list[float] = field(default_factory=list)  # epoch seconds each measured call started
+    send_delays: list[float] = field(default_factory=list)  # client time before each request went out
     loop_lags: list[float] = field(default_factory=list)
     spans: list[tuple[float, float]] = field(default_factory=list)  # (start, end) epoch seconds, measured calls
     slo: Slo | None = None
@@ -122,7 +123,7 @@ class RunStats:
         self.send_times.append(record["start_time"])
         self.spans.append((record["start_time"], record.get("end_time") or 0.0))
         for name, values in (("ttft_s", self.ttfts), ("itl_s", self.itls), ("tpot_s", self.tpots),
-                             ("output_tokens_per_s", self.call_rates)):
+                             ("output_tokens_per_s", self.call_rates), ("send_delay_s", self.send_delays)):
             if record.get(name) is not None:
                 values.append(record[name])
         usage = record["usage"]
@@ -194,6 +195,8 @@ class RunStats:
             out["requested_rate"] = self.requested_rate
         if self.loop_lags:
             out.update(_distribution("loop_lag_s", self.loop_lags, STREAM_PERCENTILES))
+        if self.send_delays:
+            out.update(_distribution("send_delay_s", self.send_delays, STREAM_PERCENTILES))
         if self.slo is not None and self.slo.active and self.calls - self.cache_hits:
             out["slo_attainment"] = self.slo_met / (self.calls - self.cache_hits)
             if self.wall_s > 0:
@@ -300,6 +303,9 @@ def format_summary(stats: RunStats, title: str) -> str:
         rows += [("rate achieved / asked (/s)", f"{num('achieved_rate', '{:.2f}')} / {m['requested_rate']:g}"),
                  ("dispatch delay p50 / p99 (ms)", f"{m.get('dispatch_delay_s_p50', 0) * 1000:.2f} / "
                                                    f"{m.get('dispatch_delay_s_p99', 0) * 1000:.2f}")]
+    if "send_delay_s_p50" in m:  # the client's own time, left out of latency and TTFT
+        rows.append(("client send delay p50 / p99 (ms)", f"{m['send_delay_s_p50'] * 1000:.2f} / "
+                                                         f"{m['send_delay_s_p99'] * 1000:.2f}"))
     if "slo_attainment" in m:
         rows.append(("SLO met / goodput (/s)", f"{m['slo_attainment']:.1%} / {num('goodput', '{:.2f}')}"))
     for name, key, values in (("TTFT", "ttft_s", stats.ttfts), ("ITL", "itl_s", stats.itls),

@@ -403,7 +403,7 @@ class CallLogger:
     def _span(self, record: Mapping[str, Any], messages: Any) -> Span:
         trace_id = "tr-" + os.urandom(16).hex()
         start_ns = int(record["start_time"] * 1e9)
-        duration = sum(record.get(name) or 0.0 for name in ("latency_s", "backoff_s", "throttle_s"))
+        duration = sum(record.get(name) or 0.0 for name in ("latency_s", "backoff_s", "throttle_s", "send_delay_s"))
         usage = record["usage"]
         attributes = {
             SpanAttributeKey.REQUEST_ID: trace_id,
@@ -420,7 +420,7 @@ class CallLogger:
         }
         if record.get("resumed"):
             attributes["pikeclient.resumed"] = True
-        for name in ("ttft_s", "itl_s", "tpot_s"):
+        for name in ("ttft_s", "itl_s", "tpot_s", "send_delay_s"):
             if record.get(name) is not None:
                 attributes[f"pikeclient.{name}"] = record[name]
         if usage.get("total_tokens") is not None:

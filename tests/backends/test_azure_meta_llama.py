@@ -116,3 +116,11 @@ def test_missing_key(server, monkeypatch):
     monkeypatch.delenv("AZURE_LLAMA_API_KEY", raising=False)
     with pytest.raises(ConfigError, match="AZURE_LLAMA_API_KEY"):
         serverless(server)
+
+
+def test_the_client_time_before_the_send_is_reported_apart(server, llama_env):
+    server.latency = 0.02
+    result = serverless(server).chat(MESSAGES)
+    assert result.send_delay_s is not None and result.send_delay_s >= 0 and result.latency_s >= 0.02
+    result = asyncio.run(aml(server).achat(MESSAGES))
+    assert result.send_delay_s is not None and result.send_delay_s >= 0 and result.latency_s >= 0.02

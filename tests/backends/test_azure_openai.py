@@ -30,7 +30,7 @@ def test_azure_retry_after_ms_is_honoured(server, api_env):
 
 def test_streaming(server, api_env):
     result = azure(server, stream=True).chat([{"role": "user", "content": "a b"}])
-    assert result.text == "You said: a b" and result.ttft_s is not None
+    assert result.text == "You said: a b" and result.ttft_s is not None and result.send_delay_s is not None
 
 
 def test_missing_key(server, monkeypatch):

@@ -166,3 +166,28 @@ def test_prepare_leaves_no_one_time_work_to_the_first_measured_call(api_env):
         before = set(sys.modules)
         asyncio.run(client.achat([{"role": "user", "content": "hello"}]))
     assert sorted(set(sys.modules) - before) == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_client_time_before_the_send_is_reported_apart(api_env, stream):
+    # 32 calls started together: each waits for the SDK to build the ones before it. That wait is the
+    # client's (send_delay_s); latency and TTFT count from the request going out, so neither can be
+    # shorter than what the server itself took (its own clock, the same CLOCK_MONOTONIC).
+    with FakeLLMServer(latency=0.05, token_delay=0.005, keep_timings=True) as server:
+        c = client(server, stream=stream)
+        c.prepare()
+
+        async def together():
+            return await asyncio.gather(*(c.achat([{"role": "user", "content": f"call {i} a b c"}])
+                                          for i in range(32)))
+
+        results = asyncio.run(together())
+        sync = c.chat([{"role": "user", "content": "call sync a b c"}])
+        timings = {t.prompt: t for t in server.timings}
+    for i, result in enumerate([*results, sync]):
+        assert result.send_delay_s is not None and result.send_delay_s >= 0
+        assert result.latency_s >= 0.05
+        if stream:
+            served = timings[f"call {i} a b c" if i < 32 else "call sync a b c"]
+            assert result.ttft_s >= served.first - served.received
+    assert max(r.send_delay_s for r in results) > min(r.send_delay_s for r in results)
