@@ -53,21 +53,33 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-class _FirstTokenTimer(BaseStreamer):
-    """Notes when generation produces its first new token (the first ``put`` is the prompt)."""
+class _StepTimer(BaseStreamer):
+    """Notes when each generation step's tokens come out (the first ``put`` is the prompt)."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.puts = 0
-        self.ttft: float | None = None
+        self.steps: list[float] = []  # perf_counter when new token k (0-based) of every row was made
 
     def put(self, value: Any) -> None:
         self.puts += 1
-        if self.puts == 2:
-            self.ttft = time.perf_counter() - self.start
+        if self.puts > 1:
+            self.steps.append(time.perf_counter())
 
     def end(self) -> None:
         pass
+
+    @property
+    def ttft(self) -> float | None:
+        return self.steps[0] - self.start if self.steps else None
+
+    def decode_s(self, tokens: int) -> float | None:
+        """From a row's first token to its own last one (its end-of-sequence token included, as a server
+        finishes a request there): a short answer in a batch does not take on the steps the batch went
+        on for (its latency, the batch's end, does)."""
+        if tokens < 1 or tokens > len(self.steps):
+            return None
+        return self.steps[tokens - 1] - self.steps[0]
 
 
 @dataclass
@@ -208,14 +220,11 @@ class HFLocalClient(BaseLLMClient):
         batch = {k: v.to(self.device) for k, v in batch.items()}
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        timer = _FirstTokenTimer()
+        timer = _StepTimer()
         with torch.inference_mode():
             output = self.lm.generate(**batch, **self._generation_args(params), streamer=timer)
         new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
-        # Every answer of a batch is ready when the batch ends: TPOT is (that - first token) / (tokens - 1).
-        decode = None if timer.ttft is None else time.perf_counter() - timer.start - timer.ttft
-        return [self._completion(row, len(prompt), params, timer.ttft, decode)
-                for row, prompt in zip(new_tokens, prompts)]
+        return [self._completion(row, len(prompt), params, timer) for row, prompt in zip(new_tokens, prompts)]
 
     def stream(self, messages: Sequence[Message], **sampling: Any) -> Iterator[str]:
         """Yield the answer's text as it is generated (no retry: a local model fails deterministically)."""
@@ -253,8 +262,7 @@ class HFLocalClient(BaseLLMClient):
             args.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         return args
 
-    def _completion(self, tokens: list[int], prompt_len: int, params: SamplingParams,
-                    ttft: float | None, decode_s: float | None = None) -> Completion:
+    def _completion(self, tokens: list[int], prompt_len: int, params: SamplingParams, timer: _StepTimer) -> Completion:
         generated, finish = self._trim(tokens)
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
         for stop in params.stop or ():
@@ -264,7 +272,7 @@ class HFLocalClient(BaseLLMClient):
         # answer gets the same completion_tokens locally and from a server.
         usage = Usage(prompt_tokens=prompt_len, completion_tokens=len(generated), source="tokenizer")
         return Completion(text=text, finish_reason="stop" if finish == "stop_eos" else finish, usage=usage,
-                          ttft_s=ttft, model=self.model, decode_s=decode_s)
+                          ttft_s=timer.ttft, model=self.model, decode_s=timer.decode_s(len(generated) + (finish == "stop_eos")))
 
     def _trim(self, tokens: list[int]) -> tuple[list[int], str]:
         """Generated tokens without padding, and why generation ended for this row."""

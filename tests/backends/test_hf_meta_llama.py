@@ -35,13 +35,14 @@ def test_token_counts_are_exact(llm):
 
 def test_completion_tokens_leave_out_the_end_of_sequence_token(llm):
     # Servers (llama.cpp, vLLM) do not count the EOS token; the same answer counts the same here.
+    from pikeclient.backends.hf_meta_llama import _StepTimer
     from pikeclient.core.types import SamplingParams
 
     words = llm.tokenizer("hello there friend", add_special_tokens=False)["input_ids"]
     eos = next(iter(llm._eos_ids))
-    ended = llm._completion([*words, eos], 7, SamplingParams(), None)
+    ended = llm._completion([*words, eos], 7, SamplingParams(), _StepTimer())
     assert ended.usage.completion_tokens == len(words) and ended.finish_reason == "stop"
-    cut = llm._completion(words, 7, SamplingParams(max_tokens=len(words)), None)
+    cut = llm._completion(words, 7, SamplingParams(max_tokens=len(words)), _StepTimer())
     assert cut.usage.completion_tokens == len(words) and cut.finish_reason == "length"
 
 
@@ -147,3 +148,17 @@ def test_missing_gguf_file_is_one_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot load tokenizer") as caught:
         HFLocalClient(model=str(tmp_path), gguf_file="missing.gguf")
     assert "\n" not in str(caught.value)
+
+
+def test_a_short_answer_batched_with_a_long_one_has_its_own_tpot(smol):
+    # Both go in one batch; the short answer ends steps before the batch does. Its latency ends with
+    # the batch (that is when the caller gets it), its TPOT counts its own steps only.
+    async def together():
+        return await asyncio.gather(smol.achat(MESSAGES, max_tokens=64),
+                                    smol.achat([{"role": "user", "content": "Write a long story about a dog."}],
+                                               max_tokens=64))
+
+    short, long = asyncio.run(together())
+    assert short.finish_reason == "stop" and long.usage.completion_tokens > short.usage.completion_tokens + 4
+    assert short.tpot_s is not None and long.tpot_s is not None
+    assert short.tpot_s * (short.usage.completion_tokens - 1) < short.latency_s - short.ttft_s
