@@ -319,11 +319,11 @@ class FakeLLMServer:
             if self.token_delay:
                 await writer.drain()
                 await _sleep_until(start + (index + 1) * self.token_delay)
+        if timing is not None and self.keep_timings:  # kept before the client can have the whole answer
+            self.timings.append(timing)
         _write_chunk(writer, b"data: [DONE]\n\n")
         writer.write(b"0\r\n\r\n")
         await writer.drain()
-        if timing is not None and self.keep_timings:
-            self.timings.append(timing)
         return True
 
 
