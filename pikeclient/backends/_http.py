@@ -41,30 +41,30 @@ def wire_clock() -> Iterator[list[float]]:
         _SENT.reset(token)
 
 
-def _trace(sent: list[float]) -> Callable[[str, dict[str, Any]], None]:
-    def trace(event: str, info: dict[str, Any]) -> None:
-        if not sent and event in _SENDING:
-            sent.append(time.perf_counter())
-    return trace
-
-
-def _atrace(sent: list[float]) -> Callable[[str, dict[str, Any]], Any]:
-    async def trace(event: str, info: dict[str, Any]) -> None:
-        if not sent and event in _SENDING:
-            sent.append(time.perf_counter())
-    return trace
-
-
 def _on_request(request: httpx2.Request) -> None:
     sent = _SENT.get()
-    if sent is not None:
-        request.extensions["trace"] = _trace(sent)
+    if sent is None:
+        return
+
+    def trace(event: str, info: dict[str, Any]) -> None:
+        if event in _SENDING:
+            sent.append(time.perf_counter())
+            request.extensions.pop("trace", None)  # the first is all it needs: spare the transport the rest
+
+    request.extensions["trace"] = trace
 
 
 async def _aon_request(request: httpx2.Request) -> None:
     sent = _SENT.get()
-    if sent is not None:
-        request.extensions["trace"] = _atrace(sent)
+    if sent is None:
+        return
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        if event in _SENDING:
+            sent.append(time.perf_counter())
+            request.extensions.pop("trace", None)
+
+    request.extensions["trace"] = trace
 
 
 # ``event_hooks=`` for an httpx client (the SDKs' included) that reads the wire clock.
