@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -32,12 +33,16 @@ def interleaved_medians(contenders: dict[str, Callable[[], float]], repeats: int
 
 
 @contextlib.contextmanager
-def loopback_server(latency: float = 0.0, *extra: str) -> Iterator[str]:
-    """The fake OpenAI server in a separate process (so it does not share the client's GIL); yields /v1 URL."""
+def loopback_server(latency: float = 0.0, *extra: str, cpus: set[int] | None = None) -> Iterator[str]:
+    """The fake OpenAI server in a separate process (so it does not share the client's GIL); yields /v1 URL.
+
+    ``cpus``: the cores the server may use (the caller keeps the others for the client)."""
     port = free_port()
     command = [sys.executable, "-m", "pikeclient.testing.server", "--port", str(port), "--latency", str(latency),
                "--no-log", *extra]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    if cpus:
+        os.sched_setaffinity(process.pid, cpus)
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

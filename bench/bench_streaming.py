@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -108,19 +109,28 @@ def p90_abs(values: list[float]) -> float:
 
 
 def main() -> None:
-    args = command_line(__doc__, calls=200, concurrency="8,64", profiles="0.06/0.01/12,0.2/0.03/60").parse_args()
+    args = command_line(__doc__, calls=200, concurrency="8,64", profiles="0.06/0.01/12,0.2/0.03/60",
+                        pin=0).parse_args()
     rows = []
+    server_cpus = None
+    if args.pin:  # the server on the last core, the client on the others: they no longer take turns
+        cores = sorted(os.sched_getaffinity(0))
+        server_cpus = {cores[-1]}
+        os.sched_setaffinity(0, set(cores[:-1]))
+        rows.append(("cores", f"server {sorted(server_cpus)}, client {cores[:-1]}"))
     for profile in str(args.profiles).split(","):  # latency/token_delay/prompt words
         latency, token_delay, words = (float(v) for v in profile.split("/"))
         set_words(int(words))
-        rows += measure(args.calls, str(args.concurrency), latency, token_delay)
+        rows += measure(args.calls, str(args.concurrency), latency, token_delay, server_cpus)
     emit(f"Streaming timings vs truth ({args.calls} calls a client, x2)", rows, to_results=not args.no_append)
 
 
-def measure(calls: int, concurrencies: str, latency: float, token_delay: float) -> list[tuple[str, str]]:
+def measure(calls: int, concurrencies: str, latency: float, token_delay: float,
+            server_cpus: set[int] | None = None) -> list[tuple[str, str]]:
     set_ttft, set_itl = latency + token_delay, token_delay
-    rows = [(f"server (set): TTFT {set_ttft * 1000:.0f} ms, ITL {set_itl * 1000:.0f} ms, {WORDS + 2}-chunk answers", "")]
-    with loopback_server(latency, "--token-delay", str(token_delay), "--timings") as url:
+    rows = [(f"server (set): TTFT {set_ttft * 1000:.0f} ms, ITL {set_itl * 1000:.0f} ms, "
+             f"{WORDS + 2}-chunk answers", "")]
+    with loopback_server(latency, "--token-delay", str(token_delay), "--timings", cpus=server_cpus) as url:
         asyncio.run(raw_sdk(url, 16, 8))  # the server process's own first requests
         server_truth(url)
         for concurrency in (int(c) for c in concurrencies.split(",")):
@@ -149,7 +159,8 @@ def measure(calls: int, concurrencies: str, latency: float, token_delay: float) 
                 e = {name: (statistics.median(v[key]), p90_abs(v[key])) for name, v in err.items()}
                 c = {name: statistics.median(v[key]) for name, v in read.items()}
                 rows.append((f"- conc {concurrency}: {label} error vs server, p50 (p90 abs) pikeclient / raw",
-                             f"{e['pikeclient'][0]:+.1%} ({e['pikeclient'][1]:.1%}) / {e['raw'][0]:+.1%} ({e['raw'][1]:.1%})"))
+                             f"{e['pikeclient'][0]:+.1%} ({e['pikeclient'][1]:.1%}) / "
+                             f"{e['raw'][0]:+.1%} ({e['raw'][1]:.1%})"))
                 rows.append((f"- conc {concurrency}: {label} p50 pikeclient / raw (vs set)",
                              f"{c['pikeclient'] * 1000:.2f} / {c['raw'] * 1000:.2f} ms "
                              f"({c['pikeclient'] / set_truth - 1:+.1%} / {c['raw'] / set_truth - 1:+.1%})"))

@@ -272,7 +272,8 @@ class HFLocalClient(BaseLLMClient):
         # answer gets the same completion_tokens locally and from a server.
         usage = Usage(prompt_tokens=prompt_len, completion_tokens=len(generated), source="tokenizer")
         return Completion(text=text, finish_reason="stop" if finish == "stop_eos" else finish, usage=usage,
-                          ttft_s=timer.ttft, model=self.model, decode_s=timer.decode_s(len(generated) + (finish == "stop_eos")))
+                          ttft_s=timer.ttft, model=self.model,
+                          decode_s=timer.decode_s(len(generated) + (finish == "stop_eos")))
 
     def _trim(self, tokens: list[int]) -> tuple[list[int], str]:
         """Generated tokens without padding, and why generation ended for this row."""
