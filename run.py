@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pikeclient.cli import check_runs_dir, refuse_secret_overrides
+from pikeclient.cli import check_runs_dir, refuse_secret_overrides, resume_in_place
 from pikeclient.cli import main as run_job
 from pikeclient.config.schema import register_configs
 
@@ -20,4 +20,10 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     refuse_secret_overrides(sys.argv[1:])  # before Hydra saves the overrides anywhere
     check_runs_dir(sys.argv[1:])  # before Hydra creates the job's folder there
-    main()
+    sys.argv[1:] = resume_in_place(sys.argv[1:])  # a resumed run completes in its own folder
+    try:
+        main()
+    except KeyboardInterrupt:  # between a sweep's jobs (inside a job, the job says what it left)
+        print("interrupted between jobs: resume the sweep with the same command and experiment.resume=latest",
+              file=sys.stderr)
+        sys.exit(130)

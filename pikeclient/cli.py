@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
+import heapq
 import json
 import logging
 import os
@@ -22,9 +22,12 @@ from omegaconf import DictConfig
 
 from pikeclient.config.schema import is_secret_name
 from pikeclient.core.errors import PikeError
+from pikeclient.core.folderlock import FolderLock
 from pikeclient.run.experiment import RunFailed, run_experiment
 from pikeclient.run.redact import AUTH_HEADERS
+from pikeclient.run.resume import find_job_dir, find_sweep_dir
 from pikeclient.run.stats import format_summary
+from pikeclient.tracking.job_file import read_job_file, read_sweep_file, task_overrides
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +92,42 @@ def check_runs_dir(args: list[str], default: str = "runs") -> None:
 
 
 def hydra_job_info() -> dict[str, Any]:
-    """What identifies this Hydra job: its choices, and for a sweep its folder and number."""
+    """What identifies this Hydra job: its choices, its overrides, and for a sweep its folder and number."""
     hydra = HydraConfig.get()
     info: dict[str, Any] = {f"choice.{k}": v for k, v in hydra.runtime.choices.items() if not k.startswith("hydra")}
-    info["job_name"] = hydra.job.override_dirname or hydra.runtime.choices.get("llm", hydra.job.name)
+    info["overrides"] = task_overrides(hydra.overrides.task)
+    # Endpoints and paths make long names that do not tell runs apart (conf/config.yaml lists them).
+    named = [o for o in info["overrides"]
+             if o.lstrip("+~").partition("=")[0] not in hydra.job.config.override_dirname.exclude_keys]
+    swept = swept_keys(hydra.sweep.dir) if hydra.mode == RunMode.MULTIRUN else set()
+    info["job_name"] = job_name(named, swept) or hydra.runtime.choices.get("llm", hydra.job.name)
     if hydra.mode == RunMode.MULTIRUN:
         info["sweep_dir"] = hydra.sweep.dir
         info["job_num"] = hydra.job.num
     return info
+
+
+def swept_keys(sweep_dir: str | Path) -> set[str]:
+    """The keys a sweep varies (``sampling.temperature=0,0.7``), from the overrides it was started with."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    manifest = read_sweep_file(sweep_dir) or {}
+    try:
+        overrides = OverridesParser.create().parse_overrides(list(manifest.get("overrides") or ()))
+    except Exception:  # noqa: BLE001 - a name is cosmetic: fall back to the job's own overrides
+        return set()
+    return {o.key_or_group for o in overrides if o.is_sweep_override()}
+
+
+def job_name(overrides: list[str], swept: set[str]) -> str:
+    """A run's name: what the sweep varies first (``llm=openai temperature=0.7``), then the rest; keys
+    shortened to their last part where that stays unambiguous."""
+    pairs = [o.lstrip("+~").partition("=")[::2] for o in overrides]
+    varying = [(k, v) for k, v in pairs if k in swept]
+    fixed = [(k, v) for k, v in pairs if k not in swept]
+    lasts = [k.rsplit(".", 1)[-1] for k, _ in pairs]
+    short = {k: k.rsplit(".", 1)[-1] if lasts.count(k.rsplit(".", 1)[-1]) == 1 else k for k, _ in pairs}
+    return " ".join(f"{short[k]}={v.replace(chr(92), '')}" for k, v in varying + fixed)  # Hydra's escapes dropped
 
 
 class Terminated(KeyboardInterrupt):
@@ -110,46 +141,64 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 def main(cfg: DictConfig) -> float | None:
     """Run one job; return its median latency (what a Hydra sweeper such as Optuna minimises)."""
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    title = f"pikeclient: {hydra_job_info()['job_name']}"
+    info = hydra_job_info()
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    title = f"pikeclient: {info['job_name']}"
     try:
-        stats = run_experiment(cfg, HydraConfig.get().runtime.output_dir, hydra_job_info())
+        stats = run_experiment(cfg, output_dir, info)
     except RunFailed as error:
         print(format_summary(error.stats, title))
         log.error("the run failed: %s; its MLflow run is marked FAILED", error)
-        _fail_sweep(cfg)
+        _end_sweep(cfg, "FAILED")
         sys.exit(1)
     except PikeError as error:
         log.error("%s", error)
-        _fail_sweep(cfg)
+        _end_sweep(cfg, "FAILED")
         sys.exit(1)
     except KeyboardInterrupt as error:
         terminated = isinstance(error, Terminated) or getattr(error, "signum", None) == signal.SIGTERM
-        signal_name = "terminated (SIGTERM)" if terminated else "interrupted"
-        log.error("%s: the MLflow run is marked KILLED and the records so far are kept; complete it with the "
-                  "same command and experiment.resume=%s", signal_name, HydraConfig.get().runtime.output_dir)
-        _fail_sweep(cfg)
+        log.error("%s: %s", "terminated (SIGTERM)" if terminated else "interrupted",
+                  interruption_note(output_dir, cfg.experiment.records_file, info.get("sweep_dir")))
+        _end_sweep(cfg, "KILLED")
         sys.exit(143 if terminated else 130)
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(format_summary(stats, title))
-    print(first_answers(Path(HydraConfig.get().runtime.output_dir) / cfg.experiment.records_file))
+    print(first_answers(output_dir / cfg.experiment.records_file))
     return stats.metrics().get("latency_s_p50")
 
 
+def interruption_note(output_dir: Path, records_file: str, sweep_dir: str | None = None) -> str:
+    """What an interruption left, as it is: calls recorded or not, an MLflow run or not, and how to go on."""
+    job = read_job_file(output_dir) or {}
+    records, recorded = output_dir / records_file, 0
+    with contextlib.suppress(OSError), records.open("rb") as file:
+        recorded = sum(1 for line in file if line.strip())
+    run = f"the MLflow run {job['run_id']} is marked KILLED" if job.get("run_id") else "no MLflow run was made"
+    resume = f"complete it with the same command and experiment.resume={sweep_dir or output_dir}"
+    if sweep_dir is not None:
+        return f"{recorded} calls of this job are recorded; {run}; the sweep is unfinished: {resume}"
+    if not recorded and not job.get("run_id"):
+        return "no call was recorded and no MLflow run was made; run the command again"
+    return f"{recorded} calls are recorded in {records}; {run}; {resume}"
+
+
 def first_answers(records: Path, count: int = 3, width: int = 100) -> str:
-    """The first answers of a run, one line each: what the model said, next to how fast it said it."""
+    """The first answers of a run in prompt order, one line each: what the model said, next to how fast."""
     lines = ["", f"first answers (all in {records}):"]
     with contextlib.suppress(OSError), records.open(encoding="utf-8") as file:
-        for raw in itertools.islice(file, count):
-            record = json.loads(raw)
+        first = heapq.nsmallest(count, (json.loads(raw) for raw in file if raw.strip()),
+                                key=lambda r: r.get("index", 0))
+        for record in first:
             text = " ".join((record.get("response") or f"[{record.get('error_kind')} error]").split())
             line = f"  {record['id']}: {text}"
             lines.append(line if len(line) <= width else line[: width - 3] + "...")
     return "\n".join(lines)
 
 
-def _fail_sweep(cfg: DictConfig) -> None:
-    """A failed job ends the sweep (Hydra skips on_multirun_end then): mark its parent run FAILED."""
+def _end_sweep(cfg: DictConfig, status: str) -> None:
+    """A job that fails or is interrupted ends the sweep (Hydra skips on_multirun_end then): its parent
+    run is marked FAILED or KILLED."""
     if HydraConfig.get().mode != RunMode.MULTIRUN or not cfg.tracking.enabled:
         return
     from pikeclient.tracking.sweep import read_parent
@@ -158,4 +207,37 @@ def _fail_sweep(cfg: DictConfig) -> None:
     if parent is not None:
         from pikeclient.tracking.process import close_parent_run
 
-        close_parent_run(parent, "FAILED")
+        with contextlib.suppress(Exception):  # the job's own outcome is what the user must see
+            close_parent_run(parent, status)
+
+
+def resume_in_place(args: list[str]) -> list[str]:
+    """``experiment.resume=...`` completes a run (a sweep) in its own folder: Hydra is pointed at it.
+
+    Called before Hydra starts, which otherwise makes a new folder for every attempt, so that a second
+    interruption would have to be resumed from the first attempt's folder and the second's at once."""
+    target = next((a.partition("=")[2] for a in reversed(args) if a.lstrip("+").startswith("experiment.resume=")),
+                  None)
+    if target is None or not target.strip() or target.strip() == "null":
+        return args
+    sweep = "-m" in args or "--multirun" in args
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    runs_dir = Path(next((a.partition("=")[2] for a in reversed(args) if a.startswith("paths.runs_dir=")), "runs"))
+    overrides = task_overrides(args)
+    try:
+        folder = (find_sweep_dir if sweep else find_job_dir)(target.strip("'\""), runs_dir, overrides)
+        with FolderLock(folder, "sweep folder" if sweep else "job folder"):
+            pass  # refused before Hydra writes its files into a folder another process is writing
+    except PikeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    folder = folder.resolve()
+    given = next((a.partition("=")[2] for a in args if a.startswith(f"{key}=")), None)
+    if given is not None:
+        if Path(given.strip("'\"")).resolve() != folder:
+            print(f"error: experiment.resume completes the run in its own folder ({folder}); leave out {key}",
+                  file=sys.stderr)
+            sys.exit(1)
+        return args
+    quoted = str(folder).replace("\\", "\\\\").replace("'", "\\'")
+    return [*args, f"{key}='{quoted}'"]

@@ -54,7 +54,7 @@ CASES = [
     (("experiment.records_file=.",), "experiment.records_file='.': give a file name"),
     (("experiment.records_file=sub/records.jsonl",), "experiment.records_file='sub/records.jsonl': give a file name"),
     (("experiment.resume=/nonexistent/job",), "experiment.resume='/nonexistent/job': not a job folder"),
-    (("experiment.resume=latest",), "experiment.resume=latest: no earlier job folder"),
+    (("experiment.resume=latest",), "experiment.resume=latest: no earlier run of this command"),
     (("experiment.resume=0123456789abcdef0123456789abcdef",), "no job folder under"),
     (("dataset.limit=0",), "dataset.limit=0 is out of range: allowed >= 1"),
     (("dataset.path=missing.jsonl",), "dataset.path: no such file"),

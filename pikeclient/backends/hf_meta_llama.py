@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -20,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
+from pikeclient.backends import _torch_env
 from pikeclient.core.client import BaseLLMClient
 from pikeclient.core.errors import BadRequestError, ConfigError, ContextWindowError, ModelError, one_line
 from pikeclient.core.types import Completion, Message, SamplingParams, Usage
@@ -101,6 +103,7 @@ class HFLocalClient(BaseLLMClient):
         tokenizer: tokenizer folder or id when it differs from ``model``.
         gguf_file: a GGUF file's name inside ``model`` (a folder or hub id); transformers dequantizes
             it on every load (slow): convert once with :func:`pikeclient.backends.smollm2.convert_gguf` to reuse.
+        threads: torch's CPU threads (process-wide); None: the cores this process may run on.
     """
 
     provider = "hf_local"
@@ -117,11 +120,16 @@ class HFLocalClient(BaseLLMClient):
         batch_size: int = 8,
         tokenizer: str | None = None,
         gguf_file: str | None = None,
+        threads: int | None = None,
         **common: Any,
     ) -> None:
         super().__init__(model=model, **common)
         if batch_size < 1:
             raise ConfigError(f"llm.batch_size={batch_size} is out of range: allowed >= 1")
+        if threads is not None and threads < 1:
+            raise ConfigError(f"llm.threads={threads} is out of range: allowed >= 1 (null: every available core)")
+        # torch's default is the machine's physical cores, which a cpuset or taskset may not allow.
+        torch.set_num_threads(threads or _torch_env.available_cores())
         self.batch_size = batch_size
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
@@ -137,7 +145,8 @@ class HFLocalClient(BaseLLMClient):
         self._draining = False
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
+        return {**super().describe(), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)
@@ -157,6 +166,10 @@ class HFLocalClient(BaseLLMClient):
             raise ContextWindowError(f"prompt has {len(ids)} tokens; the context window of {self.model} is "
                                      f"{self.context_window}")
         return ids
+
+    @property
+    def measures_ttft(self) -> bool:
+        return True  # the step timer sees the first token come out
 
     @property
     def default_warmup(self) -> int:

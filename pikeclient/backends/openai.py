@@ -154,6 +154,10 @@ class OpenAIClient(BaseLLMClient):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "endpoint": str(self.sdk.base_url), "stream": self.stream}
 
+    @property
+    def measures_ttft(self) -> bool:
+        return self.stream
+
     # -- one attempt ------------------------------------------------------------------------------
 
     # TTFT counts from the moment the request went out (the wire clock), not from before the SDK built

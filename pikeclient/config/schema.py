@@ -111,10 +111,10 @@ class LoadConfig:
     """``conf/load/``: when requests go (pikeclient.run.load)."""
 
     kind: str = "concurrency"
-    concurrency: int = 8
+    concurrency: Optional[int] = None  # each strategy's YAML sets what it uses; the others stay null
     rate: Optional[float] = None
-    max_in_flight: int = 1024
-    seed: int = 0
+    max_in_flight: Optional[int] = None
+    seed: Optional[int] = None
 
 
 @dataclass
@@ -137,6 +137,7 @@ class ExperimentConfig:
     max_requests: Optional[int] = None
     max_duration: Optional[float] = None
     repeats: int = 1
+    resume_grown: bool = False
 
 
 @dataclass

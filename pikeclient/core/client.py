@@ -122,6 +122,12 @@ class BaseLLMClient(abc.ABC):
         return "tokenizer"
 
     @property
+    def measures_ttft(self) -> bool:
+        """Whether calls report time to first token (and so TPOT): a streamed answer, or a local model
+        that sees its own tokens come out."""
+        return False
+
+    @property
     def default_warmup(self) -> int:
         """Calls made and discarded before measuring when ``experiment.warmup`` is null."""
         return 0

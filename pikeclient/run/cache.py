@@ -30,6 +30,13 @@ def cache_key(client: Mapping[str, Any], messages: Sequence[Message], params: Sa
     return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+def request_digest(messages: Sequence[Message], params: SamplingParams) -> str:
+    """A short digest of a request as sent (messages and sampling, not where it went): records carry it, so
+    that a resumed run can tell that an earlier answer answered exactly the request it would send."""
+    request = {"messages": [dict(m) for m in messages], "sampling": asdict(params)}
+    return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
 class ResponseCache:
     """``mode``: ``use`` reads and writes, ``refresh`` only writes (calls everything again), ``off``."""
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
+from typing import Any, overload
 
 from pikeclient.core.errors import ConfigError
 from pikeclient.core.types import Message, user_message
@@ -25,6 +27,45 @@ class PromptItem:
         """The last user message: what a person reads as "the prompt" in records."""
         users = [m["content"] for m in self.messages if m.get("role") == "user"]
         return users[-1] if users else self.messages[-1]["content"]
+
+    def sampling_overrides(self) -> dict[str, Any]:
+        """What this prompt asks of sampling beyond the run's settings: an exact output length
+        (``max_tokens``, and ``min_tokens`` where the backend enforces it) for synthetic prompts."""
+        return {"max_tokens": self.max_tokens, "min_tokens": self.max_tokens} if self.max_tokens else {}
+
+
+class Repeated(Sequence[PromptItem]):
+    """A dataset ``repeats`` times over, each pass numbered (records carry ``repeat``), made on demand:
+    a million repeats of ten prompts cost nothing until a limit lets them be sent."""
+
+    def __init__(self, items: Sequence[PromptItem], repeats: int) -> None:
+        self.items = items
+        self.repeats = repeats
+
+    def __len__(self) -> int:
+        return len(self.items) * self.repeats
+
+    @overload
+    def __getitem__(self, index: int) -> PromptItem: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[PromptItem]: ...
+
+    def __getitem__(self, index: int | slice) -> PromptItem | list[PromptItem]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        repeat, position = divmod(index, len(self.items))
+        item = self.items[position]
+        return replace(item, repeat=repeat) if repeat else item
+
+    def __iter__(self) -> Iterator[PromptItem]:
+        for repeat in range(self.repeats):
+            for item in self.items:
+                yield replace(item, repeat=repeat) if repeat else item
 
 
 def resolve_path(path: str) -> Path:

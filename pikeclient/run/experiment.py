@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import getpass
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +25,25 @@ from omegaconf import DictConfig
 from pikeclient.config.factory import build_client
 from pikeclient.core.client import BaseLLMClient
 from pikeclient.core.errors import ConfigError, ContextWindowError, PikeError
+from pikeclient.core.folderlock import FolderLock
+from pikeclient.core.types import SamplingParams
 from pikeclient.run.cache import ResponseCache
 from pikeclient.run.cost import find_price
-from pikeclient.run.dataset import PromptItem, load_prompts
+from pikeclient.run.dataset import PromptItem, Repeated, load_prompts, resolve_path
 from pikeclient.run.redact import Redactor, secrets_in
-from pikeclient.run.resume import Earlier, find_job_dir, load_earlier
+from pikeclient.run.resume import (
+    DatasetDigest,
+    Earlier,
+    dataset_digest,
+    find_job_dir,
+    load_earlier,
+    write_records,
+)
 from pikeclient.run.runner import RunStopped, run_prompts
 from pikeclient.run.settings import RunSettings
 from pikeclient.run.stats import RunStats
 from pikeclient.run.synthetic import synthetic_prompts
-from pikeclient.tracking.job_file import JOB_FILE, write_job_file
+from pikeclient.tracking.job_file import JOB_FILE, read_job_file, write_job_file
 from pikeclient.tracking.sidecar import TrackingSidecar
 
 log = logging.getLogger(__name__)
@@ -53,51 +64,61 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path, hydra_info: dict[str
 
     Everything that can be checked before a call is made (config, dataset, credentials, model, the
     tracking store) is checked first, so a bad input fails before any call and leaves no run behind.
+    The job folder belongs to this process while it runs: another process resuming it is refused.
     """
     settings = RunSettings.from_config(cfg)
     redactor = Redactor(secrets_in(settings.resolved, os.environ))
     redactor.install()
-    redactor.files(Path(output_dir) / ".hydra")  # Hydra wrote the composed config there already
-    # The tracking process imports MLflow (~1.5 s of CPU) on another core while this one loads the
-    # prompts and the client; it creates the run only when the measured part begins.
-    tracking = TrackingSidecar() if settings.config.tracking.enabled else None
-    try:
-        return _run(settings, Path(output_dir), hydra_info or {}, tracking, redactor)
-    except BaseException as error:
-        if tracking is not None:
-            tracking.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-        raise
+    output_dir = Path(output_dir)
+    redactor.files(output_dir / ".hydra")  # Hydra wrote the composed config there already
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(FolderLock(output_dir))
+        # The tracking process imports MLflow (~1.5 s of CPU) on another core while this one loads the
+        # prompts and the client; it creates the run only when the measured part begins.
+        tracking = TrackingSidecar() if settings.config.tracking.enabled else None
+        try:
+            return _run(settings, output_dir, hydra_info or {}, tracking, redactor, locks)
+        except BaseException as error:
+            if tracking is not None:
+                tracking.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            raise
 
 
 def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tracking: TrackingSidecar | None,
-         redactor: Redactor) -> RunStats:
+         redactor: Redactor, locks: contextlib.ExitStack) -> RunStats:
     c = settings.config
     experiment = c.experiment
-    dataset = load_prompts(c.dataset.path, c.dataset.limit) if c.dataset.kind == "jsonl" else None
+    items = load_prompts(c.dataset.path, c.dataset.limit) if c.dataset.kind == "jsonl" else None
     config = redactor.data(settings.resolved)
-    if dataset is not None:  # a resume that cannot work fails before the model loads
-        earlier = find_earlier(settings, config, repeat_prompts(dataset, experiment.repeats), output_dir, hydra_info)
+    base = SamplingParams.from_mapping(asdict(c.sampling))
+    if items is not None:  # a resume that cannot work fails before the model loads
+        digest = dataset_digest(items, base)
+        earlier = find_earlier(settings, config, items, digest, output_dir, hydra_info, locks)
     client = build_client(c.llm, **settings.client_arguments())
     try:
-        if dataset is None:  # synthetic prompts are sized with the client's own tokenizer
+        if items is None:  # synthetic prompts are sized with the client's own tokenizer
             d = c.dataset
-            dataset = synthetic_prompts(client, d.count, d.input_tokens, d.output_tokens, d.input_tokens_std,
-                                        d.output_tokens_std, d.seed)
-            earlier = find_earlier(settings, config, repeat_prompts(dataset, experiment.repeats), output_dir,
-                                   hydra_info)
-        prompts = repeat_prompts(dataset, experiment.repeats)
-        check_prompts_fit(client, prompts)
+            items = synthetic_prompts(client, d.count, d.input_tokens, d.output_tokens, d.input_tokens_std,
+                                      d.output_tokens_std, d.seed)
+            digest = dataset_digest(items, base)
+            earlier = find_earlier(settings, config, items, digest, output_dir, hydra_info, locks)
+        prompts = Repeated(items, experiment.repeats)
+        check_prompts_fit(client, items)
+        check_slo_measurable(settings, client)
+        if earlier is not None and earlier.status == "FINISHED":
+            return already_complete(earlier, prompts, settings, tracking)
         client.prepare()  # tokenizer tables and the like: never inside a measured call
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_job_file(output_dir, config)
-        records_path = output_dir / experiment.records_file
+        write_job_file(output_dir, config, overrides=hydra_info.get("overrides", []), dataset=digest.as_dict())
         price = find_price(asdict(c.pricing), client.describe())
         if tracking is not None:
-            start_tracking(tracking, settings, config, client, redactor.data(hydra_info), output_dir, earlier, redactor)
+            start_tracking(tracking, settings, config, client, redactor.data(hydra_info), output_dir, earlier, redactor,
+                           dataset=dataset_input(c.dataset, digest))
             tracking.wait_ready()  # a store or experiment that cannot be used fails here, before any call
+        records_path = output_dir / experiment.records_file
+        write_records(records_path, (earlier.records[i] for i in sorted(earlier.records)) if earlier else ())
         warmup = experiment.warmup if experiment.warmup is not None else client.default_warmup
         with contextlib.closing(ResponseCache(c.cache.path, c.cache.mode)) as cache, \
-                records_path.open("w", encoding="utf-8", buffering=1) as sink:  # a line each: a kill loses no answer
+                records_path.open("a", encoding="utf-8", buffering=1) as sink:  # a line each: a kill loses no answer
             stats = asyncio.run(run_prompts(
                 client, prompts, settings.strategy, sink,
                 on_record=tracking.add if tracking else None, cache=cache, fail_fast=experiment.fail_fast,
@@ -105,11 +126,13 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
                 limits=settings.limits, slo=settings.slo))
         stats.price = price
         stats.requested_rate = getattr(settings.strategy, "rate", None)
+        stats.max_in_flight = settings.strategy.max_in_flight
         stats.warn_about_the_client()
         verdict = failure_verdict(stats, experiment.max_error_rate)
         if tracking is not None:
             tracking.finish(stats.metrics(), stats.tags(), stats.end_time, records_path, output_dir,
                             log_records=c.tracking.log_records, status="FAILED" if verdict else "FINISHED")
+        write_job_file(output_dir, status="FAILED" if verdict else "FINISHED")
     finally:
         client.close()
     if stats.token_sources["estimate"]:
@@ -120,11 +143,20 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
     return stats
 
 
-def repeat_prompts(prompts: Sequence[PromptItem], repeats: int) -> list[PromptItem]:
-    """The dataset ``repeats`` times over, each pass numbered (records carry ``repeat``)."""
-    if repeats < 1:
-        raise ConfigError(f"experiment.repeats={repeats} is out of range: allowed >= 1")
-    return [replace(item, repeat=r) for r in range(repeats) for item in prompts]
+def already_complete(earlier: Earlier, prompts: Sequence[PromptItem], settings: RunSettings,
+                     tracking: TrackingSidecar | None) -> RunStats:
+    """A finished run resumed again: nothing is called and its MLflow run is left as it is."""
+    if tracking is not None:
+        tracking.end("FINISHED")  # never started: the tracking process just stops
+    run = f", MLflow run {earlier.run_id}" if earlier.run_id else ""
+    log.warning("%s is already complete (%d of %d prompts answered%s, FINISHED): nothing to call",
+                earlier.job_dir, len(earlier.records), len(prompts), run)
+    stats = RunStats(slo=settings.slo)
+    for index in sorted(earlier.records):
+        stats.add(earlier.records[index])
+    stats.wall_s = earlier.wall_s
+    stats.segments = list(earlier.segments)
+    return stats
 
 
 def failure_verdict(stats: RunStats, max_error_rate: float) -> str | None:
@@ -142,20 +174,61 @@ def _error_summary(stats: RunStats) -> str:
     return ", ".join(f"{kind}={count}" for kind, count in stats.errors.most_common())
 
 
-def find_earlier(settings: RunSettings, config: Mapping[str, Any], prompts: Sequence[PromptItem], output_dir: Path,
-                 hydra_info: Mapping[str, Any]) -> Earlier | None:
-    """The interrupted run that ``experiment.resume`` names, checked against this one; None without it."""
+def find_earlier(settings: RunSettings, config: Mapping[str, Any], items: Sequence[PromptItem],
+                 digest: DatasetDigest, output_dir: Path, hydra_info: Mapping[str, Any],
+                 locks: contextlib.ExitStack) -> Earlier | None:
+    """The interrupted run that ``experiment.resume`` names, checked against this one; None without it.
+
+    ``run.py`` points Hydra at the interrupted job's folder, so the job resumes in place; a job of a
+    resumed sweep that never started has no ``run.json`` and runs now. Called from Python with another
+    folder, the earlier job's answers are carried into ``output_dir``.
+    """
     c = settings.config
+    here = output_dir / JOB_FILE
     if c.experiment.resume is None:
+        if here.is_file():
+            raise ConfigError(f"{output_dir} already holds a job ({JOB_FILE}): complete it with "
+                              f"experiment.resume={output_dir}, or give the run another folder")
         return None
-    job_dir = find_job_dir(str(c.experiment.resume), Path(c.paths.runs_dir), output_dir, hydra_info.get("job_num"))
-    earlier = load_earlier(job_dir, config, prompts, c.experiment.records_file)
+    if here.is_file():
+        job_dir = output_dir
+    elif "sweep_dir" in hydra_info:
+        log.info("resuming the sweep: job %s had not started, it runs now", hydra_info.get("job_num"))
+        return None
+    else:
+        job_dir = find_job_dir(str(c.experiment.resume), Path(c.paths.runs_dir), hydra_info.get("overrides"))
+        locks.enter_context(FolderLock(job_dir))
+    prompts = Repeated(items, c.experiment.repeats)
+    base = SamplingParams.from_mapping(asdict(c.sampling))
+    earlier = load_earlier(job_dir, config, items, prompts, c.experiment.records_file, base, digest,
+                           allow_grown=c.experiment.resume_grown)
     if earlier.run_id is not None and c.tracking.enabled:
-        previous = json.loads((job_dir / JOB_FILE).read_text()).get("tracking_uri")
+        previous = (read_job_file(job_dir) or {}).get("tracking_uri")
         if previous and previous != settings.tracking_uri:
             raise ConfigError(f"experiment.resume: run {earlier.run_id} is in {previous}, not {settings.tracking_uri}")
-    log.info("resuming %s: %d of %d prompts answered there", job_dir, len(earlier.records), len(prompts))
+    added = f"; {earlier.added} prompts added to the dataset since" if earlier.added else ""
+    log.info("resuming %s: %d of %d prompts answered there%s", job_dir, len(earlier.records), len(prompts), added)
     return earlier
+
+
+def dataset_input(dataset: Any, digest: DatasetDigest) -> dict[str, Any]:
+    """What MLflow's Datasets column shows for the run: the prompt set's name, source and digest."""
+    if dataset.kind == "jsonl":
+        source = str(resolve_path(dataset.path))
+        name = Path(source).stem
+    else:
+        source = f"synthetic(count={dataset.count}, input_tokens={dataset.input_tokens}, seed={dataset.seed})"
+        name = "synthetic"
+    return {"name": name, "source": source, **digest.as_dict()}
+
+
+def check_slo_measurable(settings: RunSettings, client: BaseLLMClient) -> None:
+    """An SLO on time to first token needs calls that report one (a streamed answer, or a local model)."""
+    slo = settings.slo
+    for name in ("ttft_s", "tpot_s"):
+        if getattr(slo, name) is not None and not client.measures_ttft:
+            raise ConfigError(f"slo.{name}={getattr(slo, name)}: {client.provider} calls report no time to first "
+                              "token without streaming (set llm.stream=true), so no call could meet it")
 
 
 def check_prompts_fit(client: BaseLLMClient, prompts: Sequence[PromptItem]) -> None:
@@ -171,7 +244,7 @@ def check_prompts_fit(client: BaseLLMClient, prompts: Sequence[PromptItem]) -> N
 
 def start_tracking(tracking: TrackingSidecar, settings: RunSettings, config: Mapping[str, Any], client: BaseLLMClient,
                    hydra_info: dict[str, Any], output_dir: Path, earlier: Earlier | None = None,
-                   redactor: Redactor | None = None) -> None:
+                   redactor: Redactor | None = None, dataset: Mapping[str, Any] | None = None) -> None:
     """Prepare the MLflow run in the tracking process; a sweep's job becomes a child of the sweep's run.
 
     A tracking server that does not answer fails here, in seconds and before any call."""
@@ -184,7 +257,9 @@ def start_tracking(tracking: TrackingSidecar, settings: RunSettings, config: Map
         check_reachable(uri)
     redactor = redactor or Redactor(())
     description = redactor.data(client.describe())
-    tags = {f"pikeclient.{k}": str(v) for k, v in {**description, **hydra_info}.items()}
+    tags = {f"pikeclient.{k}": " ".join(map(str, v)) if isinstance(v, list) else str(v)
+            for k, v in {**description, **hydra_info}.items()}
+    tags.update(source_tags())
     parent = find_parent(hydra_info["sweep_dir"], uri, track.experiment_name) if "sweep_dir" in hydra_info else None
     if parent is not None:
         tags["mlflow.parentRunId"] = parent["run_id"]
@@ -201,4 +276,34 @@ def start_tracking(tracking: TrackingSidecar, settings: RunSettings, config: Map
         "output_dir": str(output_dir),
         "resume_run_id": earlier.run_id if earlier else None,
         "reconnect_timeout": track.reconnect_timeout,
+        "dataset": dict(dataset or {}),
     })
+
+
+def source_tags() -> dict[str, str]:
+    """Who ran what, as MLflow's UI shows it (User and Source columns, the source's git commit)."""
+    entry = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    tags = {"mlflow.user": _user(), "mlflow.source.type": "LOCAL"}
+    if entry is not None and entry.is_file():
+        tags["mlflow.source.name"] = str(entry)
+        commit = _git_commit(entry.parent)
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (containers)
+        return str(os.getuid())
+
+
+def _git_commit(folder: Path) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and len(commit) == 40 else None

@@ -14,6 +14,7 @@ runner (``pikeclient.run.experiment``), not here.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -96,22 +97,38 @@ Strategy = Concurrency | Synchronous | Constant | Poisson
 STRATEGIES = {"concurrency": Concurrency, "synchronous": Synchronous, "constant": Constant, "poisson": Poisson}
 
 
-def build_strategy(kind: str, *, concurrency: int = 8, rate: float | None = None, max_in_flight: int = 1024,
-                   seed: int = 0) -> Strategy:
-    """The strategy ``load.kind`` names, checked; a ConfigError names the key."""
+# The settings each strategy reads; any other load.* setting given with it would be ignored.
+USES = {"concurrency": ("concurrency",), "synchronous": (), "constant": ("rate", "max_in_flight"),
+        "poisson": ("rate", "max_in_flight", "seed")}
+
+
+def build_strategy(kind: str, *, concurrency: int | None = None, rate: float | None = None,
+                   max_in_flight: int | None = None, seed: int | None = None) -> Strategy:
+    """The strategy ``load.kind`` names, checked; a ConfigError names the key.
+
+    A setting the strategy would ignore (``load.rate`` with ``load=concurrency``, ``load.concurrency``
+    with ``load=synchronous``) is refused: the run would not be the one asked for."""
     if kind not in STRATEGIES:
         raise ConfigError(f"load.kind={kind!r}: allowed {', '.join(STRATEGIES)}")
-    if max_in_flight < 1:
+    given = {"concurrency": concurrency, "rate": rate, "max_in_flight": max_in_flight, "seed": seed}
+    for name, value in given.items():
+        if value is not None and name not in USES[kind]:
+            users = ", ".join(k for k, uses in USES.items() if name in uses)
+            raise ConfigError(f"load.{name}={value} is not used by load={kind}; it applies to load={users}")
+    if max_in_flight is not None and max_in_flight < 1:
         raise ConfigError(f"load.max_in_flight={max_in_flight} is out of range: allowed >= 1")
     if kind == "synchronous":
         return Synchronous()
     if kind == "concurrency":
+        concurrency = 8 if concurrency is None else concurrency
         if concurrency < 1:
             raise ConfigError(f"load.concurrency={concurrency} is out of range: allowed >= 1")
         return Concurrency(concurrency)
-    if rate is None or not rate > 0:
-        raise ConfigError(f"load.rate={rate} is out of range: load={kind} needs a rate > 0 (requests per second)")
-    return Constant(rate, max_in_flight) if kind == "constant" else Poisson(rate, max_in_flight, seed)
+    if rate is None or not 0 < rate < math.inf:
+        raise ConfigError(f"load.rate={rate} is out of range: load={kind} needs a finite rate > 0 (requests per "
+                          "second; for as fast as possible, use load=concurrency)")
+    cap = 1024 if max_in_flight is None else max_in_flight
+    return Constant(rate, cap) if kind == "constant" else Poisson(rate, cap, 0 if seed is None else seed)
 
 
 @dataclass(frozen=True)
@@ -123,6 +140,10 @@ class MaxRequests:
     def allows(self, sent: int, elapsed: float) -> bool:
         return sent < self.count
 
+    def most(self, todo: int) -> int:
+        """At most how many of ``todo`` requests this limit lets go."""
+        return min(todo, self.count)
+
 
 @dataclass(frozen=True)
 class MaxDuration:
@@ -132,6 +153,9 @@ class MaxDuration:
 
     def allows(self, sent: int, elapsed: float) -> bool:
         return elapsed < self.seconds
+
+    def most(self, todo: int) -> int:
+        return todo  # unknown before the run: as many as fit in the time
 
 
 Limit = MaxRequests | MaxDuration

@@ -14,14 +14,14 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
 from tqdm import tqdm
 
 from pikeclient.core.client import BaseLLMClient
 from pikeclient.core.errors import LLMError, PikeError
-from pikeclient.run.cache import ResponseCache, cache_key
+from pikeclient.run.cache import ResponseCache, cache_key, request_digest
 from pikeclient.run.dataset import PromptItem
 from pikeclient.run.load import Concurrency, Limit, Strategy
 from pikeclient.run.redact import Redactor
@@ -75,10 +75,16 @@ async def run_prompts(
         if on_begin is not None:
             on_begin(stats.start_time)
         done = earlier.records if earlier else {}
-        todo = [(i, item) for i, item in enumerate(prompts) if i not in done]
-        calls = _Calls(client, stats, sink, on_record, cache, fail_fast, redactor, limits, len(todo))
-        for index, record in sorted(done.items()):
-            calls.emit(record, prompts[index])
+        total = len(prompts) - len(done)
+        for limit in limits:
+            total = limit.most(total)
+        calls = _Calls(client, stats, sink, on_record, cache, fail_fast, redactor, limits, total)
+        for index, record in sorted(done.items()):  # already in the records file: counted, not written again
+            calls.emit(record, prompts[index], write=False)
+        if earlier is not None:
+            stats.segments = list(earlier.segments)
+        todo = ((i, prompts[i]) for i in range(len(prompts)) if i not in done)  # made as they are sent
+        log.info("measuring: %d calls, %s", total, strategy.describe())
         lag = LoopLag()
         watcher = asyncio.create_task(lag.watch())
         start = time.perf_counter()
@@ -87,7 +93,7 @@ async def run_prompts(
             if strategy.open_loop:
                 await calls.open_loop(todo, strategy, start)
             else:
-                await calls.closed_loop(todo, strategy.max_in_flight, start)
+                await calls.closed_loop(todo, strategy.max_in_flight, start, total)
         except asyncio.CancelledError:
             if calls.interrupted is None:
                 raise
@@ -158,22 +164,29 @@ class _Calls:
         elapsed = time.perf_counter() - start
         return not self.stop and all(limit.allows(self.sent, elapsed) for limit in self.limits)
 
-    def emit(self, record: dict[str, Any], item: PromptItem) -> None:
+    def emit(self, record: dict[str, Any], item: PromptItem, write: bool = True) -> None:
         if self.redactor and record["error"] is not None:  # a server may echo the key in its error body
             record["error"] = self.redactor.text(record["error"])
         self.stats.add(record)
-        if self.sink is not None:
+        if write and self.sink is not None:
             self.sink.write(json.dumps(record, ensure_ascii=False) + "\n")
         if self.on_record is not None:
             self.on_record(record, item)
 
-    async def one(self, index: int, item: PromptItem, due: float | None = None) -> None:
-        """One call; ``due`` (perf_counter) is when an open loop scheduled it: its dispatch delay is kept."""
+    async def one(self, index: int, item: PromptItem, due: float | None = None, slot_wait: float = 0.0) -> None:
+        """One call. ``due`` (perf_counter) is when an open loop scheduled it: how late it went is kept
+        (``dispatch_delay_s``, of which ``slot_wait_s`` waiting for ``max_in_flight``), and so is the
+        latency a user arriving on schedule would have seen (``latency_from_schedule_s``: from ``due`` to
+        the answer, the coordinated-omission-free latency)."""
         self.sent += 1
         late = None if due is None else time.perf_counter() - due
         record = await call_one(self.client, index, item, self.cache, self.identity)
+        record["session"] = self.stats.start_time
         if late is not None:
             record["dispatch_delay_s"] = late
+            record["slot_wait_s"] = slot_wait
+            if record["error"] is None and not record.get("cached"):
+                record["latency_from_schedule_s"] = time.perf_counter() - due
         self.stats.slo_verdict(record)
         self.emit(record, item)
         self.progress.update(1)
@@ -181,27 +194,27 @@ class _Calls:
         if kind == "auth" or (self.fail_fast and kind in NON_RETRYABLE):
             self.stop.append(f"{kind} error on prompt {item.id!r}: {record['error']}")
 
-    async def closed_loop(self, todo: Sequence[tuple[int, PromptItem]], workers: int, start: float) -> None:
+    async def closed_loop(self, todo: Iterator[tuple[int, PromptItem]], workers: int, start: float,
+                          total: int) -> None:
         """A fixed pool of workers pulls prompts from one iterator: no task per prompt, and a call's
         latency starts when the call starts, not while it waits for a free worker."""
-        pending = iter(todo)
 
         async def worker() -> None:
-            for index, item in pending:
+            for index, item in todo:
                 if not self.allowed(start):
                     return
                 await self.one(index, item)
 
-        await asyncio.gather(*(self.track(worker()) for _ in range(min(workers, len(todo)))))
+        await asyncio.gather(*(self.track(worker()) for _ in range(min(workers, total))))
 
-    async def open_loop(self, todo: Sequence[tuple[int, PromptItem]], strategy: Strategy, start: float) -> None:
+    async def open_loop(self, todo: Iterator[tuple[int, PromptItem]], strategy: Strategy, start: float) -> None:
         """Requests go when they are due, whether or not earlier ones returned; ``max_in_flight`` caps
         them, and a request held back by the cap (or by a busy loop) records how late it went."""
         slots = asyncio.Semaphore(strategy.max_in_flight)
 
-        async def send(index: int, item: PromptItem, due: float) -> None:
+        async def send(index: int, item: PromptItem, due: float, slot_wait: float) -> None:
             try:
-                await self.one(index, item, due)
+                await self.one(index, item, due, slot_wait)
             finally:
                 slots.release()
 
@@ -212,8 +225,9 @@ class _Calls:
                 await asyncio.sleep(wait)
             if not self.allowed(start):
                 break
+            waiting = time.perf_counter()
             await slots.acquire()
-            self.track(send(index, item, due))
+            self.track(send(index, item, due, time.perf_counter() - waiting))
         if self.tasks:
             await asyncio.gather(*self.tasks)
 
@@ -247,14 +261,20 @@ async def warm_up(client: BaseLLMClient, prompts: Sequence[PromptItem], count: i
         return 0
     started = time.perf_counter()
     slots = asyncio.Semaphore(concurrency)
+    log.info("warm-up: %d calls, not measured", count)
+    progress = tqdm(total=count, desc="warm-up", unit="call", file=sys.stderr, disable=None, mininterval=0.5)
 
     async def one(item: PromptItem) -> None:
         async with slots:
             with contextlib.suppress(LLMError):
                 await client.achat(item.messages)
+            progress.update(1)
 
-    await asyncio.gather(*(one(prompts[i % len(prompts)]) for i in range(count)))
-    log.info("warm-up: %d calls in %.2f s, not measured", count, time.perf_counter() - started)
+    try:
+        await asyncio.gather(*(one(prompts[i % len(prompts)]) for i in range(count)))
+    finally:
+        progress.close()
+    log.info("warm-up: %d calls in %.2f s", count, time.perf_counter() - started)
     return count
 
 
@@ -265,11 +285,12 @@ async def call_one(client: BaseLLMClient, index: int, item: PromptItem, cache: R
     if item.repeat:
         record["repeat"] = item.repeat
     # A synthetic prompt asks for an exact output length: max_tokens, and min_tokens where enforced.
-    overrides = {"max_tokens": item.max_tokens, "min_tokens": item.max_tokens} if item.max_tokens else {}
+    overrides = item.sampling_overrides()
     if overrides:
         record["requested_output_tokens"] = item.max_tokens
     use_cache = cache is not None and cache.mode != "off"
     params = client.sampling.merged(overrides)
+    record["request_digest"] = request_digest(item.messages, params)  # what a resume checks the answer against
     key = cache_key(identity or client.describe(), item.messages, params) if use_cache else None
     try:
         result = cache.get(key) if use_cache else None

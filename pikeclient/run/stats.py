@@ -21,7 +21,10 @@ log = logging.getLogger(__name__)
 
 PERCENTILES = (50, 90, 95, 99)
 BEHIND_SCHEDULE_S = 0.005  # an open loop whose p99 dispatch delay exceeds this fell behind its schedule
-LOOP_LAG_S = 0.005  # event-loop lag (p99) above which the client's own timing is in doubt
+LOOP_LAG_S = 0.005  # event-loop lag (p99) above which the client's own timing may be in doubt...
+LAG_SHARE = 0.05  # ...when it is also this share of the median latency (TTFT when streaming) it would blur
+MIN_BEYOND = 5  # a percentile's interval needs this many calls beyond it (p95: 100 calls)
+MIN_COMPLETIONS = 50  # a throughput interval needs this many calls
 STREAM_PERCENTILES = (50, 90, 99)
 
 
@@ -87,10 +90,14 @@ class RunStats:
     resumed: int = 0
     warmup_calls: int = 0
     dispatch_delays: list[float] = field(default_factory=list)  # open loop: how late each request went
+    slot_waits: list[float] = field(default_factory=list)  # open loop: of that, waiting for max_in_flight
+    scheduled_latencies: list[float] = field(default_factory=list)  # open loop: from when due to the answer
     send_times: list[float] = field(default_factory=list)  # epoch seconds each measured call started
     send_delays: list[float] = field(default_factory=list)  # client time before each request went out
     loop_lags: list[float] = field(default_factory=list)
-    spans: list[tuple[float, float]] = field(default_factory=list)  # (start, end) epoch seconds, measured calls
+    spans: list[tuple[float, float, float]] = field(default_factory=list)  # (start, end, session), measured calls
+    segments: list[tuple[float, float]] = field(default_factory=list)  # earlier processes' measured spans (resume)
+    max_in_flight: int | None = None
     slo: Slo | None = None
     slo_met: int = 0
     requested_rate: float | None = None
@@ -111,6 +118,7 @@ class RunStats:
             return
         if record.get("dispatch_delay_s") is not None:
             self.dispatch_delays.append(record["dispatch_delay_s"])
+            self.slot_waits.append(record.get("slot_wait_s") or 0.0)
         self.slo_met += bool(record.get("slo_met"))
         self.retries += max(0, record["attempts"] - 1)
         self.backoff_s += record.get("backoff_s") or 0.0
@@ -121,9 +129,11 @@ class RunStats:
         self.empty_answers += record["response"] == ""
         self.latencies.append(record["latency_s"])
         self.send_times.append(record["start_time"])
-        self.spans.append((record["start_time"], record.get("end_time") or 0.0))
+        self.spans.append((record["start_time"], record.get("end_time") or record["start_time"],
+                           record.get("session", 0)))
         for name, values in (("ttft_s", self.ttfts), ("itl_s", self.itls), ("tpot_s", self.tpots),
-                             ("output_tokens_per_s", self.call_rates), ("send_delay_s", self.send_delays)):
+                             ("output_tokens_per_s", self.call_rates), ("send_delay_s", self.send_delays),
+                             ("latency_from_schedule_s", self.scheduled_latencies)):
             if record.get(name) is not None:
                 values.append(record[name])
         usage = record["usage"]
@@ -189,6 +199,9 @@ class RunStats:
             out.update(self._intervals())
         if self.dispatch_delays:
             out.update(_distribution("dispatch_delay_s", self.dispatch_delays, STREAM_PERCENTILES))
+            out.update(_distribution("slot_wait_s", self.slot_waits, STREAM_PERCENTILES))
+        if self.scheduled_latencies:
+            out.update(_distribution("latency_from_schedule_s", self.scheduled_latencies, PERCENTILES))
         if len(self.send_times) > 1 and max(self.send_times) > min(self.send_times):
             out["achieved_rate"] = (len(self.send_times) - 1) / (max(self.send_times) - min(self.send_times))
         if self.requested_rate is not None:
@@ -220,46 +233,74 @@ class RunStats:
         return out
 
     def _intervals(self) -> dict[str, float]:
-        """95% bootstrap intervals for latency p50/p95 and TTFT p50, and for requests/s (time blocks)."""
+        """95% bootstrap intervals for latency p50/p95 and TTFT p50, and for requests/s (time blocks);
+        none where the sample cannot support one (too few calls beyond the percentile, too short a run)."""
         out: dict[str, float] = {}
-        if len(self.latencies) < 10:
-            return out  # too few calls for an interval worth reading
         for name, values, q in (("latency_s_p50", self.latencies, 50), ("latency_s_p95", self.latencies, 95),
                                 ("ttft_s_p50", self.ttfts, 50)):
-            if len(values) >= 10:
+            if len(values) * (100 - q) / 100 >= MIN_BEYOND:
                 low, high = bootstrap_ci(values, lambda sample, q=q: percentile(sample, q))
                 out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
-        rates = self._block_rates()
-        if rates:
-            low, high = bootstrap_ci(rates, lambda sample: sum(sample) / len(sample))
+        blocks = self._blocks()
+        if blocks:
+            low, high = bootstrap_ci(blocks, lambda sample: sum(c for c, _ in sample) / sum(w for _, w in sample))
             out["requests_per_s_ci_low"], out["requests_per_s_ci_high"] = low, high
         return out
 
-    def _block_rates(self, blocks: int = 10) -> list[float]:
-        """Completions per second in ``blocks`` equal slices of the measured span (a block bootstrap of
-        these gives throughput's interval whatever the load strategy; their mean is the run's rate)."""
-        ends = sorted(end for _, end in self.spans if end)
-        if len(ends) < 2 * blocks:
+    def _blocks(self, blocks: int = 10) -> list[tuple[int, float]]:
+        """(completions, seconds) in ``blocks`` slices of the measured time, each process's span sliced on
+        its own (a resumed run's parts are apart in time: the gap between them is no measured time).
+
+        Resampling blocks gives the rate's interval whatever the load strategy. None when a run is too
+        short for one: fewer than MIN_COMPLETIONS calls, or slices narrower than the median latency (calls
+        then end in bursts and the blocks measure the bursts, not the rate)."""
+        by_session: dict[float, list[tuple[float, float]]] = {}
+        for start, end, session in self.spans:
+            by_session.setdefault(session, []).append((start, end))
+        parts = [(min(s for s, _ in spans), max(e for _, e in spans), [e for _, e in spans])
+                 for spans in by_session.values()]
+        total = sum(last - first for first, last, _ in parts)
+        if len(self.spans) < MIN_COMPLETIONS or total <= 0:
             return []
-        first = min(start for start, _ in self.spans)
-        width = (ends[-1] - first) / blocks
-        if width <= 0:
+        width = total / blocks
+        if width < percentile(self.latencies, 50):
             return []
-        counts = [0] * blocks
-        for end in ends:
-            counts[min(blocks - 1, int((end - first) / width))] += 1
-        return [count / width for count in counts]
+        out: list[tuple[int, float]] = []
+        for first, last, ends in parts:
+            count = max(1, round((last - first) / width))
+            step = (last - first) / count
+            if step <= 0:
+                continue
+            counts = [0] * count
+            for end in ends:
+                counts[min(count - 1, int((end - first) / step))] += 1
+            out += [(c, step) for c in counts]
+        return out
 
     def warn_about_the_client(self) -> None:
-        """Say when the client's own limits, not the server, may show in the figures."""
+        """Say once, when it matters, whether the client or the server held the calls back, and what to do."""
         m = self.metrics()
-        if m.get("dispatch_delay_s_p99", 0.0) > BEHIND_SCHEDULE_S:
-            log.warning("the client fell behind its schedule: dispatch delay p99 %.1f ms; achieved %.2f of %g "
-                        "requests/s (latencies are measured from the real send)", m["dispatch_delay_s_p99"] * 1000,
-                        m.get("achieved_rate", 0.0), self.requested_rate or 0)
-        if m.get("loop_lag_s_p99", 0.0) > LOOP_LAG_S:
-            log.warning("the client's event loop lagged (p99 %.1f ms): timings include the client's own delays; "
-                        "lower the load or move work off this process", m["loop_lag_s_p99"] * 1000)
+        dispatch, lag = m.get("dispatch_delay_s_p99", 0.0), m.get("loop_lag_s_p99", 0.0)
+        if dispatch > BEHIND_SCHEDULE_S:
+            rate = f"achieved {m.get('achieved_rate', 0.0):.2f} of {self.requested_rate or 0:g} requests/s"
+            scheduled = (f"latency from the scheduled time (what users arriving on schedule waited) p50 "
+                         f"{m.get('latency_from_schedule_s_p50', 0.0):.3f} s / p99 "
+                         f"{m.get('latency_from_schedule_s_p99', 0.0):.3f} s")
+            if m.get("slot_wait_s_p99", 0.0) >= dispatch / 2:
+                log.warning("the server held the schedule back: calls waited for one of the load.max_in_flight=%s "
+                            "slots (p99 %.3f s) because earlier calls had not returned; %s; %s",
+                            self.max_in_flight, m["slot_wait_s_p99"], rate, scheduled)
+            else:
+                log.warning("the client fell behind its schedule: dispatch delay p99 %.1f ms with event-loop lag p99 "
+                            "%.1f ms; %s; %s. Lower the rate, turn traces off (tracking.traces=false) or run "
+                            "fewer things on this machine", dispatch * 1000, lag * 1000, rate, scheduled)
+            return
+        timing = m.get("ttft_s_p50") or m.get("latency_s_p50") or 0.0
+        if lag > LOOP_LAG_S and lag > LAG_SHARE * timing:
+            log.warning("the client's event loop lagged (p99 %.1f ms, %.0f%% of the median %s): timings include the "
+                        "client's own delays; lower the concurrency, turn traces off (tracking.traces=false) or run "
+                        "fewer things on this machine", lag * 1000, 100 * lag / timing if timing else 100,
+                        "TTFT" if m.get("ttft_s_p50") else "latency")
 
     def tags(self) -> dict[str, str]:
         """Provenance of the run's figures, as MLflow tags."""
@@ -323,7 +364,8 @@ def format_summary(stats: RunStats, title: str) -> str:
     if stats.empty_answers:
         rows.insert(2, ("empty answers", str(stats.empty_answers)))
     width = max(len(k) for k, _ in rows)
-    lines = [title[:100], "-" * min(100, max(len(title), width + 30))]
+    title = title if len(title) <= 100 else title[:99] + "…"  # marked: the cut part is not lost silently
+    lines = [title, "-" * min(100, max(len(title), width + 30))]
     lines += [f"{k:<{width}}  {v}"[:100] for k, v in rows]
     return "\n".join(lines)
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag, SpanType
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag, SpanType
 from mlflow.entities.span import Span
 from mlflow.exceptions import MlflowException
 from mlflow.tracing.constant import SpanAttributeKey
@@ -131,9 +131,12 @@ def reopen_parent_run(parent: Mapping[str, str], tags: Mapping[str, str] | None 
     client.log_batch(parent["run_id"], tags=[RunTag(k, v) for k, v in {**owner_tags(), **(tags or {})}.items()])
 
 
-def close_parent_run(parent: Mapping[str, str], status: str | None = None) -> None:
-    """Finish a parent run: FAILED if any child failed (or ``status`` says so), else FINISHED."""
+def close_parent_run(parent: Mapping[str, str], status: str | None = None, *, only_if_running: bool = False) -> None:
+    """Finish a parent run: FAILED if any child failed (or ``status`` says so), else FINISHED; with
+    ``only_if_running``, a parent another path has ended already is left as it is."""
     client = MlflowClient(tracking_uri=parent["tracking_uri"])
+    if only_if_running and client.get_run(parent["run_id"]).info.status != "RUNNING":
+        return
     children = client.search_runs([parent["experiment_id"]], f"tags.mlflow.parentRunId = '{parent['run_id']}'")
     failed = [c for c in children if c.info.status != "FINISHED"]
     client.log_batch(parent["run_id"], metrics=[
@@ -225,6 +228,13 @@ class MlflowRun:
         self.log_artifact(output_dir / ".hydra", "hydra")
         if self.outage.waited_s:  # the run is complete, but say that the server was away meanwhile
             self.log_tags({"pikeclient.tracking_outage_s": f"{self.outage.waited_s:.1f}"})
+
+    def log_dataset(self, dataset: Mapping[str, Any]) -> None:
+        """The prompt set the run measured (MLflow's Datasets column): name, source and digest."""
+        profile = json.dumps({"prompts": dataset.get("prompts")})
+        entity = Dataset(name=str(dataset["name"]), digest=str(dataset["digest"])[:36], source_type="local",
+                         source=json.dumps({"uri": str(dataset["source"])}), profile=profile)
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, [InputTag("mlflow.data.context", "eval")])])
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -561,10 +571,12 @@ def _begin(client: MlflowClient, experiment_id: str, setup: Mapping[str, Any], o
         run = MlflowRun.create(client, experiment_id, run_name=setup["run_name"], tags={**setup["tags"], **owner},
                                start_time_ms=start_time_ms, outage=outage)
         run.log_params({**flatten(setup["config"]), **flatten({"client": setup["client"]})})
+        if setup.get("dataset"):
+            run.log_dataset(setup["dataset"])
     calls = CallLogger(run, setup["client"], traces=setup["traces"])
     if resume:
         calls.logged = run.logged_steps("call_latency_s")
-    write_job_file(setup["output_dir"], setup["config"], run.run_id, setup["tracking_uri"])
+    write_job_file(setup["output_dir"], run_id=run.run_id, tracking_uri=setup["tracking_uri"])
     return run, calls
 
 

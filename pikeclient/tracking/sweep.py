@@ -9,6 +9,8 @@ sweep's id: the sweep folder as the launching machine named it, which every job'
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +23,8 @@ from omegaconf import DictConfig
 
 from pikeclient.config.schema import is_server_uri
 from pikeclient.core.errors import ConfigError
+from pikeclient.core.folderlock import FolderLock
+from pikeclient.tracking.job_file import read_sweep_file, task_overrides, write_sweep_file
 from pikeclient.tracking.remote import check_reachable, experiment_id, search_runs
 
 log = logging.getLogger(__name__)
@@ -67,26 +71,36 @@ def search_parent(tracking_uri: str, experiment_name: str, sweep: str) -> dict[s
     return {"run_id": runs[0]["info"]["run_id"], "experiment_id": experiment, "tracking_uri": tracking_uri}
 
 
-def earlier_parent(config: DictConfig, sweep_dir: Path) -> dict[str, str] | None:
-    """The parent run of the sweep that ``experiment.resume`` names (a sweep folder, or latest)."""
-    target = str(config.experiment.resume)
-    if target == "latest":
-        others = [f.parent for f in (Path(config.paths.runs_dir) / "multirun").glob(f"*/*/{PARENT_FILE}")
-                  if f.parent.resolve() != sweep_dir.resolve()]
-        folder = max(others, key=lambda f: parent_file(f).stat().st_mtime) if others else None
-    else:
-        folder = Path(target)
-        if not parent_file(folder).is_file() and parent_file(folder.parent).is_file():
-            folder = folder.parent  # a job folder of the sweep
-    return read_parent(folder) if folder is not None and parent_file(folder).is_file() else None
-
-
 class MlflowSweepCallback(Callback):
-    """Registered in ``conf/config.yaml`` under ``hydra.callbacks``."""
+    """Registered in ``conf/config.yaml`` under ``hydra.callbacks``.
+
+    The sweep folder belongs to the launching process while its jobs run (a second sweep given the same
+    ``hydra.sweep.dir`` is refused, never interleaved) and records the sweep's own overrides
+    (``sweep.json``), which ``experiment.resume=latest`` matches. A sweep that does not reach its end
+    (Ctrl-C, a failed job) leaves its parent run KILLED or FAILED; resumed, the same parent runs again."""
+
+    def __init__(self) -> None:
+        self.lock: FolderLock | None = None
+        self.parent: dict[str, str] | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not config.tracking.enabled:
-            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            self.lock = FolderLock(sweep_dir, "sweep folder").acquire()
+        except ConfigError as error:
+            raise SystemExit(f"error: {error}") from None
+        resume = config.experiment.resume is not None
+        manifest = read_sweep_file(sweep_dir)
+        if manifest is not None and not resume:
+            raise SystemExit(f"error: {sweep_dir} already holds a sweep: complete it with the same overrides and "
+                             f"experiment.resume={sweep_dir}, or give this sweep another hydra.sweep.dir")
+        if manifest is None:
+            write_sweep_file(sweep_dir, task_overrides(config.hydra.overrides.task))
+        if config.tracking.enabled:
+            self.parent = self._open_parent(config, sweep_dir, resume)
+            atexit.register(self._end_unfinished)
+
+    def _open_parent(self, config: DictConfig, sweep_dir: Path, resume: bool) -> dict[str, str]:
         from pikeclient.config.schema import tracking_uri
 
         uri = tracking_uri(config)
@@ -95,24 +109,33 @@ class MlflowSweepCallback(Callback):
                 check_reachable(uri)  # seconds, not MLflow's minutes of retries; before any job starts
             except ConfigError as error:  # one line on stderr, exit 1, no job started
                 raise SystemExit(f"error: {error}") from None
-        from pikeclient.tracking.process import open_parent_run
+        from pikeclient.tracking.process import open_parent_run, reopen_parent_run
 
-        sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
         sweep_tags = {SWEEP_ID_TAG: sweep_id(sweep_dir, config.hydra.runtime.cwd)}
-        parent = earlier_parent(config, sweep_dir) if config.experiment.resume else None
+        parent = read_parent(sweep_dir) if resume else None
         if parent is not None:  # resuming a sweep: its jobs complete their runs under the same parent
-            from pikeclient.tracking.process import reopen_parent_run
-
             reopen_parent_run(parent, sweep_tags)  # jobs elsewhere find it by this sweep's id
         else:
             parent = open_parent_run(config, sweep_dir, sweep_tags)
-        parent_file(sweep_dir).write_text(json.dumps(parent))
+            parent_file(sweep_dir).write_text(json.dumps(parent))
         log.info("MLflow parent run %s for sweep %s", parent["run_id"], sweep_dir)
+        return parent
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        parent = read_parent(config.hydra.sweep.dir) if config.tracking.enabled else None
-        if parent is not None:
+        if self.parent is not None:
             from pikeclient.tracking.process import close_parent_run
 
-            close_parent_run(parent)
+            close_parent_run(self.parent)
+            self.parent = None
+        if self.lock is not None:
+            self.lock.release()
+
+    def _end_unfinished(self) -> None:
+        """At exit without on_multirun_end (Ctrl-C between jobs, a failed job): a parent still RUNNING is
+        KILLED (a failed job has marked it FAILED already)."""
+        if self.parent is None:
+            return
+        from pikeclient.tracking.process import close_parent_run
+
+        with contextlib.suppress(Exception):
+            close_parent_run(self.parent, "KILLED", only_if_running=True)

@@ -104,12 +104,13 @@ def test_sigkill_then_resume_calls_only_missing_prompts_and_reports_all(tmp_path
             time.sleep(0.02)
         first.send_signal(signal.SIGKILL)
         first.wait()
+        [earlier] = job_records(tmp_path)  # the run is completed in place: one job folder
         answered_first = {r.prompt for r in server.log if r.status == 200}
         before = len(server.log)
         proc = run_py(*args, "experiment.resume=latest", cwd=tmp_path, env=ENV)
         second = server.log[before:]
     assert proc.returncode == 0, proc.stderr
-    earlier, final = job_records(tmp_path)
+    [final] = job_records(tmp_path)
     assert sorted(r["id"] for r in final) == sorted(f"q{i}" for i in range(120))
     resumed = {r["prompt"]: r for r in final if r.get("resumed")}
     called = Counter(request.prompt for request in second)
@@ -133,15 +134,19 @@ def test_resume_refuses_other_settings_and_finds_runs_by_id(server, tmp_path):
     args = openai_args(server, "dataset.limit=3")
     assert run_py(*args, cwd=tmp_path, env=ENV).returncode == 0
     [run] = mlflow_runs(tmp_path / "runs")
-    proc = run_py(*args, "sampling.temperature=0.5", "experiment.resume=latest", cwd=tmp_path, env=ENV)
+    [job_dir] = {p.parent for p in (tmp_path / "runs" / "outputs").rglob("run.json")}
+    proc = run_py(*args, "sampling.temperature=0.5", f"experiment.resume={job_dir}", cwd=tmp_path, env=ENV)
     assert proc.returncode == 1 and "ran with other settings (sampling.temperature)" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # latest is the latest run of the same command, never another command's.
+    proc = run_py(*args, "sampling.temperature=0.5", "experiment.resume=latest", cwd=tmp_path, env=ENV)
+    assert proc.returncode == 1 and "no earlier run of this command" in proc.stderr
     before = len(server.log)
     proc = run_py(*args, f"experiment.resume={run['id']}", cwd=tmp_path, env=ENV)
     assert proc.returncode == 0, proc.stderr
-    assert len(server.log) == before  # everything was answered: nothing to call
-    [again] = mlflow_runs(tmp_path / "runs")
-    assert again["id"] == run["id"] and again["status"] == "FINISHED" and again["metrics"]["resumed_calls"] == 3
+    assert len(server.log) == before and "already complete" in proc.stderr  # nothing to call
+    [again] = mlflow_runs(tmp_path / "runs")  # left as it was: no second, no-op resume counted in it
+    assert again["id"] == run["id"] and again["status"] == "FINISHED" and again["metrics"]["resumed_calls"] == 0
     proc = run_py(*args, "experiment.resume=0123456789abcdef0123456789abcdef", cwd=tmp_path, env=ENV)
     assert proc.returncode == 1 and "no job folder" in proc.stderr
 
@@ -152,10 +157,10 @@ def test_resume_a_sweep_job_by_job(server, tmp_path):
     before = len(server.log)
     proc = run_py(*args, "experiment.resume=latest", cwd=tmp_path, env=ENV)
     assert proc.returncode == 0, proc.stderr
-    assert len(server.log) == before
+    assert len(server.log) == before and proc.stderr.count("already complete") == 2
     runs = mlflow_runs(tmp_path / "runs")
     children = [r for r in runs if "pikeclient.job_num" in r["tags"]]
-    assert len(children) == 2 and all(c["metrics"]["resumed_calls"] == 3 for c in children)
+    assert len(children) == 2 and all(c["metrics"]["resumed_calls"] == 0 for c in children)
     [parent] = [r for r in runs if r["tags"].get("pikeclient.role") == "sweep"]  # the same parent, completed
     assert parent["status"] == "FINISHED" and {c["tags"]["mlflow.parentRunId"] for c in children} == {parent["id"]}
 
