@@ -177,6 +177,11 @@ def load_earlier(job_dir: Path, config: Mapping[str, Any], items: Sequence[Promp
             span = segments.setdefault(record.get("session", 0), [record["start_time"], record["start_time"]])
             span[0] = min(span[0], record["start_time"])
             span[1] = max(span[1], record.get("end_time") or record["start_time"])
+    if isinstance(before, Mapping) and old_count == dataset.prompts and before.get("digest") != dataset.digest:
+        # Every answer matched its request, but a prompt without one changed (or the order of those).
+        raise ConfigError(f"experiment.resume: the dataset differs from the one the run in {job_dir} had (same "
+                          f"{old_count} prompts in number, other text, order or sampling among those not yet "
+                          "answered): resume with the same dataset")
     earlier.segments = [(start, end) for start, end in segments.values()]
     return earlier
 
@@ -198,10 +203,6 @@ def _check_dataset(job_dir: Path, before: Mapping[str, Any] | None, items: Seque
         if dataset_digest(items, base, count).digest != digest:
             raise ConfigError(f"experiment.resume: the dataset's first {count} prompts differ from those the run in "
                               f"{job_dir} had: resume with the same dataset (new prompts may only be appended)")
-        return count
-    if digest != now.digest:
-        raise ConfigError(f"experiment.resume: the dataset differs from the one the run in {job_dir} had (same "
-                          f"{count} prompts in number, other text, order or sampling): resume with the same dataset")
     return count
 
 
