@@ -62,7 +62,7 @@ async def pike_open_loop(url: str, rate: float, count: int) -> tuple[float, floa
     stats = await run_prompts(client, items, Constant(rate=rate))
     client.close()
     m = stats.metrics()
-    return m["achieved_rate"], m["dispatch_delay_s_p99"]
+    return m["Throughput/achieved_rate"], m["client/dispatch_delay_p99"]
 
 
 def sustained(result: tuple[float, float], rate: float) -> bool:

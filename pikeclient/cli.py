@@ -104,6 +104,7 @@ def hydra_job_info() -> dict[str, Any]:
     if hydra.mode == RunMode.MULTIRUN:
         info["sweep_dir"] = hydra.sweep.dir
         info["job_num"] = hydra.job.num
+        info["swept"] = ",".join(sorted(k.lstrip("+~") for k in swept))  # what the report labels runs by
     return info
 
 
@@ -165,7 +166,7 @@ def main(cfg: DictConfig) -> float | None:
         signal.signal(signal.SIGTERM, previous)
     print(format_summary(stats, title))
     print(first_answers(output_dir / cfg.experiment.records_file))
-    return stats.metrics().get("latency_s_p50")
+    return stats.metrics().get("Latency/p50")
 
 
 def interruption_note(output_dir: Path, records_file: str, sweep_dir: str | None = None) -> str:

@@ -50,6 +50,8 @@ class AzureMetaLlamaClient(BaseLLMClient):
         auth: ``api-key`` or ``bearer`` (AML always uses bearer).
         tokenizer: a Llama tokenizer folder or ``tokenizer.json`` for local counts.
         timeout: seconds for one attempt.
+        base_url: an OpenAI-compatible base URL to send to instead of ``endpoint`` (``chat_completions``
+            only): ``{base_url}/chat/completions``, as ``llm.base_url`` does for the OpenAI backends.
     """
 
     provider = "azure_meta_llama"
@@ -67,9 +69,14 @@ class AzureMetaLlamaClient(BaseLLMClient):
         api_key_env: str = "AZURE_LLAMA_API_KEY",
         tokenizer: str | None = None,
         timeout: float = 60.0,
+        base_url: str | None = None,
         **common: Any,
     ) -> None:
         super().__init__(model=model, **common)
+        if base_url:
+            if api != "chat_completions":
+                raise ConfigError("llm.base_url is for OpenAI-compatible endpoints: it needs llm.api=chat_completions")
+            endpoint, route, api_version = base_url, "chat/completions", None
         if api not in APIS:
             raise ConfigError(f"llm.api={api!r}: allowed {', '.join(APIS)}")
         if auth not in ("api-key", "bearer"):

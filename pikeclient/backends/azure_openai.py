@@ -22,6 +22,10 @@ class AzureOpenAIClient(OpenAIClient):
         model: the model behind the deployment (``gpt-4o``); used for token counting and cost.
         api_key_env: environment variable holding the key; ignored with ``use_entra_id``.
         use_entra_id: authenticate with Microsoft Entra ID (needs ``azure-identity``).
+        base_url: an OpenAI-compatible base URL to send to instead (``https://<resource>.openai.azure.com/
+            openai/v1``, Azure's v1 API; or any server, a loopback test server say): requests go to
+            ``{base_url}/chat/completions`` naming the deployment as the model, and ``azure_endpoint`` and
+            ``api_version`` are not used. The same override points an OpenAI job of a sweep there too.
     """
 
     provider = "azure_openai"
@@ -37,7 +41,8 @@ class AzureOpenAIClient(OpenAIClient):
         use_entra_id: bool = False,
         **kwargs: Any,
     ) -> None:
-        self.azure_endpoint = check_url(azure_endpoint, "llm.azure_endpoint")
+        self.azure_endpoint = azure_endpoint if kwargs.get("base_url") else check_url(azure_endpoint,
+                                                                                       "llm.azure_endpoint")
         self.deployment = deployment
         self.api_version = api_version
         self.use_entra_id = use_entra_id
@@ -58,19 +63,27 @@ class AzureOpenAIClient(OpenAIClient):
             args["api_key"] = self._sdk_args["api_key"]
         return args
 
-    def _make_sync(self) -> openai.AzureOpenAI:
+    def _make_sync(self) -> openai.OpenAI:
+        if self.base_url:  # an OpenAI-compatible endpoint: the plain SDK, the key as its bearer token
+            return super()._make_sync()
         return openai.AzureOpenAI(http_client=sdk_http_client(), **self._azure_args())
 
-    def _make_async(self) -> openai.AsyncAzureOpenAI:
+    def _make_async(self) -> openai.AsyncOpenAI:
+        if self.base_url:
+            return super()._make_async()
         return openai.AsyncAzureOpenAI(http_client=sdk_http_client(aio=True), **self._azure_args())
+
+    @property
+    def request_model(self) -> str:
+        return self.deployment if self.base_url else self.model
 
     def describe(self) -> dict[str, Any]:
         return {
             "provider": self.provider,
             "model": self.model,
-            "endpoint": self.azure_endpoint,
+            "endpoint": self.base_url or self.azure_endpoint,
             "deployment": self.deployment,
-            "api_version": self.api_version,
+            "api_version": None if self.base_url else self.api_version,
             "stream": self.stream,
         }
 

@@ -158,6 +158,11 @@ class OpenAIClient(BaseLLMClient):
     def measures_ttft(self) -> bool:
         return self.stream
 
+    @property
+    def request_model(self) -> str:
+        """The ``model`` a request names (Azure's OpenAI-compatible API routes on the deployment)."""
+        return self.model
+
     # -- one attempt ------------------------------------------------------------------------------
 
     # TTFT counts from the moment the request went out (the wire clock), not from before the SDK built
@@ -187,7 +192,7 @@ class OpenAIClient(BaseLLMClient):
 
     def _request(self, messages: list[Message], params: SamplingParams) -> dict[str, Any]:
         request: dict[str, Any] = {
-            "model": self.model,
+            "model": self.request_model,
             "messages": messages,
             "temperature": params.temperature,
             "top_p": params.top_p,

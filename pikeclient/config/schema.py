@@ -150,6 +150,7 @@ class Config:
     """The root schema; ``llm`` is free-form because each backend takes its own arguments."""
 
     llm: Any = MISSING
+    base_url: Optional[str] = None  # every HTTP backend's llm.base_url unless the backend's own is set
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)

@@ -27,6 +27,7 @@ class Price:
 # answering to "gpt-4o-mini" does not cost what OpenAI charges.
 PRICED_PROVIDERS = ("azure_openai", "azure_meta_llama")
 OPENAI_HOST = "api.openai.com"
+AZURE_HOSTS = (".azure.com", ".azure.us", ".azure.cn")  # public, government and China clouds
 
 
 def find_price(pricing: Mapping[str, Any], client: Mapping[str, Any]) -> Price | None:
@@ -57,19 +58,19 @@ def find_price(pricing: Mapping[str, Any], client: Mapping[str, Any]) -> Price |
 
 
 def is_provider_endpoint(client: Mapping[str, Any]) -> bool:
-    """True for endpoints that charge the providers' list prices: OpenAI's own API and Azure's."""
+    """True for endpoints that charge the providers' list prices: OpenAI's own API and Azure's (an Azure
+    backend pointed at another server, a loopback test server say, is not priced like Azure)."""
+    host = urlsplit(str(client.get("endpoint") or "")).hostname or ""
     if client.get("provider") in PRICED_PROVIDERS:
-        return True
-    if client.get("provider") != "openai":
-        return False
-    return urlsplit(str(client.get("endpoint") or "")).hostname == OPENAI_HOST
+        return host.endswith(AZURE_HOSTS)
+    return client.get("provider") == "openai" and host == OPENAI_HOST
 
 
 def cost_metrics(price: Price | None, prompt_tokens: int, completion_tokens: int, uncounted: int) -> dict[str, float]:
-    """``cost_<currency>`` for the counted tokens; nothing when the price or the counts are unknown."""
+    """``Cost/<currency>`` for the counted tokens; nothing when the price or the counts are unknown."""
     if price is None:
         return {}
     if uncounted:
         log.warning("%d calls have no token counts: cost not logged", uncounted)
         return {}
-    return {f"cost_{price.currency.lower()}": price.cost(prompt_tokens, completion_tokens)}
+    return {f"Cost/{price.currency.lower()}": price.cost(prompt_tokens, completion_tokens)}

@@ -28,7 +28,7 @@ from pikeclient.core.errors import ConfigError, ContextWindowError, PikeError
 from pikeclient.core.folderlock import FolderLock
 from pikeclient.core.types import SamplingParams
 from pikeclient.run.cache import ResponseCache
-from pikeclient.run.cost import find_price
+from pikeclient.run.cost import Price, find_price
 from pikeclient.run.dataset import PromptItem, Repeated, load_prompts, resolve_path
 from pikeclient.run.redact import Redactor, secrets_in
 from pikeclient.run.resume import (
@@ -111,7 +111,8 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
         write_job_file(output_dir, config, overrides=hydra_info.get("overrides", []), dataset=digest.as_dict())
         price = find_price(asdict(c.pricing), client.describe())
         if tracking is not None:
-            start_tracking(tracking, settings, config, client, redactor.data(hydra_info), output_dir, earlier, redactor,
+            info = {**redactor.data(hydra_info), **price_tags(price)}
+            start_tracking(tracking, settings, config, client, info, output_dir, earlier, redactor,
                            dataset=dataset_input(c.dataset, digest))
             tracking.wait_ready()  # a store or experiment that cannot be used fails here, before any call
         records_path = output_dir / experiment.records_file
@@ -270,7 +271,7 @@ def start_tracking(tracking: TrackingSidecar, settings: RunSettings, config: Map
         "run_name": redactor.text(str(track.run_name or hydra_info.get("job_name") or description["provider"])),
         "tags": tags,
         "artifact_root": settings.artifact_root,
-        "config": config,  # resolved and redacted once, in _run
+        "config": run_params(config),  # resolved and redacted once, in _run
         "client": description,
         "traces": track.traces,
         "output_dir": str(output_dir),
@@ -278,6 +279,34 @@ def start_tracking(tracking: TrackingSidecar, settings: RunSettings, config: Map
         "reconnect_timeout": track.reconnect_timeout,
         "dataset": dict(dataset or {}),
     })
+
+
+# Synthetic-prompt settings say nothing about a run of a prompt file, and the file's path nothing about
+# a synthetic run; the pricing tables are the same for every run (the price a run used is logged apart).
+_DATASET_KEYS = {"jsonl": ("kind", "path", "limit"),
+                 "synthetic": ("kind", "count", "input_tokens", "input_tokens_std", "output_tokens",
+                               "output_tokens_std", "seed")}
+
+
+def price_tags(price: Price | None) -> dict[str, str]:
+    """The price a run's cost was computed with (``pikeclient.price``), or that it had none."""
+    if price is None:
+        return {"price": "none"}
+    return {"price": f"{price.model}: {price.input_per_m:g} / {price.output_per_m:g} {price.currency} per 1M "
+                     "input / output tokens"}
+
+
+def run_params(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config as MLflow params: what describes this run, without the tables every run shares."""
+    params = {k: v for k, v in config.items() if k != "pricing"}
+    dataset = dict(config.get("dataset") or {})
+    keep = _DATASET_KEYS.get(str(dataset.get("kind")))
+    if keep is not None:
+        params["dataset"] = {k: v for k, v in dataset.items() if k in keep}
+    pricing = config.get("pricing") or {}
+    if pricing.get("endpoints"):
+        params["pricing"] = {"endpoints": pricing["endpoints"]}
+    return params
 
 
 def source_tags() -> dict[str, str]:

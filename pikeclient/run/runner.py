@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
@@ -175,7 +176,8 @@ class _Calls:
 
     async def one(self, index: int, item: PromptItem, due: float | None = None, slot_wait: float = 0.0) -> None:
         """One call. ``due`` (perf_counter) is when an open loop scheduled it: how late it went is kept
-        (``dispatch_delay_s``, of which ``slot_wait_s`` waiting for ``max_in_flight``), and so is the
+        (``dispatch_delay_s``; of it ``slot_wait_s``, while the sending waited for a ``max_in_flight``
+        slot, for this request or an earlier one), and so is the
         latency a user arriving on schedule would have seen (``latency_from_schedule_s``: from ``due`` to
         the answer, the coordinated-omission-free latency)."""
         self.sent += 1
@@ -218,6 +220,7 @@ class _Calls:
             finally:
                 slots.release()
 
+        held: deque[tuple[float, float]] = deque()  # when the cap held the sending back (perf_counter spans)
         for (index, item), offset in zip(todo, strategy.offsets()):
             due = start + offset
             wait = due - time.perf_counter()
@@ -227,7 +230,12 @@ class _Calls:
                 break
             waiting = time.perf_counter()
             await slots.acquire()
-            self.track(send(index, item, due, time.perf_counter() - waiting))
+            held.append((waiting, time.perf_counter()))
+            while held and held[0][1] <= due:
+                held.popleft()
+            # The part of this request's lateness during which the sending waited for a free slot, for it
+            # or for an earlier request: the server holding the schedule back, not the client's loop.
+            self.track(send(index, item, due, sum(max(0.0, end - max(begin, due)) for begin, end in held)))
         if self.tasks:
             await asyncio.gather(*self.tasks)
 

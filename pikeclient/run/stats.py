@@ -26,6 +26,7 @@ LAG_SHARE = 0.05  # ...when it is also this share of the median latency (TTFT wh
 MIN_BEYOND = 5  # a percentile's interval needs this many calls beyond it (p95: 100 calls)
 MIN_COMPLETIONS = 50  # a throughput interval needs this many calls
 STREAM_PERCENTILES = (50, 90, 99)
+WIDTH = 100  # the summary fits a terminal this wide
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -175,60 +176,63 @@ class RunStats:
         return sources[0] if len(sources) == 1 else "mixed(" + "+".join(sources) + ")"
 
     def metrics(self) -> dict[str, float]:
-        """Flat metric names and values for MLflow."""
+        """Metric names and values for MLflow, grouped by the prefix before "/" (MLflow's chart sections):
+        the headline groups (Latency, TTFT, ITL, TPOT, Throughput, SLO, Errors, Cost) are capitalized, so
+        that MLflow, which orders sections by name, shows them before the details (calls, tokens,
+        client, run). docs/metrics.md has every name, and the names before version 0.2."""
         out: dict[str, float] = {
-            "calls": self.calls,
-            "calls_ok": self.ok,
-            "calls_measured": self.measured,
-            "errors": self.error_count,
-            "error_rate": self.error_rate,
-            "retries": self.retries,
-            "backoff_s_total": self.backoff_s,
-            "cache_hits": self.cache_hits,
-            "resumed_calls": self.resumed,
-            "warmup_calls": self.warmup_calls,
-            "empty_answers": self.empty_answers,
-            "wall_s": self.wall_s,
+            "calls/total": self.calls,
+            "calls/ok": self.ok,
+            "calls/measured": self.measured,
+            "calls/cache_hits": self.cache_hits,
+            "calls/resumed": self.resumed,
+            "calls/warmup": self.warmup_calls,
+            "calls/empty_answers": self.empty_answers,
+            "Errors/count": self.error_count,
+            "Errors/rate": self.error_rate,
+            "Errors/retries": self.retries,
+            "Errors/backoff_s_total": self.backoff_s,
+            "run/wall_s": self.wall_s,
         }
-        out.update({f"errors_{kind}": count for kind, count in self.errors.items()})
-        out.update({f"tokens_source_{source}": count for source, count in self.token_sources.items()})
+        out.update({f"Errors/{kind}": count for kind, count in self.errors.items()})
+        out.update({f"tokens/source_{source}": count for source, count in self.token_sources.items()})
         if self.latencies:
-            out.update(_distribution("latency_s", self.latencies, PERCENTILES))
+            out.update(_distribution("Latency/", self.latencies, PERCENTILES))
             if self.wall_s > 0:
-                out["requests_per_s"] = self.measured / self.wall_s
+                out["Throughput/requests_per_s"] = self.measured / self.wall_s
             out.update(self._intervals())
         if self.dispatch_delays:
-            out.update(_distribution("dispatch_delay_s", self.dispatch_delays, STREAM_PERCENTILES))
-            out.update(_distribution("slot_wait_s", self.slot_waits, STREAM_PERCENTILES))
+            out.update(_distribution("client/dispatch_delay_", self.dispatch_delays, STREAM_PERCENTILES))
+            out.update(_distribution("client/slot_wait_", self.slot_waits, STREAM_PERCENTILES))
         if self.scheduled_latencies:
-            out.update(_distribution("latency_from_schedule_s", self.scheduled_latencies, PERCENTILES))
+            out.update(_distribution("Latency/from_schedule_", self.scheduled_latencies, PERCENTILES))
         if len(self.send_times) > 1 and max(self.send_times) > min(self.send_times):
-            out["achieved_rate"] = (len(self.send_times) - 1) / (max(self.send_times) - min(self.send_times))
+            out["Throughput/achieved_rate"] = (len(self.send_times) - 1) / (max(self.send_times) - min(self.send_times))
         if self.requested_rate is not None:
-            out["requested_rate"] = self.requested_rate
+            out["Throughput/requested_rate"] = self.requested_rate
         if self.loop_lags:
-            out.update(_distribution("loop_lag_s", self.loop_lags, STREAM_PERCENTILES))
+            out.update(_distribution("client/loop_lag_", self.loop_lags, STREAM_PERCENTILES))
         if self.send_delays:
-            out.update(_distribution("send_delay_s", self.send_delays, STREAM_PERCENTILES))
+            out.update(_distribution("client/send_delay_", self.send_delays, STREAM_PERCENTILES))
         if self.slo is not None and self.slo.active and self.calls - self.cache_hits:
-            out["slo_attainment"] = self.slo_met / (self.calls - self.cache_hits)
+            out["SLO/attainment"] = self.slo_met / (self.calls - self.cache_hits)
             if self.wall_s > 0:
-                out["goodput"] = self.slo_met / self.wall_s
-        for name, values in (("ttft_s", self.ttfts), ("itl_s", self.itls), ("tpot_s", self.tpots),
-                             ("call_output_tokens_per_s", self.call_rates)):
+                out["SLO/goodput"] = self.slo_met / self.wall_s
+        for prefix, values in (("TTFT/", self.ttfts), ("ITL/", self.itls), ("TPOT/", self.tpots),
+                               ("Throughput/call_output_tokens_per_s_", self.call_rates)):
             if values:
-                out.update(_distribution(name, values, STREAM_PERCENTILES))
+                out.update(_distribution(prefix, values, STREAM_PERCENTILES))
         counted = self.measured - self.uncounted
         if counted:
-            out.update(
-                prompt_tokens_total=self.prompt_tokens,
-                completion_tokens_total=self.completion_tokens,
-                total_tokens=self.prompt_tokens + self.completion_tokens,
-                prompt_tokens_mean=self.prompt_tokens / counted,
-                completion_tokens_mean=self.completion_tokens / counted,
-            )
+            out.update({
+                "tokens/prompt_total": self.prompt_tokens,
+                "tokens/completion_total": self.completion_tokens,
+                "tokens/total": self.prompt_tokens + self.completion_tokens,
+                "tokens/prompt_mean": self.prompt_tokens / counted,
+                "tokens/completion_mean": self.completion_tokens / counted,
+            })
             if self.wall_s > 0:
-                out["output_tokens_per_s"] = self.completion_tokens / self.wall_s
+                out["Throughput/output_tokens_per_s"] = self.completion_tokens / self.wall_s
             out.update(cost_metrics(self.price, self.prompt_tokens, self.completion_tokens, self.uncounted))
         return out
 
@@ -236,15 +240,15 @@ class RunStats:
         """95% bootstrap intervals for latency p50/p95 and TTFT p50, and for requests/s (time blocks);
         none where the sample cannot support one (too few calls beyond the percentile, too short a run)."""
         out: dict[str, float] = {}
-        for name, values, q in (("latency_s_p50", self.latencies, 50), ("latency_s_p95", self.latencies, 95),
-                                ("ttft_s_p50", self.ttfts, 50)):
+        for name, values, q in (("Latency/p50", self.latencies, 50), ("Latency/p95", self.latencies, 95),
+                                ("TTFT/p50", self.ttfts, 50)):
             if len(values) * (100 - q) / 100 >= MIN_BEYOND:
                 low, high = bootstrap_ci(values, lambda sample, q=q: percentile(sample, q))
                 out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
         blocks = self._blocks()
         if blocks:
             low, high = bootstrap_ci(blocks, lambda sample: sum(c for c, _ in sample) / sum(w for _, w in sample))
-            out["requests_per_s_ci_low"], out["requests_per_s_ci_high"] = low, high
+            out["Throughput/requests_per_s_ci_low"], out["Throughput/requests_per_s_ci_high"] = low, high
         return out
 
     def _blocks(self, blocks: int = 10) -> list[tuple[int, float]]:
@@ -280,39 +284,40 @@ class RunStats:
     def warn_about_the_client(self) -> None:
         """Say once, when it matters, whether the client or the server held the calls back, and what to do."""
         m = self.metrics()
-        dispatch, lag = m.get("dispatch_delay_s_p99", 0.0), m.get("loop_lag_s_p99", 0.0)
+        dispatch, lag = m.get("client/dispatch_delay_p99", 0.0), m.get("client/loop_lag_p99", 0.0)
         if dispatch > BEHIND_SCHEDULE_S:
-            rate = f"achieved {m.get('achieved_rate', 0.0):.2f} of {self.requested_rate or 0:g} requests/s"
+            rate = f"achieved {m.get('Throughput/achieved_rate', 0.0):.2f} of {self.requested_rate or 0:g} requests/s"
             scheduled = (f"latency from the scheduled time (what users arriving on schedule waited) p50 "
-                         f"{m.get('latency_from_schedule_s_p50', 0.0):.3f} s / p99 "
-                         f"{m.get('latency_from_schedule_s_p99', 0.0):.3f} s")
-            if m.get("slot_wait_s_p99", 0.0) >= dispatch / 2:
+                         f"{m.get('Latency/from_schedule_p50', 0.0):.3f} s / p99 "
+                         f"{m.get('Latency/from_schedule_p99', 0.0):.3f} s")
+            if m.get("client/slot_wait_p99", 0.0) >= dispatch / 2:
                 log.warning("the server held the schedule back: calls waited for one of the load.max_in_flight=%s "
                             "slots (p99 %.3f s) because earlier calls had not returned; %s; %s",
-                            self.max_in_flight, m["slot_wait_s_p99"], rate, scheduled)
+                            self.max_in_flight, m["client/slot_wait_p99"], rate, scheduled)
             else:
                 log.warning("the client fell behind its schedule: dispatch delay p99 %.1f ms with event-loop lag p99 "
                             "%.1f ms; %s; %s. Lower the rate, turn traces off (tracking.traces=false) or run "
                             "fewer things on this machine", dispatch * 1000, lag * 1000, rate, scheduled)
             return
-        timing = m.get("ttft_s_p50") or m.get("latency_s_p50") or 0.0
+        timing = m.get("TTFT/p50") or m.get("Latency/p50") or 0.0
         if lag > LOOP_LAG_S and lag > LAG_SHARE * timing:
             log.warning("the client's event loop lagged (p99 %.1f ms, %.0f%% of the median %s): timings include the "
                         "client's own delays; lower the concurrency, turn traces off (tracking.traces=false) or run "
                         "fewer things on this machine", lag * 1000, 100 * lag / timing if timing else 100,
-                        "TTFT" if m.get("ttft_s_p50") else "latency")
+                        "TTFT" if m.get("TTFT/p50") else "latency")
 
     def tags(self) -> dict[str, str]:
         """Provenance of the run's figures, as MLflow tags."""
         tags = {"pikeclient.token_basis": self.token_basis}
-        if any(k.startswith("cost_") for k in self.metrics()):
+        if any(k.startswith("Cost/") for k in self.metrics()):
             tags["pikeclient.cost_basis"] = "estimate" if self.token_sources["estimate"] else "exact"
         return tags
 
 
-def _distribution(name: str, values: list[float], quantiles: tuple[int, ...]) -> dict[str, float]:
-    out = {f"{name}_mean": sum(values) / len(values), f"{name}_max": max(values)}
-    out.update({f"{name}_p{q}": percentile(values, q) for q in quantiles})
+def _distribution(prefix: str, values: list[float], quantiles: tuple[int, ...]) -> dict[str, float]:
+    """``prefix`` + mean, max and each percentile (``Latency/p50``, ``client/loop_lag_p99``)."""
+    out = {f"{prefix}mean": sum(values) / len(values), f"{prefix}max": max(values)}
+    out.update({f"{prefix}p{q}": percentile(values, q) for q in quantiles})
     return out
 
 
@@ -323,51 +328,57 @@ def format_summary(stats: RunStats, title: str) -> str:
     def num(key: str, fmt: str = "{:.3f}") -> str:
         return fmt.format(m[key]) if key in m else "-"
 
-    def triple(name: str) -> str:
-        return " / ".join(num(f"{name}_p{q}") for q in STREAM_PERCENTILES)
+    def ms(key: str) -> str:
+        return f"{m.get(key, 0.0) * 1000:.2f}"
 
-    errors = ", ".join(f"{k}={v}" for k, v in sorted(stats.errors.items())) or "0"
-    if stats.error_count:
-        errors += f" ({stats.error_rate:.0%} of calls)"
     def ci(key: str, digits: int = 3) -> str:
         low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
         return "" if low is None else f" [{low:.{digits}f}, {high:.{digits}f}]"
 
+    errors = ", ".join(f"{k}={v}" for k, v in sorted(stats.errors.items())) or "0"
+    if stats.error_count:
+        errors += f" ({stats.error_rate:.0%} of calls)"
     rows = [
         ("calls", f"{stats.calls} ({stats.ok} ok{_provenance_note(stats)})"),
         ("errors", errors),
         ("retries", str(stats.retries)),
-        ("latency p50 / p95 (s)", f"{num('latency_s_p50')}{ci('latency_s_p50')} / "
-                                  f"{num('latency_s_p95')}{ci('latency_s_p95')}"),
+        ("latency p50 / p95 (s)", f"{num('Latency/p50')}{ci('Latency/p50')} / {num('Latency/p95')}{ci('Latency/p95')}"),
     ]
-    if "requested_rate" in m:
-        rows += [("rate achieved / asked (/s)", f"{num('achieved_rate', '{:.2f}')} / {m['requested_rate']:g}"),
-                 ("dispatch delay p50 / p99 (ms)", f"{m.get('dispatch_delay_s_p50', 0) * 1000:.2f} / "
-                                                   f"{m.get('dispatch_delay_s_p99', 0) * 1000:.2f}")]
-    if "send_delay_s_p50" in m:  # the client's own time, left out of latency and TTFT
-        rows.append(("client send delay p50 / p99 (ms)", f"{m['send_delay_s_p50'] * 1000:.2f} / "
-                                                         f"{m['send_delay_s_p99'] * 1000:.2f}"))
-    if "slo_attainment" in m:
-        rows.append(("SLO met / goodput (/s)", f"{m['slo_attainment']:.1%} / {num('goodput', '{:.2f}')}"))
-    for name, key, values in (("TTFT", "ttft_s", stats.ttfts), ("ITL", "itl_s", stats.itls),
-                              ("TPOT", "tpot_s", stats.tpots)):
+    if "Throughput/requested_rate" in m:
+        rows += [("rate achieved / asked (/s)", f"{num('Throughput/achieved_rate', '{:.2f}')} / "
+                                                f"{m['Throughput/requested_rate']:g}"),
+                 ("dispatch delay p50 / p99 (ms)", f"{ms('client/dispatch_delay_p50')} / "
+                                                   f"{ms('client/dispatch_delay_p99')}")]
+    if "Latency/from_schedule_p50" in m:  # what a user arriving on schedule waited (coordinated omission)
+        rows.append(("latency from schedule p50 / p99 (s)", f"{num('Latency/from_schedule_p50')} / "
+                                                            f"{num('Latency/from_schedule_p99')}"))
+    if "client/send_delay_p50" in m:  # the client's own time, left out of latency and TTFT
+        rows.append(("client send delay p50 / p99 (ms)", f"{ms('client/send_delay_p50')} / "
+                                                         f"{ms('client/send_delay_p99')}"))
+    if "SLO/attainment" in m:
+        rows.append(("SLO met / goodput (/s)", f"{m['SLO/attainment']:.1%} / {num('SLO/goodput', '{:.2f}')}"))
+    for name, values in (("TTFT", stats.ttfts), ("ITL", stats.itls), ("TPOT", stats.tpots)):
         if values:  # a local model has TTFT and TPOT, no chunks to time ITL by
-            rows.append((f"{name} p50 / p90 / p99 (s)", triple(key)))
+            rows.append((f"{name} p50 / p90 / p99 (s)", " / ".join(num(f"{name}/p{q}") for q in STREAM_PERCENTILES)))
     rows += [
-        ("tokens in / out", f"{num('prompt_tokens_total', '{:.0f}')} / {num('completion_tokens_total', '{:.0f}')}"
+        ("tokens in / out", f"{num('tokens/prompt_total', '{:.0f}')} / {num('tokens/completion_total', '{:.0f}')}"
                             f" ({_sources_note(stats)})"),
-        ("output tokens/s", num("output_tokens_per_s", "{:.1f}")),
-        ("requests/s", num("requests_per_s", "{:.2f}") + ci("requests_per_s", 2)),
+        ("output tokens/s", num("Throughput/output_tokens_per_s", "{:.1f}")),
+        ("requests/s", num("Throughput/requests_per_s", "{:.2f}") + ci("Throughput/requests_per_s", 2)),
         ("cost", _cost_note(stats, m)),
         ("wall time (s)", f"{stats.wall_s:.2f}"),
     ]
     if stats.empty_answers:
         rows.insert(2, ("empty answers", str(stats.empty_answers)))
     width = max(len(k) for k, _ in rows)
-    title = title if len(title) <= 100 else title[:99] + "…"  # marked: the cut part is not lost silently
-    lines = [title, "-" * min(100, max(len(title), width + 30))]
-    lines += [f"{k:<{width}}  {v}"[:100] for k, v in rows]
+    lines = [_fit(title), "-" * min(WIDTH, max(len(title), width + 30))]
+    lines += [_fit(f"{k:<{width}}  {v}") for k, v in rows]
     return "\n".join(lines)
+
+
+def _fit(line: str) -> str:
+    """At most WIDTH columns; a cut is marked, never silent."""
+    return line if len(line) <= WIDTH else line[: WIDTH - 1] + "…"
 
 
 def _provenance_note(stats: RunStats) -> str:
@@ -388,8 +399,8 @@ def _sources_note(stats: RunStats) -> str:
 
 
 def _cost_note(stats: RunStats, m: dict[str, float]) -> str:
-    cost = next(((k, v) for k, v in m.items() if k.startswith("cost_")), None)
+    cost = next(((k, v) for k, v in m.items() if k.startswith("Cost/")), None)
     if cost is None:
         return "-"
     note = " (from estimated token counts)" if stats.token_sources["estimate"] else ""
-    return f"{cost[1]:.4f} {cost[0].removeprefix('cost_').upper()}{note}"
+    return f"{cost[1]:.4f} {cost[0].removeprefix('Cost/').upper()}{note}"

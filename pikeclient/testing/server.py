@@ -262,10 +262,9 @@ class FakeLLMServer:
     def _authorized(self, route: str, headers: dict[str, str]) -> bool:
         if self.api_key is None:
             return True
-        bearer = headers.get("authorization", "")
-        if route in ("azure_openai", "azure_inference") and headers.get("api-key") == self.api_key:
-            return True
-        return bearer == f"Bearer {self.api_key}"
+        # Either header on every route: Azure's endpoints take both, and an Azure backend pointed at
+        # /v1 with llm.base_url keeps its api-key header.
+        return headers.get("api-key") == self.api_key or headers.get("authorization", "") == f"Bearer {self.api_key}"
 
     def _slots(self) -> asyncio.Semaphore:
         if self._semaphore is None:  # created on the server's own loop

@@ -36,6 +36,9 @@ from pikeclient.tracking.remote import TRACKING_PROCESS_HTTP_ENV
 
 log = logging.getLogger(__name__)
 
+# Per-call series (step = prompt index), logged as the calls end.
+SERIES_LATENCY = "call/latency_s"
+SERIES_TOKENS = "call/completion_tokens"
 # MLflow's limits for one log_batch call.
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
@@ -140,8 +143,8 @@ def close_parent_run(parent: Mapping[str, str], status: str | None = None, *, on
     children = client.search_runs([parent["experiment_id"]], f"tags.mlflow.parentRunId = '{parent['run_id']}'")
     failed = [c for c in children if c.info.status != "FINISHED"]
     client.log_batch(parent["run_id"], metrics=[
-        Metric("jobs", len(children), int(time.time() * 1000), 0),
-        Metric("jobs_failed", len(failed), int(time.time() * 1000), 0),
+        Metric("sweep/jobs", len(children), int(time.time() * 1000), 0),
+        Metric("sweep/jobs_failed", len(failed), int(time.time() * 1000), 0),
     ])
     client.set_terminated(parent["run_id"], status or ("FAILED" if failed else "FINISHED"))
 
@@ -454,9 +457,9 @@ def _series(records: Iterable[Mapping[str, Any]]) -> list[Metric]:
     for record in records:
         if record["error"] is None and not record.get("cached"):
             when = int(record["start_time"] * 1000)
-            metrics.append(Metric("call_latency_s", record["latency_s"], when, record["index"]))
+            metrics.append(Metric(SERIES_LATENCY, record["latency_s"], when, record["index"]))
             if record["usage"]["completion_tokens"] is not None:
-                metrics.append(Metric("call_completion_tokens", record["usage"]["completion_tokens"], when,
+                metrics.append(Metric(SERIES_TOKENS, record["usage"]["completion_tokens"], when,
                                       record["index"]))
     return metrics
 
@@ -575,7 +578,7 @@ def _begin(client: MlflowClient, experiment_id: str, setup: Mapping[str, Any], o
             run.log_dataset(setup["dataset"])
     calls = CallLogger(run, setup["client"], traces=setup["traces"])
     if resume:
-        calls.logged = run.logged_steps("call_latency_s")
+        calls.logged = run.logged_steps(SERIES_LATENCY)
     write_job_file(setup["output_dir"], run_id=run.run_id, tracking_uri=setup["tracking_uri"])
     return run, calls
 

@@ -24,7 +24,7 @@ from urllib.parse import quote
 from pikeclient.config.schema import is_server_uri
 from pikeclient.testing.server import free_port
 
-REQUIRED_METRICS = ("calls", "latency_s_p50", "latency_s_p95")
+REQUIRED_METRICS = ("calls/total", "Latency/p50", "Latency/p95")
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 import asyncio
 import itertools
 import statistics
+import time
 
 import pytest
 
@@ -41,6 +42,12 @@ def test_constant_and_poisson_schedules():
     ("poisson", {"rate": 0}, "load.rate=0 is out of range"),
     ("concurrency", {"concurrency": 0}, "load.concurrency=0 is out of range"),
     ("constant", {"rate": 5, "max_in_flight": 0}, "load.max_in_flight=0 is out of range"),
+    ("constant", {"rate": float("inf")}, "load.rate=inf is out of range: load=constant needs a finite rate"),
+    ("synchronous", {"concurrency": 4}, "load.concurrency=4 is not used by load=synchronous; it applies to "
+                                        "load=concurrency"),
+    ("concurrency", {"rate": 5.0}, "load.rate=5.0 is not used by load=concurrency; it applies to load=constant, "
+                                   "poisson"),
+    ("constant", {"rate": 5, "seed": 1}, "load.seed=1 is not used by load=constant; it applies to load=poisson"),
 ])
 def test_bad_strategies(kind, kwargs, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -66,19 +73,50 @@ def test_open_loop_sends_on_schedule_whether_or_not_calls_returned(api_env):
     assert sends[-1] - sends[0] < 0.3 * 20 / 2  # a closed loop of one would need 6 s
     assert all(r["dispatch_delay_s"] >= 0 for r in records)
     m = stats.metrics()
-    assert m["achieved_rate"] > 10 and "dispatch_delay_s_p99" in m and "loop_lag_s_p50" in m
+    assert m["Throughput/achieved_rate"] > 10 and "client/dispatch_delay_p99" in m and "client/loop_lag_p50" in m
 
 
 def test_a_capped_open_loop_records_how_late_requests_went(api_env, caplog):
     with FakeLLMServer(api_key=API_KEY, latency=0.2) as server:
         client = OpenAIClient(model="gpt-4o", base_url=f"{server.url}/v1")
         stats, records = run(client, prompts(10), Constant(rate=100, max_in_flight=2))
-        stats.requested_rate = 100
+        stats.requested_rate, stats.max_in_flight = 100, 2
         stats.warn_about_the_client()
     delays = sorted(r["dispatch_delay_s"] for r in records)
     assert delays[-1] >= 0.2 * 3  # the 9th and 10th waited for earlier calls to return
-    assert stats.metrics()["achieved_rate"] < 50
-    assert "fell behind its schedule" in caplog.text
+    m = stats.metrics()
+    assert m["Throughput/achieved_rate"] < 50
+    # The server held them back (the in-flight cap filled because calls were slow), not the client:
+    assert "the server held the schedule back" in caplog.text and "max_in_flight=2" in caplog.text
+    assert "fell behind" not in caplog.text
+    # What a user arriving on schedule waited: from when the request was due to its answer.
+    for r in records:
+        assert r["latency_from_schedule_s"] >= r["dispatch_delay_s"] + r["latency_s"]
+        assert r["slot_wait_s"] <= r["dispatch_delay_s"]
+    assert m["Latency/from_schedule_p99"] > 3 * m["Latency/p99"]
+
+
+def test_an_open_loop_behind_because_of_the_client_says_so(api_env, caplog):
+    async def busy_loop(stop: asyncio.Event) -> None:  # work of the client's own: the loop cannot send in time
+        while not stop.is_set():
+            time.sleep(0.03)
+            await asyncio.sleep(0)
+
+    async def both(client):
+        stop = asyncio.Event()
+        hog = asyncio.create_task(busy_loop(stop))
+        try:
+            return await run_prompts(client, prompts(40), Constant(rate=200))
+        finally:
+            stop.set()
+            await hog
+
+    with FakeLLMServer(api_key=API_KEY) as server:
+        client = OpenAIClient(model="gpt-4o", base_url=f"{server.url}/v1")
+        stats = asyncio.run(both(client))
+    stats.requested_rate, stats.max_in_flight = 200, 1024
+    stats.warn_about_the_client()
+    assert "the client fell behind its schedule" in caplog.text and "event-loop lag" in caplog.text
 
 
 def test_closed_loop_limits_stop_the_sending(api_env):
@@ -104,9 +142,9 @@ def test_slo_attainment_and_goodput_arithmetic():
     stats.add({**base, "error": "boom", "error_kind": "server", "latency_s": None})
     stats.wall_s = 2.0
     m = stats.metrics()
-    assert m["slo_attainment"] == pytest.approx(1 / 5)  # only the first meets both; the failed call counts
-    assert m["goodput"] == pytest.approx(1 / 2.0)
-    assert "slo_attainment" not in RunStats().metrics()
+    assert m["SLO/attainment"] == pytest.approx(1 / 5)  # only the first meets both; the failed call counts
+    assert m["SLO/goodput"] == pytest.approx(1 / 2.0)
+    assert "SLO/attainment" not in RunStats().metrics()
 
 
 def test_bootstrap_intervals_on_known_samples():
@@ -127,12 +165,13 @@ def test_poisson_run_with_repeats_and_slos_end_to_end(server, tmp_path):
     assert "rate achieved / asked" in proc.stdout and "SLO met / goodput" in proc.stdout
     [run] = mlflow_runs(tmp_path / "runs")
     m = run["metrics"]
-    assert m["calls"] == 20 and m["requested_rate"] == 50 and m["slo_attainment"] == 1.0
-    for key in ("latency_s_p50_ci_low", "latency_s_p50_ci_high", "latency_s_p95_ci_low", "requests_per_s_ci_low",
-                "dispatch_delay_s_p99", "achieved_rate", "goodput", "loop_lag_s_p99"):
+    assert m["calls/total"] == 20 and m["Throughput/requested_rate"] == 50 and m["SLO/attainment"] == 1.0
+    for key in ("Latency/p50_ci_low", "Latency/p50_ci_high", "client/dispatch_delay_p99", "Throughput/achieved_rate",
+                "SLO/goodput", "client/loop_lag_p99", "Latency/from_schedule_p99", "client/slot_wait_p99"):
         assert key in m, key
-    assert m["latency_s_p50_ci_low"] <= m["latency_s_p50"] <= m["latency_s_p50_ci_high"]
-    assert m["requests_per_s_ci_low"] <= m["requests_per_s_ci_high"]
+    assert m["Latency/p50_ci_low"] <= m["Latency/p50"] <= m["Latency/p50_ci_high"]
+    # 20 calls support no interval for p95 (5 calls beyond it needs 100) nor for the rate (50 calls).
+    assert "Latency/p95_ci_low" not in m and "Throughput/requests_per_s_ci_low" not in m
     assert run["params"]["load.kind"] == "poisson"
 
 
@@ -182,3 +221,36 @@ def test_synthetic_output_length_is_enforced_where_the_server_can(api_env):
             bodies = [r.body for r in server.log]
         assert [b.get("min_tokens") for b in bodies] == [sent, sent], flavour
         assert all(r["requested_output_tokens"] == 7 for r in records)
+
+
+def _record(start, latency, session=0.0):
+    return {"index": 0, "id": "p", "error": None, "error_kind": None, "response": "x", "attempts": 1,
+            "latency_s": latency, "start_time": start, "end_time": start + latency, "session": session,
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2, "source": "server"}}
+
+
+def test_intervals_only_where_the_sample_supports_them():
+    short = RunStats()
+    for i in range(20):  # 20 calls ending in a burst within 0.2 s: no rate worth an interval
+        short.add(_record(i * 0.01, 0.05))
+    short.wall_s = 0.25
+    m = short.metrics()
+    assert "Throughput/requests_per_s_ci_low" not in m and "Latency/p95_ci_low" not in m
+    assert "Latency/p50_ci_low" in m
+    steady = RunStats()
+    for i in range(200):  # 10 calls a second for 20 s
+        steady.add(_record(i * 0.1, 0.1))
+    steady.wall_s = 20.0
+    m = steady.metrics()
+    assert m["Throughput/requests_per_s_ci_low"] <= m["Throughput/requests_per_s"] <= m["Throughput/requests_per_s_ci_high"]
+
+
+def test_a_resumed_runs_rate_interval_covers_its_estimate():
+    stats = RunStats()
+    for i in range(100):  # the interrupted process: 10 s; the resuming one, an hour later: 10 s
+        stats.add(_record(i * 0.1, 0.1, session=0.0))
+        stats.add(_record(3600 + i * 0.1, 0.1, session=3600.0))
+    stats.wall_s = 20.0
+    m = stats.metrics()
+    low, high = m["Throughput/requests_per_s_ci_low"], m["Throughput/requests_per_s_ci_high"]
+    assert low <= m["Throughput/requests_per_s"] <= high and high - low < 2  # not stretched over the hour between

@@ -54,8 +54,8 @@ def test_repeated_prompts_are_each_called_and_measured(server, tmp_path):
     [records] = job_records(tmp_path)
     assert len([r for r in records if r["latency_s"] is not None and not r["cached"]]) == 300
     [run] = mlflow_runs(tmp_path / "runs")
-    assert run["metrics"]["calls_measured"] == 300 and run["metrics"]["cache_hits"] == 0
-    assert len(metric_steps(tmp_path, run["id"], "call_latency_s")) == 300
+    assert run["metrics"]["calls/measured"] == 300 and run["metrics"]["calls/cache_hits"] == 0
+    assert len(metric_steps(tmp_path, run["id"], "call/latency_s")) == 300
 
 
 def test_a_sweep_after_an_identical_run_measures_every_job(server, tmp_path):
@@ -68,7 +68,7 @@ def test_a_sweep_after_an_identical_run_measures_every_job(server, tmp_path):
     children = [r for r in mlflow_runs(tmp_path / "runs") if "pikeclient.job_num" in r["tags"]]
     assert len(children) == 2
     for child in children:
-        assert child["metrics"]["calls_measured"] == 4 and "latency_s_p50" in child["metrics"]
+        assert child["metrics"]["calls/measured"] == 4 and "Latency/p50" in child["metrics"]
 
 
 def test_the_response_cache_is_opt_in_and_never_measured(server, tmp_path):
@@ -80,12 +80,12 @@ def test_the_response_cache_is_opt_in_and_never_measured(server, tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert len(server.log) - before == requests, mode
         assert ("5 from the response cache, not measured" in proc.stdout) == (requests == 0), proc.stdout
-    [cached_run] = [r for r in mlflow_runs(tmp_path / "runs") if r["metrics"]["cache_hits"] == 5]
+    [cached_run] = [r for r in mlflow_runs(tmp_path / "runs") if r["metrics"]["calls/cache_hits"] == 5]
     m = cached_run["metrics"]
-    assert m["calls_measured"] == 0 and m["retries"] == 0 and "latency_s_p50" not in m
+    assert m["calls/measured"] == 0 and m["Errors/retries"] == 0 and "Latency/p50" not in m
     assert not [k for k in m if k.startswith(("cost", "output_tokens", "ttft"))]
     assert cached_run["tags"]["pikeclient.traces"] == "0"
-    assert metric_steps(tmp_path, cached_run["id"], "call_latency_s") == []
+    assert metric_steps(tmp_path, cached_run["id"], "call/latency_s") == []
     # Without cache.mode, a second identical run is measured in full (no default cache).
     before = len(server.log)
     assert run_py(*args, cwd=tmp_path, env=ENV).returncode == 0 and len(server.log) - before == 5
@@ -123,9 +123,9 @@ def test_sigkill_then_resume_calls_only_missing_prompts_and_reports_all(tmp_path
     # One MLflow run covers every prompt: the interrupted one, completed.
     [run] = mlflow_runs(tmp_path / "runs")
     assert run["status"] == "FINISHED"
-    assert run["metrics"]["calls"] == 120 and run["metrics"]["calls_measured"] == 120
-    assert run["metrics"]["resumed_calls"] == len(resumed)
-    steps = metric_steps(tmp_path, run["id"], "call_latency_s")
+    assert run["metrics"]["calls/total"] == 120 and run["metrics"]["calls/measured"] == 120
+    assert run["metrics"]["calls/resumed"] == len(resumed)
+    steps = metric_steps(tmp_path, run["id"], "call/latency_s")
     assert sorted(steps) == list(range(120))  # every call once in the series, none twice
     assert f"{len(resumed)} resumed" in proc.stdout
 
@@ -146,7 +146,7 @@ def test_resume_refuses_other_settings_and_finds_runs_by_id(server, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert len(server.log) == before and "already complete" in proc.stderr  # nothing to call
     [again] = mlflow_runs(tmp_path / "runs")  # left as it was: no second, no-op resume counted in it
-    assert again["id"] == run["id"] and again["status"] == "FINISHED" and again["metrics"]["resumed_calls"] == 0
+    assert again["id"] == run["id"] and again["status"] == "FINISHED" and again["metrics"]["calls/resumed"] == 0
     proc = run_py(*args, "experiment.resume=0123456789abcdef0123456789abcdef", cwd=tmp_path, env=ENV)
     assert proc.returncode == 1 and "no job folder" in proc.stderr
 
@@ -160,7 +160,7 @@ def test_resume_a_sweep_job_by_job(server, tmp_path):
     assert len(server.log) == before and proc.stderr.count("already complete") == 2
     runs = mlflow_runs(tmp_path / "runs")
     children = [r for r in runs if "pikeclient.job_num" in r["tags"]]
-    assert len(children) == 2 and all(c["metrics"]["resumed_calls"] == 0 for c in children)
+    assert len(children) == 2 and all(c["metrics"]["calls/resumed"] == 0 for c in children)
     [parent] = [r for r in runs if r["tags"].get("pikeclient.role") == "sweep"]  # the same parent, completed
     assert parent["status"] == "FINISHED" and {c["tags"]["mlflow.parentRunId"] for c in children} == {parent["id"]}
 
@@ -188,8 +188,8 @@ def test_streamed_runs_report_ttft_itl_tpot(server, tmp_path):
         assert f"{name} p50 / p90 / p99" in proc.stdout
     assert "client send delay p50 / p99 (ms)" in proc.stdout
     [run] = mlflow_runs(tmp_path / "runs")
-    for key in ("ttft_s_p50", "ttft_s_p99", "itl_s_p50", "itl_s_p90", "tpot_s_p50", "call_output_tokens_per_s_p50",
-                "send_delay_s_p50", "send_delay_s_p99"):
+    for key in ("TTFT/p50", "TTFT/p99", "ITL/p50", "ITL/p90", "TPOT/p50", "Throughput/call_output_tokens_per_s_p50",
+                "client/send_delay_p50", "client/send_delay_p99"):
         assert key in run["metrics"], key
     [records] = job_records(tmp_path)
     assert all(r["send_delay_s"] >= 0 for r in records)
@@ -230,7 +230,7 @@ def test_a_run_says_when_token_counts_are_estimates(tmp_path):
     assert proc.stderr.count("token counts are estimates") == 1
     assert "(estimate)" in proc.stdout
     [run] = mlflow_runs(tmp_path / "runs")
-    assert run["metrics"]["tokens_source_estimate"] == 4 and run["tags"]["pikeclient.token_basis"] == "estimate"
+    assert run["metrics"]["tokens/source_estimate"] == 4 and run["tags"]["pikeclient.token_basis"] == "estimate"
 
 
 def test_cost_only_where_a_price_applies(server, tmp_path):
@@ -247,15 +247,36 @@ def test_cost_only_where_a_price_applies(server, tmp_path):
     assert proc.returncode == 0, proc.stderr
     [priced] = mlflow_runs(tmp_path / "priced" / "runs")
     m = priced["metrics"]
-    expected = (m["prompt_tokens_total"] * 1.0 + m["completion_tokens_total"] * 2.0) / 1e6
-    assert m["cost_usd"] == pytest.approx(expected) and priced["tags"]["pikeclient.cost_basis"] == "exact"
+    expected = (m["tokens/prompt_total"] * 1.0 + m["tokens/completion_total"] * 2.0) / 1e6
+    assert m["Cost/usd"] == pytest.approx(expected) and priced["tags"]["pikeclient.cost_basis"] == "exact"
 
 
-def test_unknown_price_on_a_provider_endpoint_warns(server, tmp_path):
-    proc = run_py("llm=azure_openai", f"llm.azure_endpoint={server.url}", "llm.deployment=d1", "llm.model=my-model",
-                  "dataset.limit=2", cwd=tmp_path, env={"AZURE_OPENAI_API_KEY": API_KEY})
+def test_list_prices_apply_at_the_providers_own_endpoints_only(caplog):
+    from omegaconf import OmegaConf
+
+    from pikeclient.config.factory import compose
+    from pikeclient.run.cost import find_price
+
+    pricing = OmegaConf.to_container(compose([]).pricing)
+    azure = {"provider": "azure_openai", "endpoint": "https://r.openai.azure.com", "deployment": "d1"}
+    assert find_price(pricing, {**azure, "model": "gpt-4o"}).model == "gpt-4o"
+    assert find_price(pricing, {**azure, "model": "my-model"}) is None
+    assert "no price for model 'my-model'" in caplog.text
+    assert find_price(pricing, {**azure, "model": "gpt-4o", "endpoint": "http://127.0.0.1:8000"}) is None
+
+
+def test_one_base_url_points_every_backend_of_a_sweep_at_one_server(server, tmp_path):
+    proc = run_py("-m", "llm=azure_openai,openai,azure_meta_llama", f"base_url={server.url}/v1",
+                  "dataset.limit=2", cwd=tmp_path,
+                  env={**ENV, "AZURE_OPENAI_API_KEY": API_KEY, "AZURE_LLAMA_API_KEY": API_KEY})
     assert proc.returncode == 0, proc.stderr
-    assert "no price for model 'my-model'" in proc.stderr
+    assert {r.path for r in server.log} == {"/v1/chat/completions"} and len(server.log) == 6
+    assert {r.body["model"] for r in server.log} == {"gpt-4o", "gpt-4o-mini", "Meta-Llama-3.1-8B-Instruct"}
+    children = [r for r in mlflow_runs(tmp_path / "runs") if r["tags"].get("pikeclient.role") != "sweep"]
+    assert sorted(c["tags"]["pikeclient.provider"] for c in children) == ["azure_meta_llama", "azure_openai", "openai"]
+    for child in children:  # a loopback server is no provider's endpoint: nothing is priced
+        assert child["status"] == "FINISHED" and not [k for k in child["metrics"] if k.startswith("Cost/")]
+        assert child["tags"]["pikeclient.price"] == "none"
 
 
 def test_warmup_calls_are_made_before_the_measured_span(server, tmp_path):
@@ -266,7 +287,7 @@ def test_warmup_calls_are_made_before_the_measured_span(server, tmp_path):
     [records] = job_records(tmp_path)
     assert len(records) == 5
     [run] = mlflow_runs(tmp_path / "runs")
-    assert run["metrics"]["warmup_calls"] == 3 and run["metrics"]["calls"] == 5
+    assert run["metrics"]["calls/warmup"] == 3 and run["metrics"]["calls/total"] == 5
     db = sqlite3.connect(tmp_path / "runs" / "mlflow.db")
     [(start_ms, end_ms)] = db.execute("select start_time, end_time from runs").fetchall()
     db.close()
@@ -284,7 +305,7 @@ def test_a_run_whose_calls_all_fail_exits_1_with_its_metrics_and_a_failed_run(se
     assert "errors" in proc.stdout  # the summary is still printed
     [run] = mlflow_runs(tmp_path / "runs")
     assert run["status"] == "FAILED"
-    assert run["metrics"]["errors"] == 3 and run["metrics"]["retries"] == 3
+    assert run["metrics"]["Errors/count"] == 3 and run["metrics"]["Errors/retries"] == 3
     [records] = job_records(tmp_path)
     assert all(r["error_kind"] == "server" and r["attempts"] == 2 for r in records)
 
@@ -298,7 +319,7 @@ def test_max_error_rate(server, tmp_path, script, max_rate, code):
     assert proc.returncode == code, proc.stderr
     [run] = mlflow_runs(tmp_path / "runs")
     assert run["status"] == ("FINISHED" if code == 0 else "FAILED")
-    assert run["metrics"]["error_rate"] == pytest.approx(len(script) / 4)
+    assert run["metrics"]["Errors/rate"] == pytest.approx(len(script) / 4)
 
 
 @pytest.mark.parametrize("fault", ["400", "404", "malformed", "html", "empty_choices", "null_content"])
@@ -308,7 +329,7 @@ def test_total_failures_never_pass_for_success(fault, tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert "every call failed" in proc.stderr and "Traceback" not in proc.stderr
     [run] = mlflow_runs(tmp_path / "runs")
-    assert run["status"] == "FAILED" and run["metrics"]["errors"] == 3
+    assert run["status"] == "FAILED" and run["metrics"]["Errors/count"] == 3
 
 
 def test_a_refused_port_fails_the_run_and_names_the_url(tmp_path):
@@ -330,5 +351,5 @@ def test_an_empty_answer_is_counted(tmp_path):
         proc = run_py(*openai_args(server, "dataset.limit=2", "sampling.stop=[You]"), cwd=tmp_path, env=ENV)
     assert proc.returncode == 0, proc.stderr
     [run] = mlflow_runs(tmp_path / "runs")
-    assert run["metrics"]["empty_answers"] == 2
+    assert run["metrics"]["calls/empty_answers"] == 2
     assert "empty answers" in proc.stdout

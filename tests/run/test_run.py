@@ -18,9 +18,10 @@ def test_openai_run_logs_metrics_records_and_no_key(server, tmp_path):
     [run] = mlflow_runs(runs_dir)
     assert run["status"] == "FINISHED"
     metrics = run["metrics"]
-    assert metrics["calls"] == 20 and metrics["errors"] == 0
-    for key in ("latency_s_mean", "latency_s_p50", "latency_s_p90", "latency_s_p99", "latency_s_max",
-                "prompt_tokens_total", "completion_tokens_total", "total_tokens", "output_tokens_per_s", "retries"):
+    assert metrics["calls/total"] == 20 and metrics["Errors/count"] == 0
+    for key in ("Latency/mean", "Latency/p50", "Latency/p90", "Latency/p99", "Latency/max",
+                "tokens/prompt_total", "tokens/completion_total", "tokens/total", "Throughput/output_tokens_per_s",
+                "Errors/retries"):
         assert key in metrics
     assert run["params"]["llm._target_"] == "pikeclient.backends.openai.OpenAIClient"
     assert run["params"]["sampling.temperature"] == "0.0"
@@ -28,7 +29,7 @@ def test_openai_run_logs_metrics_records_and_no_key(server, tmp_path):
     [records_file] = (runs_dir / "outputs").rglob("records.jsonl")
     records = [json.loads(line) for line in records_file.read_text().splitlines()]
     assert len(records) == 20 and {r["id"] for r in records} == {r["id"] for r in records}
-    assert sum(r["usage"]["completion_tokens"] for r in records) == metrics["completion_tokens_total"]
+    assert sum(r["usage"]["completion_tokens"] for r in records) == metrics["tokens/completion_total"]
     artifacts = list((runs_dir / "mlartifacts").rglob("*"))
     assert any(p.name == "records.jsonl" for p in artifacts) and any(p.name == "config.yaml" for p in artifacts)
     assert files_containing(tmp_path, API_KEY) == []
@@ -40,7 +41,7 @@ def test_default_run_needs_no_key_and_no_network(tmp_path, smollm2):
     proc = run_py("dataset.limit=4", "sampling.max_tokens=8", f"llm.models_dir={Path(smollm2).parent}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     [run] = mlflow_runs(tmp_path / "runs")
-    assert run["status"] == "FINISHED" and run["metrics"]["calls"] == 4 and run["metrics"]["errors"] == 0
+    assert run["status"] == "FINISHED" and run["metrics"]["calls/total"] == 4 and run["metrics"]["Errors/count"] == 0
     assert run["tags"]["pikeclient.provider"] == "hf_local" and "SmolLM2" in run["tags"]["pikeclient.model"]
 
 

@@ -204,7 +204,7 @@ def assert_one_parent_per_sweep(children: list, parents: list, jobs_per_sweep: i
     for parent in parents:
         mine = [c for c in children if c.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert len(mine) == jobs_per_sweep, f"parent {parent.info.run_id}: {len(mine)} children"
-        assert parent.info.status == "FINISHED" and parent.data.metrics["jobs"] == jobs_per_sweep
+        assert parent.info.status == "FINISHED" and parent.data.metrics["sweep/jobs"] == jobs_per_sweep
         assert {c.info.status for c in mine} == {"FINISHED"}
         assert sorted(int(c.data.tags["pikeclient.job_num"]) for c in mine) == list(range(jobs_per_sweep))
     assert len(children) == jobs_per_sweep * len(parents)
@@ -223,9 +223,9 @@ def test_single_run_logs_everything_through_the_server(mlflow_server, llm_server
     [run], parents = runs_of(mlflow_server, experiment)
     assert parents == [] and run.info.status == "FINISHED"
     assert run.data.params["llm.model"] and run.data.params["client.provider"] == "openai"
-    assert run.data.metrics["calls"] == 4 and "latency_s_p50" in run.data.metrics
+    assert run.data.metrics["calls/total"] == 4 and "Latency/p50" in run.data.metrics
     client = MlflowClient(tracking_uri=mlflow_server.url)
-    assert len(client.get_metric_history(run.info.run_id, "call_latency_s")) == 4
+    assert len(client.get_metric_history(run.info.run_id, "call/latency_s")) == 4
     traces = client.search_traces(locations=[run.info.experiment_id], run_id=run.info.run_id, max_results=10)
     assert len(traces) == 4 and traces[0].data.spans[0].span_type == "LLM"
     # Artifacts went through the server: the run points at it, the files sit in its destination.
@@ -387,7 +387,7 @@ def test_four_sweeps_of_eight_jobs_at_once(mlflow_server, llm_server, experiment
     children, parents = runs_of(mlflow_server, experiment)
     assert len(parents) == 4 and len(children) == 32
     assert_one_parent_per_sweep(children, parents, 8)
-    assert sum(c.data.metrics["calls"] for c in children) == 32 * 4
+    assert sum(c.data.metrics["calls/total"] for c in children) == 32 * 4
     # Each parent is tagged with its own sweep's id, so a lookup through the server never mixes them up.
     assert len({p.data.tags["pikeclient.sweep_id"] for p in parents}) == 4
 
@@ -440,9 +440,9 @@ def test_server_outage_mid_run_loses_nothing(postgres, tmp_path):
         assert job.returncode == 0, log[-4000:]
         assert "is back after" in log and "Traceback" not in log
         [run], _ = runs_of(server, experiment)
-        assert run.info.status == "FINISHED" and run.data.metrics["calls"] == CALLS
+        assert run.info.status == "FINISHED" and run.data.metrics["calls/total"] == CALLS
         assert float(run.data.tags["pikeclient.tracking_outage_s"]) > 0
-        assert len(client.get_metric_history(run.info.run_id, "call_latency_s")) == CALLS
+        assert len(client.get_metric_history(run.info.run_id, "call/latency_s")) == CALLS
         assert count_traces(client, run) == CALLS
         assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"records.jsonl", "records_table.json",
                                                                             "hydra"}

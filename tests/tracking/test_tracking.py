@@ -45,7 +45,7 @@ def test_sweep_is_one_parent_with_four_children(sweep):
     children, parents = children_and_parent(client, experiment)
     [parent] = parents
     assert len(children) == 4 and parent.info.status == "FINISHED"
-    assert parent.data.metrics["jobs"] == 4 and parent.data.metrics["jobs_failed"] == 0
+    assert parent.data.metrics["sweep/jobs"] == 4 and parent.data.metrics["sweep/jobs_failed"] == 0
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert sorted(c.data.tags["pikeclient.job_num"] for c in children) == ["0", "1", "2", "3"]
     assert {c.data.tags["pikeclient.choice.llm"] for c in children} == {"openai"}
@@ -58,11 +58,11 @@ def test_metrics_agree_with_records(sweep):
         records = records_of(root, run)
         latencies = [r["latency_s"] for r in records if r["error"] is None]
         m = run.data.metrics
-        assert m["latency_s_p50"] == pytest.approx(statistics.median(latencies))
-        assert m["latency_s_mean"] == pytest.approx(statistics.fmean(latencies))
-        assert m["latency_s_max"] == pytest.approx(max(latencies))
-        assert m["completion_tokens_total"] == sum(r["usage"]["completion_tokens"] for r in records)
-        history = client.get_metric_history(run.info.run_id, "call_latency_s")
+        assert m["Latency/p50"] == pytest.approx(statistics.median(latencies))
+        assert m["Latency/mean"] == pytest.approx(statistics.fmean(latencies))
+        assert m["Latency/max"] == pytest.approx(max(latencies))
+        assert m["tokens/completion_total"] == sum(r["usage"]["completion_tokens"] for r in records)
+        history = client.get_metric_history(run.info.run_id, "call/latency_s")
         assert sorted((h.step, h.value) for h in history) == sorted((r["index"], r["latency_s"]) for r in records)
 
 
@@ -70,7 +70,7 @@ def test_time_to_first_token_only_for_streaming_runs(sweep):
     _, client, experiment = sweep
     for run in children_and_parent(client, experiment)[0]:
         streaming = run.data.params["llm.stream"] == "True"
-        for key in ("ttft_s_p50", "ttft_s_p90", "ttft_s_p99", "itl_s_p50", "tpot_s_p50"):
+        for key in ("TTFT/p50", "TTFT/p90", "TTFT/p99", "ITL/p50", "TPOT/p50"):
             assert (key in run.data.metrics) is streaming
 
 
@@ -78,15 +78,15 @@ def test_cost_matches_the_price_table(sweep):
     _, client, experiment = sweep
     for run in children_and_parent(client, experiment)[0]:
         m = run.data.metrics
-        expected = (m["prompt_tokens_total"] * PRICE_IN + m["completion_tokens_total"] * PRICE_OUT) / 1e6
-        assert m["cost_usd"] == pytest.approx(expected)
+        expected = (m["tokens/prompt_total"] * PRICE_IN + m["tokens/completion_total"] * PRICE_OUT) / 1e6
+        assert m["Cost/usd"] == pytest.approx(expected)
 
 
 def test_one_llm_trace_per_call_linked_to_the_run(sweep):
     _, client, experiment = sweep
     run = children_and_parent(client, experiment)[0][0]
     traces = client.search_traces(locations=[experiment], run_id=run.info.run_id, max_results=100)
-    assert len(traces) == run.data.metrics["calls"] == 6
+    assert len(traces) == run.data.metrics["calls/total"] == 6
     trace = traces[0]
     assert trace.data.spans[0].span_type == "LLM"
     usage = trace.info.token_usage
@@ -102,7 +102,7 @@ def test_table_artifact_and_hydra_folder(sweep, monkeypatch):
     # load_table searches runs through the global tracking URI, not the client's.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'runs' / 'mlflow.db'}")
     table = client.load_table(experiment, "records_table.json", run_ids=[run.info.run_id])
-    assert len(table) == run.data.metrics["calls"] and {"prompt", "response", "latency_s"} <= set(table.columns)
+    assert len(table) == run.data.metrics["calls/total"] and {"prompt", "response", "latency_s"} <= set(table.columns)
 
 
 def test_no_key_anywhere(sweep):
@@ -152,7 +152,7 @@ def test_mlflow_ui_serves_the_sweep(sweep, tmp_path):
         assert served["parent"] == parent.info.run_id
         assert set(served["children"]) == {c.info.run_id for c in children}
         for child in children:
-            assert served["children"][child.info.run_id]["calls"] == child.data.metrics["calls"]
+            assert served["children"][child.info.run_id]["calls/total"] == child.data.metrics["calls/total"]
         chromium = find_chromium()
         if chromium is not None:
             from pikeclient.tracking.ui_check import compare_url

@@ -1,0 +1,118 @@
+"""Pictures of compared runs (``python -m pikeclient.tracking.report --plot / --curve``).
+
+Legends sit beside or below the axes, never on the data; every axis starts at zero, so that two runs
+are compared by their values, not by the fastest one.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from pikeclient.tracking.process import SERIES_LATENCY
+from pikeclient.tracking.report import Row
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _legend_below(fig: Any, handles: list, labels: list[str], width: int = 110) -> None:
+    """The legend under the axes, one entry a line (long labels wrapped, never cut)."""
+    if not handles:
+        return
+    wrapped = [textwrap.fill(label, width) for label in labels]
+    lines = sum(label.count("\n") + 1 for label in wrapped)
+    height = fig.get_figheight()
+    room = min(0.6, (0.3 + 0.18 * lines) / height)  # inches of legend as a share of the figure
+    fig.tight_layout(rect=(0, room, 1, 1))
+    fig.legend(handles, wrapped, loc="lower left", bbox_to_anchor=(0.01, 0.01), fontsize=7, frameon=False)
+
+
+def saturation_curve(rows: Sequence[Row], path: Path) -> Path:
+    """A saturation sweep's curve: completed requests/s (the throughput the server really gave) against
+    latency p50/p99 and TTFT, one line per backend, points in the order of the rate asked for. Past
+    capacity more requests go out but no more come back: the curve bends back. A dotted mark shows
+    where p50 latency first exceeds twice its value at the lowest rate."""
+    plt = _pyplot()
+    lines: dict[str, list[Row]] = {}
+    for row in rows:
+        if row.completed_rate is not None and row.p50 is not None:
+            lines.setdefault(f"{row.backend} {_short(row.model, 24)}", []).append(row)
+    fig, (lat, first) = plt.subplots(1, 2, figsize=(12, 5.5))
+    handles, labels = [], []
+    for label, points in lines.items():
+        points.sort(key=lambda r: r.requested_rate or r.sent_rate or r.completed_rate or 0.0)
+        x = [r.completed_rate for r in points]
+        (line,) = lat.plot(x, [r.p50 for r in points], marker="o")
+        (tail,) = lat.plot(x, [r.p99 if r.p99 is not None else float("nan") for r in points], marker="x",
+                           linestyle="--", color=line.get_color())
+        handles += [line, tail]
+        labels += [f"{label} p50", f"{label} p99"]
+        for r in points:
+            if r.requested_rate is not None:
+                lat.annotate(f"{r.requested_rate:g}/s", (r.completed_rate, r.p50), fontsize=7, xytext=(4, 4),
+                             textcoords="offset points", color=line.get_color())
+        knee = next((r for r in points[1:] if r.p50 > 2 * points[0].p50), None)
+        if knee is not None:
+            lat.axvline(knee.completed_rate, color=line.get_color(), linestyle=":", alpha=0.7)
+        if any(r.ttft is not None for r in points):
+            first.plot(x, [r.ttft if r.ttft is not None else float("nan") for r in points], marker="o",
+                       color=line.get_color())
+    axis_label = "completed requests / s (answers per second; labels: the rate asked for)"
+    lat.set(xlabel=axis_label, ylabel="latency (s)", title="Saturation: latency vs throughput")
+    first.set(xlabel=axis_label, ylabel="TTFT p50 (s)", title="Time to first token vs throughput")
+    for axis in (lat, first):
+        axis.set_ylim(bottom=0)
+        axis.set_xlim(left=0)
+    if lines:
+        labels.append("dotted: p50 latency passes twice its lowest-rate value")
+        handles.append(plt.Line2D([], [], color="gray", linestyle=":"))
+    _legend_below(fig, handles, labels)
+    return _save(fig, path)
+
+
+def _short(text: str, width: int = 32) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
+def plot(client: MlflowClient, rows: Sequence[Row], path: Path) -> Path:
+    """Left: median latency vs output tokens/s per run. Right: per-call latency per run (box plot).
+    ``rows`` are labelled (``label_rows``); ``#`` numbers match the table's first column."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5.5))
+    handles, labels = [], []
+    for index, row in enumerate(rows, start=1):
+        if row.p50 is not None and row.tokens_per_s is not None:
+            handles.append(left.scatter(row.tokens_per_s, row.p50, s=60))
+            labels.append(f"#{index} {row.label}")
+            left.annotate(f"#{index}", (row.tokens_per_s, row.p50), fontsize=9, xytext=(5, 5),
+                          textcoords="offset points")
+    left.set(xlabel="output tokens / s (run)", ylabel="latency p50 (s)", title="Throughput vs latency per run")
+    left.set_ylim(bottom=0)
+    left.set_xlim(left=0)
+    series = [[m.value for m in client.get_metric_history(r.run_id, SERIES_LATENCY)] for r in rows]
+    right.boxplot(series, showfliers=True)
+    right.set_xticks(range(1, len(rows) + 1), [f"#{i}" for i in range(1, len(rows) + 1)])
+    right.set(ylabel="latency per call (s)", title="Latency distribution per run")
+    right.set_ylim(bottom=0)
+    _legend_below(fig, handles, labels)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
