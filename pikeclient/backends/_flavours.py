@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from pikeclient.core.errors import ConfigError, ContextWindowError, InterruptedStreamError, LLMError, ServerError
+from pikeclient.core.errors import ConfigError, ContextWindowError, InterruptedStreamError, LLMError, ProtocolError
 from pikeclient.core.types import SamplingParams
 
 INTERRUPT_HINT = ("llama.cpp's server does this to a running stream when another request waits: "
@@ -73,8 +73,8 @@ def sampling_extras(flavour: Flavour, params: SamplingParams, extra_body: Mappin
 def stream_ended_early(chunks: int, chars: int, content_type: str = "text/event-stream") -> LLMError:
     """The error for a stream the server ended cleanly before any finish reason."""
     if chunks == 0 and "text/event-stream" not in content_type:
-        return ServerError(f"malformed response: HTTP 200 with {content_type or 'no content type'} where an "
-                           "event stream was expected")
+        return ProtocolError(f"the server answered HTTP 200 with {content_type or 'no content type'} where an "
+                             "event stream was expected")
     if chunks == 0:
         # Nothing at all, yet HTTP 200: what llama.cpp's server sends when the prompt cannot fit.
         return ContextWindowError("the server answered HTTP 200 with an empty event stream (llama.cpp's server "

@@ -3,7 +3,7 @@
 import pytest
 
 from pikeclient.backends.openai import OpenAIClient
-from pikeclient.core.errors import ConfigError, ContextWindowError, InterruptedStreamError
+from pikeclient.core.errors import ConfigError, ContextWindowError, InterruptedStreamError, ProtocolError
 from pikeclient.testing.server import FaultPlan
 
 HI = [{"role": "user", "content": "a b c d e f g h"}]
@@ -67,6 +67,10 @@ def test_dropped_stream_is_still_a_retried_connection_error(open_server):
     assert client(open_server, stream=True).chat(HI).attempts == 2
 
 
-def test_json_where_a_stream_was_expected_is_a_retried_server_error(open_server):
+def test_json_where_a_stream_was_expected_is_a_protocol_error_retried_once(open_server):
     open_server.faults = FaultPlan(script=["malformed"])
     assert client(open_server, stream=True).chat(HI).attempts == 2
+    open_server.faults = FaultPlan(rates={"malformed": 1.0})
+    with pytest.raises(ProtocolError, match="application/json where an event stream was expected") as caught:
+        client(open_server, stream=True).chat(HI)
+    assert caught.value.attempts == 2
