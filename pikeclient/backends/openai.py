@@ -16,7 +16,7 @@ import openai
 
 from pikeclient.backends._bounds import abounded, attempt_bounds, bounded, check_timeouts
 from pikeclient.backends._flavours import flavour as find_flavour
-from pikeclient.backends._flavours import sampling_extras, stream_ended_early
+from pikeclient.backends._flavours import check_extra_body, sampling_extras, stream_ended_early
 from pikeclient.backends._http import (
     ASYNC_HOOKS,
     SYNC_HOOKS,
@@ -82,7 +82,8 @@ class OpenAIClient(BaseLLMClient):
         default_headers: extra HTTP headers for every request.
         flavour: the server's names for parameters the OpenAI API lacks (``openai``, ``vllm``,
             ``llamacpp``, ``ollama``; see :mod:`pikeclient.backends._flavours`).
-        extra_body: server-specific parameters added to every request body as they are.
+        extra_body: server-specific parameters added to every request body as they are; never a field
+            pikeclient sets (the model, messages, sampling, streaming: ``_flavours.SET_BY_PIKECLIENT``).
     """
 
     provider = "openai"
@@ -117,6 +118,7 @@ class OpenAIClient(BaseLLMClient):
         # A server that reads one name only gets that one (llama.cpp ignores max_completion_tokens).
         self.max_tokens_field = self.flavour.max_tokens_field or max_tokens_field
         self.extra_body = dict(extra_body or {})
+        check_extra_body(self.extra_body)
         self._counter: TiktokenCounter | HFTokenizerCounter = (
             HFTokenizerCounter(tokenizer) if tokenizer else TiktokenCounter(tokenizer_model or model))
         if self.context_window is None:

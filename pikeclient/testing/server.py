@@ -515,7 +515,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rates = {name: getattr(args, f"rate_{name}") for name in FAULTS if getattr(args, f"rate_{name}")}
     server = FakeLLMServer(host=args.host, port=args.port, latency=args.latency, api_key=args.api_key,
-                           faults=FaultPlan(rates=rates, endless_s=args.endless_s), keep_log=not args.no_log, token_delay=args.token_delay,
+                           faults=FaultPlan(rates=rates, endless_s=args.endless_s), keep_log=not args.no_log,
+                           token_delay=args.token_delay,
                            report_usage=not args.no_usage, capacity=args.capacity,
                            keep_timings=args.timings, usage=args.usage)
     try:

@@ -54,7 +54,7 @@ def test_result_is_frozen_and_serialises_usage_total():
 )
 def test_server_usage_that_is_not_a_count_is_refused_and_named(report, error):
     usage = Usage.from_server(report)
-    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens, usage.source) == (None, None, None, "none")
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.source) == (None, None, "none")
     assert error in usage.server_error
 
 
