@@ -45,8 +45,8 @@ def test_extra_body_reaches_the_server_and_wins_over_a_neutral_value(open_server
 
 @pytest.mark.parametrize(("key", "instead"), [
     ("model", "llm.model"), ("messages", "the dataset"), ("temperature", "sampling.temperature"),
-    ("max_tokens", "sampling.max_tokens"), ("max_completion_tokens", "sampling.max_tokens"), ("top_p", "sampling.top_p"),
-    ("stop", "sampling.stop"), ("seed", "sampling.seed"), ("top_k", "sampling.top_k"),
+    ("max_tokens", "sampling.max_tokens"), ("max_completion_tokens", "sampling.max_tokens"),
+    ("top_p", "sampling.top_p"), ("stop", "sampling.stop"), ("seed", "sampling.seed"), ("top_k", "sampling.top_k"),
     ("repetition_penalty", "sampling.repetition_penalty"), ("repeat_penalty", "sampling.repetition_penalty"),
     ("min_tokens", "sampling.min_tokens"), ("stream", "llm.stream"), ("stream_options", "llm.stream"),
     ("n", "experiment.repeats"),
