@@ -73,3 +73,12 @@ def test_readmes_extra_body_example_runs_as_written(tmp_path, server):
     assert proc.returncode == 0, proc.stderr
     assert [r.body["min_p"] for r in server.log] == [0.1] * 4
     assert all(r.body["model"] == "gpt-4o-mini" for r in server.log)
+
+
+def test_a_cache_file_that_cannot_be_opened_is_a_config_error_naming_it(tmp_path):
+    from pikeclient.core.errors import ConfigError
+    from pikeclient.run.cache import ResponseCache
+
+    (tmp_path / "notes.db").write_bytes(b"\x00" * 4096)  # no sqlite database (the config check says so first)
+    with pytest.raises(ConfigError, match=r"cache.path='.*notes.db': cannot use it as the response cache"):
+        ResponseCache(tmp_path / "notes.db", "use")
