@@ -78,6 +78,35 @@ CASES = [
     (("llm.organization=123",), "llm.organization=123: expected a string or null"),
     (("+llm.default_headers=3",), "llm.default_headers=3: expected"),
     (("llm._target_=pikeclient.nope.Client",), "llm._target_=pikeclient.nope.Client: cannot import it"),
+    # issue 19: numbers that are not numbers, prices, llm.extra_body over pikeclient's own fields, totals
+    (("dataset=synthetic", "dataset.input_tokens_std=nan"), "dataset.input_tokens_std=nan is not a number"),
+    (("dataset=synthetic", "dataset.output_tokens_std=inf"), "dataset.output_tokens_std=inf is out of range"),
+    (("dataset.input_tokens_std=-1",), "dataset.input_tokens_std=-1.0 is out of range: allowed a finite number >= 0"),
+    (("retry.initial_delay=nan",), "retry.initial_delay=nan is not a number"),
+    (("retry.deadline=inf",), "retry.deadline=inf is out of range"),
+    (("llm.timeout=nan",), "llm.timeout=nan is not a number"),
+    (("llm.timeout=inf",), "llm.timeout=inf must be > 0 seconds (a finite number)"),
+    (("llm.total_timeout=0",), "llm.total_timeout=0 must be > 0 seconds"),
+    (("llm.total_timeout=-5",), "llm.total_timeout=-5 must be > 0 seconds"),
+    (("pricing.models.gpt-4o-mini.input=-1",), "pricing.models.gpt-4o-mini.input=-1 is out of range"),
+    (("pricing.models.gpt-4o-mini.output=nan",), "pricing.models.gpt-4o-mini.output=nan is not a number"),
+    (("pricing.models.gpt-4o-mini.output=inf",), "pricing.models.gpt-4o-mini.output=inf is out of range"),
+    (("+pricing.models.mine={input: 1}",), "pricing.models.mine.output is missing"),
+    (("pricing.endpoints=[{url:'',input:0.1,output:0.4}]",), "pricing.endpoints[0].url='': give the endpoint's"),
+    (("pricing.endpoints=[{url:'gpu-box:8000',input:0.1,output:0.4}]",), "pricing.endpoints[0].url='gpu-box:8000'"),
+    (("pricing.endpoints=[{url:'http://gpu-box/v1',input:-1,output:0.4}]",), "pricing.endpoints[0].input=-1.0 is out"),
+    (("pricing.endpoints=[{url:'http://gpu-box/v1',input:1,output:inf}]",), "pricing.endpoints[0].output=inf is out"),
+    (("pricing.deployments={prod: gpt-5}",), "pricing.deployments.prod='gpt-5': no such model in pricing.models"),
+    (("pricing.currency='US D'",), "pricing.currency='US D': a currency code"),
+    (("pricing.models.gpt-4o.input=abc",), "pricing.models.gpt-4o.input='abc': expected a number"),
+    (("+pricing.models.mine={input: 1, output: 2, cached: 1}",), "pricing.models.mine.cached: unknown key"),
+    (("pricing.deployments=[prod]",), "pricing.deployments=['prod']: a mapping of Azure deployment names"),
+    (("llm.extra_body={model: evil, messages: []}",), "llm.extra_body.model: pikeclient sets this field itself; use "
+                                                      "llm.model instead"),
+    (("llm.extra_body={temperature: 7, max_tokens: 999999}",), "llm.extra_body.temperature: pikeclient sets this "
+                                                               "field itself; use sampling.temperature instead"),
+    (("++llm.extra_body.max_tokens=999999",), "llm.extra_body.max_tokens: pikeclient sets this field itself"),
+    (("llm.extra_body={stream: true}",), "use llm.stream instead"),
 ]
 AZURE = ("llm=azure_openai", "llm.deployment=d1")
 CASES += [
@@ -90,6 +119,8 @@ CASES += [
     (("llm=azure_meta_llama", "llm.route=bogus"), "llm.route='bogus'"),
     (("llm=hf_meta_llama", "llm.model=/nonexistent/model"), "/nonexistent/model"),
     (("llm=hf_meta_llama", "llm.batch_size=0"), "llm.batch_size=0 is out of range"),
+    ((*AZURE, "llm.extra_body={model: other}"), "llm.extra_body.model: pikeclient sets this field itself"),
+    (("llm=azure_meta_llama", "llm.total_timeout=nan"), "llm.total_timeout=nan is not a number"),
 ]
 
 
@@ -192,3 +223,34 @@ def test_a_key_in_api_key_env_is_never_echoed(tmp_path, quiet_server):
     proc = run_py("--config-dir", str(tmp_path / "conf"), "llm=mine", f"llm.base_url={quiet_server.url}/v1",
                   cwd=tmp_path, env=_env(quiet_server))
     assert_failed_cleanly(proc, "llm.api_key_env must be the NAME of an environment variable", tmp_path, quiet_server)
+
+
+def _folder(tmp_path):
+    (tmp_path / "a_folder").mkdir()
+    return tmp_path / "a_folder", "is a folder: name the cache's file in it"
+
+
+def _under_a_file(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    return tmp_path / "a_file" / "cache.db", "cannot make it, "
+
+
+def _other_data(tmp_path):
+    (tmp_path / "notes.txt").write_text("my notes, not a cache")
+    return tmp_path / "notes.txt", "holds something else than a sqlite cache"
+
+
+def _unwritable(tmp_path):  # /proc takes no new files, for root too
+    return "/proc/pikeclient/cache.db", "cannot write in /proc"
+
+
+@pytest.mark.parametrize("case", [_folder, _under_a_file, _other_data, _unwritable], ids=lambda f: f.__name__[1:])
+def test_an_unusable_cache_path_fails_before_anything(case, tmp_path, quiet_server):
+    path, message = case(tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    proc = run_py("llm=openai", f"llm.base_url={quiet_server.url}/v1", "cache.mode=use", f"cache.path={path}",
+                  cwd=tmp_path, env=_env(quiet_server))
+    assert_failed_cleanly(proc, message, tmp_path, quiet_server, code=1)
+    assert "cache.path=" in proc.stderr
+    left = [p for p in sorted(tmp_path.rglob("*")) if p.name not in before and "runs" not in p.parts]
+    assert left == [] and not list(tmp_path.rglob("mlflow.db"))  # no cache file made, no store touched

@@ -1,5 +1,5 @@
 """Shared by the backends that speak HTTP (SDK or direct): their HTTP clients, when a request really
-went out (the wire clock), and HTTP failures to pikeclient errors."""
+went out (the wire clock), the bounds of an attempt (``_bounds``), and HTTP failures to pikeclient errors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,15 @@ from typing import Any, Generic, TypeVar
 
 import httpx2
 
-from pikeclient.core.errors import LLMConnectionError, LLMError, LLMTimeoutError, ServerError, error_for_status
+from pikeclient.backends._bounds import aon_response, on_response
+from pikeclient.core.errors import (
+    LLMConnectionError,
+    LLMError,
+    LLMTimeoutError,
+    ProtocolError,
+    ServerError,
+    error_for_status,
+)
 from pikeclient.core.retry import parse_retry_after
 
 S = TypeVar("S")
@@ -67,9 +75,10 @@ async def _aon_request(request: httpx2.Request) -> None:
     request.extensions["trace"] = trace
 
 
-# ``event_hooks=`` for an httpx client (the SDKs' included) that reads the wire clock.
-SYNC_HOOKS = {"request": [_on_request]}
-ASYNC_HOOKS = {"request": [_aon_request]}
+# ``event_hooks=`` for an httpx client (the SDKs' included) that reads the wire clock and holds every
+# answer to its attempt's bounds.
+SYNC_HOOKS = {"request": [_on_request], "response": [on_response]}
+ASYNC_HOOKS = {"request": [_aon_request], "response": [aon_response]}
 
 
 def send_delay(start: float, sent: list[float]) -> float | None:
@@ -121,6 +130,26 @@ def transport_error(error: Exception) -> LLMError | None:
     if isinstance(error, json.JSONDecodeError):
         return ServerError(f"malformed response: {error}")
     return None
+
+
+def json_body(response: httpx2.Response) -> Any:
+    """The JSON of a body read whole; None for an empty one or an error page that is not JSON.
+
+    A 2xx that is not JSON is a :class:`ProtocolError` (an HTML page from a proxy), unless it says it is
+    JSON: then it was cut short, a server error like a dropped connection.
+    """
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        if response.status_code >= 400:
+            return None  # the status says what went wrong; status_error falls back to its reason phrase
+        content_type = response.headers.get("content-type", "")
+        if "json" in content_type:
+            raise ServerError(f"malformed response: {error}") from error
+        raise ProtocolError(f"the server answered HTTP {response.status_code} with {content_type or 'no content type'}"
+                            f", not JSON: {response.text[:120]!r}") from error
 
 
 def status_error(status: int, headers: Any, body: Any, fallback: str) -> LLMError:

@@ -18,10 +18,12 @@ from typing import Any
 
 import httpx2
 
+from pikeclient.backends._bounds import abounded, attempt_bounds, bounded, check_timeouts
 from pikeclient.backends._http import (
     ASYNC_HOOKS,
     SYNC_HOOKS,
     LazyClients,
+    json_body,
     send_delay,
     status_error,
     transport_error,
@@ -29,7 +31,7 @@ from pikeclient.backends._http import (
 )
 from pikeclient.backends.openai import check_url, read_api_key
 from pikeclient.core.client import BaseLLMClient
-from pikeclient.core.errors import ConfigError, ServerError
+from pikeclient.core.errors import ConfigError, ProtocolError
 from pikeclient.core.tokens import HFTokenizerCounter
 from pikeclient.core.types import Completion, Message, SamplingParams, TokenSource, Usage
 
@@ -49,7 +51,8 @@ class AzureMetaLlamaClient(BaseLLMClient):
         deployment: AML deployment (``azureml-model-deployment`` header); None lets AML route.
         auth: ``api-key`` or ``bearer`` (AML always uses bearer).
         tokenizer: a Llama tokenizer folder or ``tokenizer.json`` for local counts.
-        timeout: seconds for one attempt.
+        timeout: seconds the server may stay silent (connecting, each read) in one attempt.
+        total_timeout: seconds one attempt may take in all (None: ``timeout + 0.25 s x max_tokens``).
         base_url: an OpenAI-compatible base URL to send to instead of ``endpoint`` (``chat_completions``
             only): ``{base_url}/chat/completions``, as ``llm.base_url`` does for the OpenAI backends.
     """
@@ -69,6 +72,7 @@ class AzureMetaLlamaClient(BaseLLMClient):
         api_key_env: str = "AZURE_LLAMA_API_KEY",
         tokenizer: str | None = None,
         timeout: float = 60.0,
+        total_timeout: float | None = None,
         base_url: str | None = None,
         **common: Any,
     ) -> None:
@@ -81,13 +85,13 @@ class AzureMetaLlamaClient(BaseLLMClient):
             raise ConfigError(f"llm.api={api!r}: allowed {', '.join(APIS)}")
         if auth not in ("api-key", "bearer"):
             raise ConfigError(f"llm.auth={auth!r}: allowed api-key, bearer")
-        if timeout <= 0:
-            raise ConfigError(f"llm.timeout={timeout} must be > 0 seconds")
+        check_timeouts(timeout, total_timeout)
         self.api = api
         self.url = self._url(check_url(endpoint, "llm.endpoint"), api, route)
         self.params = {"api-version": api_version} if api == "chat_completions" and api_version else {}
         self.deployment = deployment
         self.timeout = timeout
+        self.total_timeout = total_timeout
         self._headers = self._auth_headers(read_api_key(api_key_env), auth, api, deployment)
         self._counter = HFTokenizerCounter(tokenizer) if tokenizer else None
         self._clients: LazyClients[httpx2.Client, httpx2.AsyncClient] = LazyClients(
@@ -131,7 +135,7 @@ class AzureMetaLlamaClient(BaseLLMClient):
 
     def _complete(self, messages: list[Message], params: SamplingParams) -> Completion:
         start = time.perf_counter()
-        with wire_clock() as sent:
+        with wire_clock() as sent, bounded(attempt_bounds(self.total_timeout, self.timeout, params.max_tokens)):
             try:
                 response = self._clients.sync.post(self.url, params=self.params, json=self._body(messages, params))
                 completion = self._parse(response)
@@ -142,12 +146,13 @@ class AzureMetaLlamaClient(BaseLLMClient):
     async def _acomplete(self, messages: list[Message], params: SamplingParams) -> Completion:
         start = time.perf_counter()
         with wire_clock() as sent:
-            try:
-                response = await self._clients.aio.post(self.url, params=self.params,
-                                                        json=self._body(messages, params))
-                completion = self._parse(response)
-            except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
-                raise transport_error(error) or error from error
+            async with abounded(attempt_bounds(self.total_timeout, self.timeout, params.max_tokens)):
+                try:
+                    response = await self._clients.aio.post(self.url, params=self.params,
+                                                            json=self._body(messages, params))
+                    completion = self._parse(response)
+                except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
+                    raise transport_error(error) or error from error
         return replace(completion, send_delay_s=send_delay(start, sent))
 
     def _body(self, messages: list[Message], params: SamplingParams) -> dict[str, Any]:
@@ -177,7 +182,7 @@ class AzureMetaLlamaClient(BaseLLMClient):
         return body
 
     def _parse(self, response: httpx2.Response) -> Completion:
-        body = response.json() if response.content else None
+        body = json_body(response)
         if response.status_code >= 400:
             raise status_error(response.status_code, response.headers, body, response.reason_phrase)
         if self.api == "aml_score":
@@ -200,17 +205,18 @@ def _aml_completion(body: Any) -> Completion:
     if isinstance(output, dict):
         output = output.get("content")
     if not isinstance(output, str):
-        raise ServerError("malformed response: no 'output' text")
+        raise ProtocolError("the server answered without 'output' text: not an Azure ML scoring answer")
     return Completion(text=output, finish_reason=None)
 
 
 def _chat_completion(body: Any) -> Completion:
     try:
         choice = body["choices"][0]
-        text = choice["message"].get("content") or ""
+        text = choice["message"].get("content")
     except (KeyError, IndexError, TypeError, AttributeError) as error:
-        raise ServerError("malformed response: no choices") from error
-    usage = body.get("usage") or {}
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    reported = Usage(prompt, completion, "server") if prompt is not None and completion is not None else Usage()
-    return Completion(text=text, finish_reason=choice.get("finish_reason"), usage=reported, model=body.get("model"))
+        raise ProtocolError("the server answered without choices: not a chat completion") from error
+    if not isinstance(text, str):  # not an empty answer: no content at all (a filtered or broken response)
+        raise ProtocolError(f"the server answered without message content (finish_reason="
+                            f"{choice.get('finish_reason')!r})")
+    return Completion(text=text, finish_reason=choice.get("finish_reason"), usage=Usage.from_server(body.get("usage")),
+                      model=body.get("model"))

@@ -14,8 +14,9 @@ from typing import Any
 import httpx2
 import openai
 
+from pikeclient.backends._bounds import abounded, attempt_bounds, bounded, check_timeouts
 from pikeclient.backends._flavours import flavour as find_flavour
-from pikeclient.backends._flavours import sampling_extras, stream_ended_early
+from pikeclient.backends._flavours import check_extra_body, sampling_extras, stream_ended_early
 from pikeclient.backends._http import (
     ASYNC_HOOKS,
     SYNC_HOOKS,
@@ -26,7 +27,14 @@ from pikeclient.backends._http import (
     wire_clock,
 )
 from pikeclient.core.client import BaseLLMClient
-from pikeclient.core.errors import ConfigError, LLMConnectionError, LLMError, LLMTimeoutError, ServerError
+from pikeclient.core.errors import (
+    ConfigError,
+    LLMConnectionError,
+    LLMError,
+    LLMTimeoutError,
+    ProtocolError,
+    ServerError,
+)
 from pikeclient.core.tokens import HFTokenizerCounter, TiktokenCounter
 from pikeclient.core.types import Completion, Message, SamplingParams, TokenSource, Usage
 
@@ -63,7 +71,9 @@ class OpenAIClient(BaseLLMClient):
         model: model name sent to the server.
         base_url: e.g. ``http://localhost:8000/v1`` for vLLM; None for api.openai.com.
         api_key_env: name of the environment variable holding the key (None: server needs no key).
-        timeout: seconds for one attempt.
+        timeout: seconds the server may stay silent (connecting, each read) in one attempt.
+        total_timeout: seconds one attempt may take in all, from its start to the answer's last byte
+            (None: ``timeout + 0.25 s x max_tokens``; see :mod:`pikeclient.backends._bounds`).
         stream: stream the answer (gives time to first token).
         max_tokens_field: ``max_tokens`` or ``max_completion_tokens`` (newer OpenAI models).
         tokenizer_model: model name tiktoken should count with, when ``model`` is an alias.
@@ -72,7 +82,8 @@ class OpenAIClient(BaseLLMClient):
         default_headers: extra HTTP headers for every request.
         flavour: the server's names for parameters the OpenAI API lacks (``openai``, ``vllm``,
             ``llamacpp``, ``ollama``; see :mod:`pikeclient.backends._flavours`).
-        extra_body: server-specific parameters added to every request body as they are.
+        extra_body: server-specific parameters added to every request body as they are; never a field
+            pikeclient sets (the model, messages, sampling, streaming: ``_flavours.SET_BY_PIKECLIENT``).
     """
 
     provider = "openai"
@@ -85,6 +96,7 @@ class OpenAIClient(BaseLLMClient):
         api_key_env: str | None = "OPENAI_API_KEY",
         organization: str | None = None,
         timeout: float = 60.0,
+        total_timeout: float | None = None,
         stream: bool = False,
         max_tokens_field: str = "max_tokens",
         tokenizer_model: str | None = None,
@@ -95,17 +107,18 @@ class OpenAIClient(BaseLLMClient):
         **common: Any,
     ) -> None:
         super().__init__(model=model, **common)
-        if timeout <= 0:
-            raise ConfigError(f"llm.timeout={timeout} must be > 0 seconds")
+        check_timeouts(timeout, total_timeout)
         if max_tokens_field not in ("max_tokens", "max_completion_tokens"):
             raise ConfigError(f"llm.max_tokens_field={max_tokens_field!r}: allowed max_tokens, max_completion_tokens")
         self.base_url = check_url(base_url, "llm.base_url") if base_url else None
         self.stream = stream
         self.timeout = timeout
+        self.total_timeout = total_timeout
         self.flavour = find_flavour(flavour)
         # A server that reads one name only gets that one (llama.cpp ignores max_completion_tokens).
         self.max_tokens_field = self.flavour.max_tokens_field or max_tokens_field
         self.extra_body = dict(extra_body or {})
+        check_extra_body(self.extra_body)
         self._counter: TiktokenCounter | HFTokenizerCounter = (
             HFTokenizerCounter(tokenizer) if tokenizer else TiktokenCounter(tokenizer_model or model))
         if self.context_window is None:
@@ -170,7 +183,7 @@ class OpenAIClient(BaseLLMClient):
 
     def _complete(self, messages: list[Message], params: SamplingParams) -> Completion:
         start = time.perf_counter()
-        with wire_clock() as sent:
+        with wire_clock() as sent, bounded(attempt_bounds(self.total_timeout, self.timeout, params.max_tokens)):
             try:
                 response = self.sdk.chat.completions.create(**self._request(messages, params))
                 completion = (_consume_stream(response, sent[0] if sent else start) if self.stream
@@ -182,12 +195,13 @@ class OpenAIClient(BaseLLMClient):
     async def _acomplete(self, messages: list[Message], params: SamplingParams) -> Completion:
         start = time.perf_counter()
         with wire_clock() as sent:
-            try:
-                response = await self.async_sdk.chat.completions.create(**self._request(messages, params))
-                completion = (await _aconsume_stream(response, sent[0] if sent else start) if self.stream
-                              else _completion(response))
-            except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
-                raise translate_error(error) from error
+            async with abounded(attempt_bounds(self.total_timeout, self.timeout, params.max_tokens)):
+                try:
+                    response = await self.async_sdk.chat.completions.create(**self._request(messages, params))
+                    completion = (await _aconsume_stream(response, sent[0] if sent else start) if self.stream
+                                  else _completion(response))
+                except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
+                    raise translate_error(error) from error
         return replace(completion, send_delay_s=send_delay(start, sent))
 
     def _request(self, messages: list[Message], params: SamplingParams) -> dict[str, Any]:
@@ -266,24 +280,21 @@ def sdk_http_client(aio: bool = False) -> Any:
 
 
 def _completion(response: Any) -> Completion:
+    if isinstance(response, str):  # the SDK hands back the text of a body that is not JSON
+        raise ProtocolError(f"the server answered HTTP 200 without JSON (an HTML page or a proxy's answer?): "
+                            f"{response[:120]!r}")
     if not getattr(response, "choices", None):
-        raise ServerError("server answered without choices")
+        raise ProtocolError("the server answered HTTP 200 without choices: not a chat completion")
     choice = response.choices[0]
     if choice.message is None or (choice.message.content is None and not choice.message.tool_calls):
         # Not an empty answer: the server sent no content at all (a filtered or broken response).
-        raise ServerError(f"server answered without message content (finish_reason={choice.finish_reason!r})")
+        raise ProtocolError(f"the server answered without message content (finish_reason={choice.finish_reason!r})")
     return Completion(
         text=choice.message.content or "",
         finish_reason=choice.finish_reason,
-        usage=_usage(response.usage),
+        usage=Usage.from_server(response.usage),
         model=response.model,
     )
-
-
-def _usage(usage: Any) -> Usage:
-    if usage is None or usage.prompt_tokens is None or usage.completion_tokens is None:
-        return Usage()
-    return Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, source="server")
 
 
 class _StreamState:
@@ -309,7 +320,7 @@ class _StreamState:
         self.chunks += 1
         self.model = chunk.model or self.model
         if chunk.usage is not None:
-            self.usage = _usage(chunk.usage)
+            self.usage = Usage.from_server(chunk.usage)
         for choice in chunk.choices or ():
             content = choice.delta.content if choice.delta else None
             if content:

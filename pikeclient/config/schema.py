@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pikeclient.config.checks import check_cache_path, check_finite, check_numbers, check_pricing
 from pikeclient.core.errors import ConfigError
 from pikeclient.core.ratelimit import RateLimiter
 from pikeclient.core.retry import RetryPolicy
@@ -32,6 +33,7 @@ class SamplingConfig:
     seed: Optional[int] = None
     top_k: Optional[int] = None
     repetition_penalty: Optional[float] = None
+    min_tokens: Optional[int] = None  # where the server reads it (llm.flavour vllm, llamacpp; local models)
 
 
 @dataclass
@@ -84,12 +86,6 @@ class TrackingConfig:
 
 
 @dataclass
-class ModelPrice:
-    input: float = MISSING
-    output: float = MISSING
-
-
-@dataclass
 class EndpointPrice:
     """A price for one endpoint (a self-hosted server billed by the token, say), matched by URL prefix."""
 
@@ -101,8 +97,12 @@ class EndpointPrice:
 @dataclass
 class PricingConfig:
     currency: str = "USD"
-    models: Dict[str, ModelPrice] = field(default_factory=dict)
-    deployments: Dict[str, str] = field(default_factory=dict)
+    # {model: {input, output}}; checked by pikeclient.config.checks.check_pricing. Not Dict[str, ModelPrice]:
+    # OmegaConf then refuses `+pricing.models.mine={input: 1, output: 2}` ("Error merging override").
+    models: Dict[str, Any] = field(default_factory=dict)
+    # {deployment: model}; null, not {}: Hydra's struct mode lets `pricing.deployments={prod: gpt-4o}`
+    # replace a null but not add keys to an empty mapping; Any: OmegaConf crashes merging into a typed null.
+    deployments: Any = None
     endpoints: List[EndpointPrice] = field(default_factory=list)
 
 
@@ -199,11 +199,17 @@ def validate(cfg: DictConfig) -> None:
 
     The load strategy and limits check their own values when they are built (``pikeclient.run.settings``)."""
     check_known_keys(cfg)
+    check_numbers(cfg)
     sampling_params(cfg)
     retry_policy(cfg)
     rate_limiter(cfg)
     if cfg.cache.mode not in ("off", "use", "refresh"):
         raise ConfigError(f"cache.mode={cfg.cache.mode!r}: allowed off, use, refresh")
+    if cfg.cache.mode != "off":
+        check_cache_path(cfg.cache.path)
+    check_pricing(cfg.pricing)
+    for name in ("input_tokens_std", "output_tokens_std"):
+        check_finite(f"dataset.{name}", cfg.dataset[name])
     experiment = cfg.experiment
     if experiment.concurrency is not None and experiment.concurrency < 1:
         raise ConfigError(f"experiment.concurrency={experiment.concurrency} is out of range: allowed >= 1")

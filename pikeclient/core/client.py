@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, ClassVar
 
 from pikeclient.core.errors import ConfigError, ContextWindowError
 from pikeclient.core.ratelimit import RateLimiter
 from pikeclient.core.retry import RetryOutcome, RetryPolicy
 from pikeclient.core.types import ChatResult, Completion, Message, SamplingParams, TokenSource, Usage, user_message
+
+log = logging.getLogger(__name__)
 
 
 class BaseLLMClient(abc.ABC):
@@ -48,6 +52,7 @@ class BaseLLMClient(abc.ABC):
         self.retry = retry if isinstance(retry, RetryPolicy) else RetryPolicy(**dict(retry or {}))
         self.rate_limit = rate_limit if isinstance(rate_limit, RateLimiter) else RateLimiter(**dict(rate_limit or {}))
         self.context_window = context_window
+        self._warned_usage = False  # a server's refused usage is said once per client, then only in records
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -197,10 +202,20 @@ class BaseLLMClient(abc.ABC):
         )
 
     def _usage(self, messages: list[Message], completion: Completion) -> Usage:
-        """The server's usage when complete, otherwise this client's own count, labelled by its source."""
+        """The server's usage when complete and sane, otherwise this client's own count, labelled by its
+        source; a server's usage that was refused stays named in ``server_error``."""
         usage = completion.usage
         if _reported(usage):
             return usage
+        if usage.server_error is not None and not self._warned_usage:
+            self._warned_usage = True
+            log.warning("%s: the server's %s; such usage is never summed (records: usage.server_error), the "
+                        "counts are %s", self.model, usage.server_error,
+                        "none" if self.count_source == "none" else f"the client's own ({self.count_source})")
+        own = self._own_count(messages, completion)
+        return replace(own, server_error=usage.server_error) if usage.server_error else own
+
+    def _own_count(self, messages: list[Message], completion: Completion) -> Usage:
         source = self.count_source
         if source == "none":
             return Usage(source="none")

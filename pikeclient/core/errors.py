@@ -58,6 +58,17 @@ class ContextWindowError(BadRequestError):
     kind = "context_window"
 
 
+class ProtocolError(LLMError):
+    """The endpoint answered, but not in the chat protocol: HTTP 200 with an HTML page (a proxy's login or
+    error page), JSON without ``choices`` or content, a body far larger than ``max_tokens`` allows.
+
+    Retried once (a gateway's blip), not like a server error: an endpoint that answers this way usually
+    does so every time, and each retry is one more request it bills or logs.
+    """
+
+    kind = "protocol"
+
+
 class InterruptedStreamError(LLMError):
     """The server ended a stream cleanly but before the answer's end (llama.cpp's interrupt_requests).
 

@@ -20,7 +20,14 @@ from typing import Generic, TypeVar
 
 import tenacity
 
-from pikeclient.core.errors import LLMConnectionError, LLMError, LLMTimeoutError, RateLimitError, ServerError
+from pikeclient.core.errors import (
+    LLMConnectionError,
+    LLMError,
+    LLMTimeoutError,
+    ProtocolError,
+    RateLimitError,
+    ServerError,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,8 +69,13 @@ def _finite_seconds(value: str | None, scale: float) -> float | None:
     return number
 
 
-def should_retry(error: BaseException) -> bool:
-    """Transient failures are retried; a bad request or bad credentials never are."""
+def should_retry(error: BaseException, protocol_failures: int = 1) -> bool:
+    """Transient failures are retried; a bad request or bad credentials never are.
+
+    ``protocol_failures``: how many attempts of this call failed with a :class:`ProtocolError` so far.
+    """
+    if isinstance(error, ProtocolError):  # a 200 that is no answer (an HTML page, no choices): once only
+        return protocol_failures <= 1
     if isinstance(error, RateLimitError):  # 429: quota, comes back after a wait
         return True
     if isinstance(error, LLMTimeoutError):  # 408 or our own per-attempt timeout
@@ -94,15 +106,16 @@ class RetryPolicy:
     deadline: float | None = None
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
+        # Written as "not allowed" so that NaN, which compares false with everything, is refused too.
+        if not self.max_attempts >= 1:
             raise ValueError(f"max_attempts={self.max_attempts} is out of range: allowed >= 1")
         for name in ("initial_delay", "max_delay", "max_retry_after"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}={getattr(self, name)} is out of range: allowed >= 0")
-        if self.multiplier < 1:
+        if not self.multiplier >= 1:
             raise ValueError(f"multiplier={self.multiplier} is out of range: allowed >= 1")
-        if self.deadline is not None and self.deadline <= 0:
-            raise ValueError(f"deadline={self.deadline} is out of range: allowed > 0")
+        if self.deadline is not None and not 0 < self.deadline < math.inf:
+            raise ValueError(f"deadline={self.deadline} is out of range: allowed > 0 seconds, finite (null: none)")
 
     def wait_seconds(self, attempt: int, error: BaseException | None) -> float:
         """Delay before the attempt after ``attempt`` (1-based)."""
@@ -133,7 +146,7 @@ class RetryPolicy:
         except TimeoutError as error:
             if not deadline.expired():
                 raise
-            timeout = LLMTimeoutError(f"call deadline of {self.deadline:g} s passed")
+            timeout = LLMTimeoutError(f"no answer within retry.deadline={self.deadline:g} s (every attempt and wait)")
             tracker.stamp(timeout)
             raise timeout from error
         return tracker.outcome(value)
@@ -151,7 +164,7 @@ class RetryPolicy:
             "stop": lambda state: self._stop(state.attempt_number, tracker.elapsed() + state.upcoming_sleep,
                                              state.outcome.exception()),
             "wait": lambda state: self.wait_seconds(state.attempt_number, state.outcome.exception()),
-            "retry": tenacity.retry_if_exception(should_retry),
+            "retry": tenacity.retry_if_exception(lambda error: should_retry(error, tracker.protocol_failures)),
             "before_sleep": _log_retry,
             "retry_error_callback": tracker.give_up,
         }
@@ -187,6 +200,7 @@ class _Tracker:
         self.start = time.monotonic()
         self.attempts = 0
         self.backoff_s = 0.0
+        self.protocol_failures = 0
         self.first_failure: Exception | None = None
 
     def elapsed(self) -> float:
@@ -204,7 +218,7 @@ class _Tracker:
             try:
                 return fn()
             except LLMError as error:
-                self.stamp(error)
+                self.failed(error)
                 raise
 
         return attempt
@@ -216,7 +230,7 @@ class _Tracker:
             try:
                 return await fn()
             except LLMError as error:
-                self.stamp(error)
+                self.failed(error)
                 raise
 
         return attempt
@@ -228,6 +242,10 @@ class _Tracker:
     async def asleep(self, seconds: float) -> None:
         self.backoff_s += seconds
         await asyncio.sleep(seconds)
+
+    def failed(self, error: LLMError) -> None:
+        self.protocol_failures += isinstance(error, ProtocolError)
+        self.stamp(error)
 
     def stamp(self, error: LLMError) -> None:
         error.attempts = self.attempts

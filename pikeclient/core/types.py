@@ -15,6 +15,10 @@ Message = Mapping[str, str]
 TokenSource = Literal["server", "tokenizer", "estimate", "none"]
 TOKEN_SOURCES: tuple[TokenSource, ...] = ("server", "tokenizer", "estimate", "none")
 
+# One call's token count above this is no count: 10x the largest context window on offer (10M tokens).
+# A server that says 10**15 would otherwise make a cost of billions.
+MAX_CALL_TOKENS = 100_000_000
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -22,12 +26,15 @@ class Usage:
 
     ``source`` says where the numbers came from: ``"server"`` (the endpoint's usage report),
     ``"tokenizer"`` (counted exactly with the model's own tokenizer), ``"estimate"`` (counted with an
-    encoding made for another model: close, not exact) or ``"none"`` (not counted).
+    encoding made for another model: close, not exact) or ``"none"`` (not counted). ``server_error``
+    says what the server reported instead of sane counts (negative, absurd, not integers): such a
+    report is never used, and the counts are the client's own or none.
     """
 
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     source: TokenSource = "none"
+    server_error: str | None = None
 
     @property
     def total_tokens(self) -> int | None:
@@ -37,7 +44,47 @@ class Usage:
 
     def to_dict(self) -> dict[str, Any]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "source": self.source, "total_tokens": self.total_tokens}
+                "source": self.source, "total_tokens": self.total_tokens, "server_error": self.server_error}
+
+    @classmethod
+    def from_server(cls, report: Any) -> Usage:
+        """A server's usage report (a mapping, or an object with the OpenAI fields), checked.
+
+        No report, or one without both counts: not reported. Counts that are not non-negative integers
+        up to :data:`MAX_CALL_TOKENS` (a string of digits counts as its number, as the openai SDK reads it)
+        are refused: no counts, and ``server_error`` quotes what came.
+        """
+        if report is None:
+            return cls()
+        if isinstance(report, Mapping):
+            prompt, completion = report.get("prompt_tokens"), report.get("completion_tokens")
+        elif hasattr(report, "prompt_tokens") or hasattr(report, "completion_tokens"):
+            prompt, completion = getattr(report, "prompt_tokens", None), getattr(report, "completion_tokens", None)
+        else:
+            return cls(server_error=f"usage is not an object: {_quote(report)}")
+        if prompt is None or completion is None:
+            return cls()
+        counts = {"prompt_tokens": _digits(prompt), "completion_tokens": _digits(completion)}
+        bad = [f"{name}={_quote(raw)}" for (name, value), raw in zip(counts.items(), (prompt, completion))
+               if not is_token_count(value)]
+        if bad:
+            return cls(server_error=f"usage is not a token count: {', '.join(bad)}")
+        return cls(counts["prompt_tokens"], counts["completion_tokens"], "server")
+
+
+def is_token_count(value: Any) -> bool:
+    """A count one call can have: an integer (not a bool, not a float) in [0, MAX_CALL_TOKENS]."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_CALL_TOKENS
+
+
+def _digits(value: Any) -> Any:
+    """``"150"`` is read as 150, as the openai SDK reads it before pikeclient sees it; anything else as is."""
+    return int(value) if isinstance(value, str) and value.isascii() and value.isdigit() else value
+
+
+def _quote(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)

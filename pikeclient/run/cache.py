@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pikeclient.core.errors import ConfigError
 from pikeclient.core.types import ChatResult, Message, SamplingParams, Usage
 
 MODES = ("off", "use", "refresh")
@@ -46,12 +47,15 @@ class ResponseCache:
         self.mode = mode
         self.db: sqlite3.Connection | None = None
         if mode != "off":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            # Sweep jobs may share the file: wait for a lock rather than fail.
-            self.db = sqlite3.connect(str(path), timeout=60, isolation_level=None)
-            self.db.execute("pragma journal_mode=wal")
-            self.db.execute("pragma synchronous=normal")  # durable across a process crash, cheap commits
-            self.db.execute("create table if not exists answers (key text primary key, result text not null)")
+            try:  # the config's checks (pikeclient.config.checks.check_cache_path) catch the usual cases first
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                # Sweep jobs may share the file: wait for a lock rather than fail.
+                self.db = sqlite3.connect(str(path), timeout=60, isolation_level=None)
+                self.db.execute("pragma journal_mode=wal")
+                self.db.execute("pragma synchronous=normal")  # durable across a process crash, cheap commits
+                self.db.execute("create table if not exists answers (key text primary key, result text not null)")
+            except (OSError, sqlite3.Error) as error:
+                raise ConfigError(f"cache.path={str(path)!r}: cannot use it as the response cache ({error})") from None
 
     def get(self, key: str) -> ChatResult | None:
         if self.db is None or self.mode != "use":

@@ -2,7 +2,8 @@
 
 It answers deterministically (an echo of the last user message, cut at ``max_tokens`` words and at
 stop strings), streams SSE with a usage chunk, and injects faults on request: 429 with Retry-After,
-500/503, dropped connections, hangs, malformed JSON and streams cut in the middle. Tests, ``bench/``
+500/503, dropped connections, hangs, malformed JSON, streams cut in the middle, answers that never
+end, and (``usage=``) usage figures that are not counts. Tests, ``bench/``
 and users (an offline dry run of ``run.py``) start it the same way::
 
     python -m pikeclient.testing.server --port 8000 --latency 0.1
@@ -37,9 +38,11 @@ def free_port() -> int:
 
 # interrupt: a stream ended cleanly ([DONE]) halfway, with no finish reason (llama.cpp's interrupt_requests);
 # empty_stream: HTTP 200 and an event stream with nothing but [DONE] (llama.cpp on a context overflow);
-# html, empty_choices, null_content: answers with status 200 that carry no answer.
+# html, empty_choices, null_content: answers with status 200 that carry no answer;
+# endless: HTTP 200 and an answer that never ends (streamed: a text chunk every FaultPlan.endless_s, forever;
+# not streamed: a JSON body that keeps growing), until the client goes away.
 FAULTS = ("400", "404", "429", "500", "503", "drop", "hang", "malformed", "cut_stream", "interrupt", "empty_stream",
-          "html", "empty_choices", "null_content")
+          "html", "empty_choices", "null_content", "endless")
 
 
 @dataclass
@@ -50,6 +53,8 @@ class FaultPlan:
     retry_after: float | None = 1.0
     retry_after_header: str = "retry-after"
     hang_s: float = 30.0
+    endless_s: float = 0.01  # the gap between an endless answer's pieces (0: as fast as the client reads)
+    endless_piece: str = " more"  # what each piece of an endless answer adds
     script: list[str] = field(default_factory=list)
     seed: int = 0
 
@@ -103,6 +108,7 @@ class FakeLLMServer:
         echo_key: bool = False,
         capacity: int | None = None,
         keep_timings: bool = False,
+        usage: Any = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -117,6 +123,7 @@ class FakeLLMServer:
         self.filter_chunk = filter_chunk
         self.echo_key = echo_key  # a 401 body that repeats the credential it got, as some servers do
         self.capacity = capacity  # requests served at once (None: unlimited): a server that saturates
+        self.usage = usage  # not None: reported instead of the true usage (negative, absurd, strings...)
         # keep_timings=True: the server's own clock readings for every stream, served at GET /_timings
         # (the truth a client's TTFT and ITL are compared with in bench/bench_streaming.py)
         self.keep_timings = keep_timings
@@ -228,6 +235,8 @@ class FakeLLMServer:
             return await self._send_error(writer, status, presented if self.echo_key else None)
         if fault == "malformed":
             return await self._send_raw(writer, 200, b'{"id": "x", "choices": [', "application/json")
+        if fault == "endless":
+            return await self._send_endless(writer, route, bool(payload.get("stream")))
         if fault == "html":  # a proxy's login or error page, served with 200
             return await self._send_raw(writer, 200, b"<html><body>Sign in</body></html>", "text/html")
         if fault in ("empty_choices", "null_content"):
@@ -248,6 +257,8 @@ class FakeLLMServer:
         body = answer.completion()
         if not self.report_usage:
             body.pop("usage")
+        elif self.usage is not None:
+            body["usage"] = self.usage
         return await self._send_json(writer, 200, body)
 
     def _status_for(self, route: str, query: str, headers: dict[str, str], fault: str | None) -> int:
@@ -302,6 +313,8 @@ class FakeLLMServer:
         head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
         writer.write(head.encode())
         chunks = list(answer.stream_chunks(include_usage))
+        if include_usage and self.usage is not None:
+            chunks[-1]["usage"] = self.usage
         if self.filter_chunk:
             chunks.insert(0, {"id": "", "object": "", "created": 0, "model": "", "choices": [],
                               "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]})
@@ -324,6 +337,30 @@ class FakeLLMServer:
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         return True
+
+
+    async def _send_endless(self, writer: asyncio.StreamWriter, route: str, stream: bool) -> bool:
+        """An answer that never ends, sent until the client goes away (its write then fails)."""
+        ctype = "text/event-stream" if stream else "application/json"
+        writer.write(f"HTTP/1.1 200 OK\r\ncontent-type: {ctype}\r\ntransfer-encoding: chunked\r\n\r\n".encode())
+        head = {"id": "chatcmpl-endless", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": "fake-model"}
+        if stream:
+            role = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+            _write_chunk(writer, f"data: {json.dumps(role)}\n\n".encode())
+        else:  # the opening of a JSON answer whose text never closes
+            opening = '{"output": "' if route == "aml_score" else (
+                '{"id": "chatcmpl-endless", "object": "chat.completion", "model": "fake-model", '
+                '"choices": [{"index": 0, "message": {"role": "assistant", "content": "')
+            _write_chunk(writer, opening.encode())
+        piece = self.faults.endless_piece
+        data = (f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': {'content': piece}}]})}\n\n"
+                if stream else piece).encode()
+        while not writer.is_closing():
+            _write_chunk(writer, data)
+            await writer.drain()
+            await asyncio.sleep(self.faults.endless_s)
+        return False
 
 
 @dataclass
@@ -469,14 +506,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--capacity", type=int, default=None, help="requests served at once; the rest queue")
     parser.add_argument("--no-log", action="store_true", help="keep no request log (long benchmarks)")
     parser.add_argument("--timings", action="store_true", help="keep each stream's send times, at GET /_timings")
+    parser.add_argument("--usage", type=json.loads, default=None,
+                        help='report this JSON as usage, e.g. \'{"prompt_tokens": -150, "completion_tokens": "21"}\'')
+    parser.add_argument("--endless-s", type=float, default=0.01, help="gap between an endless answer's pieces")
     for name in FAULTS:
         parser.add_argument(f"--rate-{name.replace('_', '-')}", type=float, default=0.0, dest=f"rate_{name}")
     args = parser.parse_args(argv)
     rates = {name: getattr(args, f"rate_{name}") for name in FAULTS if getattr(args, f"rate_{name}")}
     server = FakeLLMServer(host=args.host, port=args.port, latency=args.latency, api_key=args.api_key,
-                           faults=FaultPlan(rates=rates), keep_log=not args.no_log, token_delay=args.token_delay,
+                           faults=FaultPlan(rates=rates, endless_s=args.endless_s), keep_log=not args.no_log,
+                           token_delay=args.token_delay,
                            report_usage=not args.no_usage, capacity=args.capacity,
-                           keep_timings=args.timings)
+                           keep_timings=args.timings, usage=args.usage)
     try:
         asyncio.run(server.serve_forever())
     except KeyboardInterrupt:

@@ -3,7 +3,7 @@
 import pytest
 
 from pikeclient.backends.openai import OpenAIClient
-from pikeclient.core.errors import ConfigError, ContextWindowError, InterruptedStreamError
+from pikeclient.core.errors import ConfigError, ContextWindowError, InterruptedStreamError, ProtocolError
 from pikeclient.testing.server import FaultPlan
 
 HI = [{"role": "user", "content": "a b c d e f g h"}]
@@ -37,10 +37,24 @@ def test_llamacpp_flavour_renames_and_neutralises_server_defaults(open_server):
     assert body["repeat_penalty"] == 1.3 and "repetition_penalty" not in body
 
 
-def test_extra_body_reaches_the_server_and_wins(open_server):
-    client(open_server, flavour="llamacpp", extra_body={"mirostat_mode": 2, "top_k": 9}).chat(HI)
+def test_extra_body_reaches_the_server_and_wins_over_a_neutral_value(open_server):
+    client(open_server, flavour="llamacpp", extra_body={"mirostat_mode": 2, "min_p": 0.1}).chat(HI)
     body = open_server.log[-1].body
-    assert (body["mirostat_mode"], body["top_k"]) == (2, 9)
+    assert (body["mirostat_mode"], body["min_p"], body["top_k"]) == (2, 0.1, 0)
+
+
+@pytest.mark.parametrize(("key", "instead"), [
+    ("model", "llm.model"), ("messages", "the dataset"), ("temperature", "sampling.temperature"),
+    ("max_tokens", "sampling.max_tokens"), ("max_completion_tokens", "sampling.max_tokens"),
+    ("top_p", "sampling.top_p"), ("stop", "sampling.stop"), ("seed", "sampling.seed"), ("top_k", "sampling.top_k"),
+    ("repetition_penalty", "sampling.repetition_penalty"), ("repeat_penalty", "sampling.repetition_penalty"),
+    ("min_tokens", "sampling.min_tokens"), ("stream", "llm.stream"), ("stream_options", "llm.stream"),
+    ("n", "experiment.repeats"),
+])
+def test_extra_body_may_not_shadow_a_field_pikeclient_sets(key, instead, open_server):
+    with pytest.raises(ConfigError, match=rf"llm.extra_body.{key}: pikeclient sets this field itself; use {instead}"):
+        client(open_server, extra_body={key: 1})
+    assert open_server.log == []
 
 
 def test_unknown_flavour_is_a_config_error():
@@ -67,6 +81,10 @@ def test_dropped_stream_is_still_a_retried_connection_error(open_server):
     assert client(open_server, stream=True).chat(HI).attempts == 2
 
 
-def test_json_where_a_stream_was_expected_is_a_retried_server_error(open_server):
+def test_json_where_a_stream_was_expected_is_a_protocol_error_retried_once(open_server):
     open_server.faults = FaultPlan(script=["malformed"])
     assert client(open_server, stream=True).chat(HI).attempts == 2
+    open_server.faults = FaultPlan(rates={"malformed": 1.0})
+    with pytest.raises(ProtocolError, match="application/json where an event stream was expected") as caught:
+        client(open_server, stream=True).chat(HI)
+    assert caught.value.attempts == 2

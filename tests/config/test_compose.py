@@ -41,3 +41,17 @@ def test_readme_python_snippet_runs_offline_against_the_loopback_server(tmp_path
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "You said: Say hi" in done.stdout
+
+
+@pytest.mark.parametrize("override", ["llm.extra_body={min_p: 0.1}", "++llm.extra_body.min_p=0.1",
+                                      "+llm.extra_body.min_p=0.1"])
+@pytest.mark.parametrize("llm", ["openai", "azure_openai"])
+def test_extra_body_is_set_as_readme_writes_it(llm, override):
+    # `llm.extra_body={...}` failed with "Key 'min_p' is not in struct" while the default was {}.
+    assert compose([f"llm={llm}", override]).llm.extra_body == {"min_p": 0.1}
+
+
+def test_prices_and_deployments_are_added_from_the_command_line():
+    cfg = compose(["pricing.deployments={prod-chat: gpt-4o}", "+pricing.models.mine={input: 0.1, output: 0.4}"])
+    assert cfg.pricing.deployments == {"prod-chat": "gpt-4o"}
+    assert cfg.pricing.models.mine == {"input": 0.1, "output": 0.4}

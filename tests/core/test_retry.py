@@ -4,7 +4,14 @@ import time
 
 import pytest
 
-from pikeclient.core.errors import AuthError, BadRequestError, LLMConnectionError, RateLimitError, ServerError
+from pikeclient.core.errors import (
+    AuthError,
+    BadRequestError,
+    LLMConnectionError,
+    ProtocolError,
+    RateLimitError,
+    ServerError,
+)
 from pikeclient.core.retry import RetryPolicy, parse_retry_after, should_retry
 
 
@@ -44,10 +51,36 @@ def test_parse_retry_after_http_date():
         (AuthError("x", status=401), False),
         (BadRequestError("x", status=400), False),
         (ValueError("not ours"), False),
+        (ProtocolError("HTTP 200 with text/html"), True),
     ],
 )
 def test_should_retry(error, retry):
     assert should_retry(error) is retry
+
+
+def test_a_protocol_error_is_retried_once_per_call_whatever_failed_before():
+    policy = RetryPolicy(max_attempts=6, initial_delay=0.001)
+    with pytest.raises(ProtocolError) as caught:
+        policy.call(failing([ProtocolError("html"), ProtocolError("html"), ProtocolError("html")]))
+    assert caught.value.attempts == 2
+    # A server error first does not use up the protocol error's one retry.
+    outcome = policy.call(failing([ServerError("a", status=500), ProtocolError("html"), ServerError("b", status=503)]))
+    assert (outcome.value, outcome.attempts) == ("ok", 4)
+    with pytest.raises(ProtocolError) as caught:
+        policy.call(failing([ProtocolError("html"), ServerError("a", status=500), ProtocolError("no choices")]))
+    assert caught.value.attempts == 3
+
+    async def main():
+        pending = [ProtocolError("html")] * 3
+
+        async def call():
+            raise pending.pop()
+
+        await policy.acall(call)
+
+    with pytest.raises(ProtocolError) as caught:
+        asyncio.run(main())
+    assert caught.value.attempts == 2
 
 
 def failing(errors):
@@ -178,7 +211,9 @@ def test_async_non_retryable_and_give_up_count_attempts():
     assert asyncio.run(attempts_of(policy, [ServerError(str(i), status=500) for i in range(3)])) == (ServerError, 3)
 
 
-@pytest.mark.parametrize("bad", [{"max_attempts": 0}, {"initial_delay": -1}, {"multiplier": 0.5}, {"deadline": 0}])
+@pytest.mark.parametrize("bad", [{"max_attempts": 0}, {"initial_delay": -1}, {"multiplier": 0.5}, {"deadline": 0},
+                                 {"initial_delay": float("nan")}, {"max_delay": float("nan")},
+                                 {"multiplier": float("nan")}, {"deadline": float("nan")}, {"deadline": float("inf")}])
 def test_bad_policy_values(bad):
     with pytest.raises(ValueError, match="out of range"):
         RetryPolicy(**bad)

@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import subprocess
@@ -302,21 +303,46 @@ def test_sweep_parent_is_found_through_the_server(mlflow_server, llm_server, exp
 class RayNode:
     address: str
     node_dir: Path  # the node's working directory, where its jobs run
+    driver_env: dict[str, str]  # what the launching process needs to join it (the token, in token mode)
+    log: Path
 
 
-@pytest.fixture(scope="session")
-def ray_head(tmp_path_factory) -> Iterator[RayNode]:
-    """A Ray head node on loopback (its own process group, stopped here), started in its own folder."""
+# Ray keeps the node on loopback only when it believes it is a one-machine cluster: otherwise a driver
+# given 127.0.0.1 connects to the host's interface address instead (ray._private.services.
+# resolve_ip_for_localhost). The variable is Ray's own switch for that (named after macOS and Windows).
+ONE_MACHINE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.fixture(scope="session", params=["token", "no_token"])
+def ray_head(request, tmp_path_factory) -> Iterator[RayNode]:
+    """A Ray head node on loopback (its own process group, stopped here), started in its own folder.
+
+    Ray 2.5x turns token authentication on for a head whose user has ``~/.ray/auth_token`` (written by
+    the first local ``ray.init()``); a driver that joins it by address must then say so. Both kinds of
+    cluster are started here, each with a private HOME and temp folder: nothing earlier runs left in
+    ``~/.ray`` or ``/tmp/ray`` is read.
+    """
     ray = Path(sys.executable).with_name("ray")
     if not ray.exists():
         pytest.skip("Ray is not installed: pip install -e '.[team]'")
     pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="pip install -e '.[team]'")
     port = free_port()
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    head_home, driver_home = temp / "head-home", temp / "driver-home"
+    driver_home.mkdir(parents=True)
+    driver_env = {**ONE_MACHINE, "HOME": str(driver_home), "RAY_TMPDIR": str(temp)}
+    if request.param == "token":  # as on a machine where Ray ran before; the driver joins as README says
+        token = head_home / ".ray" / "auth_token"
+        token.parent.mkdir(parents=True)
+        token.write_text(secrets.token_hex(32))
+        driver_env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    else:
+        head_home.mkdir()
     log = temp / "head.log"
     # A cluster node carries the team's environment (here the loopback server's key); jobs get nothing else.
-    env = {**os.environ, **ENV, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = {**os.environ, **ENV, **ONE_MACHINE, "HOME": str(head_home), "RAY_TMPDIR": str(temp)}
+    for name in ("MLFLOW_TRACKING_URI", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        env.pop(name, None)
     command = [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
                f"--ray-client-server-port={free_port()}", f"--dashboard-port={free_port()}",
@@ -331,17 +357,22 @@ def ray_head(tmp_path_factory) -> Iterator[RayNode]:
             return "Ray runtime started" in log.read_text()
 
         wait_for(started, 180, "the Ray head node")
-        yield RayNode(f"127.0.0.1:{port}", node_dir)
+        yield RayNode(f"127.0.0.1:{port}", node_dir, driver_env, log)
     finally:
         stop_group(process, grace=20)
         shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_sweep_is_one_parent_with_all_children(mlflow_server, llm_server, ray_head, experiment, tmp_path):
+    token_auth = "RAY_AUTH_MODE" in ray_head.driver_env
+    assert ("Token authentication is enabled" in ray_head.log.read_text()) == token_auth
     proc = run_py("-m", "hydra/launcher=ray", f"hydra.launcher.ray.init.address={ray_head.address}",
                   "+hydra.launcher.ray.init.object_store_memory=null", "sampling.temperature=0,0.3,0.6,0.9",
-                  *job_args(llm_server, mlflow_server, experiment), cwd=tmp_path, env=ENV, timeout=400)
+                  *job_args(llm_server, mlflow_server, experiment), cwd=tmp_path, env={**ENV, **ray_head.driver_env},
+                  timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # The launching process joined the head on loopback, not through the host's interface address.
+    assert f"Connecting to existing Ray cluster at address: {ray_head.address}" in proc.stderr, proc.stderr[-4000:]
     children, parents = runs_of(mlflow_server, experiment)
     assert len(parents) == 1
     assert_one_parent_per_sweep(children, parents, 4)
