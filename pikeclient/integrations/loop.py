@@ -10,11 +10,13 @@ a local model batches the calls that wait together, and a caller's own loop is n
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -53,8 +55,8 @@ class LoopThread:
         if last is not None:
             try:
                 asyncio.run_coroutine_threadsafe(_awaited(last), loop).result(timeout=30)
-            except Exception:  # noqa: BLE001 - releasing connections must not stop the shutdown
-                pass
+            except Exception as error:  # noqa: BLE001 - releasing connections must not stop the shutdown
+                log.warning("releasing the client's connections failed: %s", error)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=30)
         if not thread.is_alive():

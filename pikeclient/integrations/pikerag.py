@@ -38,11 +38,16 @@ from typing import Any
 
 from pikeclient.config.factory import build_client
 from pikeclient.core.client import BaseLLMClient
-from pikeclient.core.errors import LLMError
+from pikeclient.core.errors import ConfigError, LLMError
 from pikeclient.core.types import ChatResult, Message
 from pikeclient.integrations.loop import LoopThread
-from pikeclient.integrations.pikerag_config import (check_args, default_output_dir, log_dir_of, pikerag_config,
-                                                    sampling_from_llm_config)
+from pikeclient.integrations.pikerag_config import (
+    check_args,
+    default_output_dir,
+    log_dir_of,
+    pikerag_config,
+    sampling_from_llm_config,
+)
 from pikeclient.integrations.recorder import CallRecorder, exit_status
 from pikeclient.run.cache import IDENTITY_FIELDS
 from pikeclient.run.cost import find_price
@@ -100,7 +105,7 @@ class PikeClientLLM(PikeRagClient):
         settings = RunSettings.from_config(cfg)
         client = build_client(settings.config.llm, **settings.client_arguments())
         try:
-            client.sampling.merged(self._default_sampling)  # a range error fails here, not in every call
+            _check_sampling(client, self._default_sampling)
             client.prepare()
             recorder = _recorder(settings, client, llm_config, logger, output_dir)
         except BaseException:
@@ -281,6 +286,14 @@ class _Session:
     def at_exit(self) -> None:
         self.status = self.status or exit_status()
         self.close()
+
+
+def _check_sampling(client: BaseLLMClient, sampling: Mapping[str, Any]) -> None:
+    """A value out of range fails when the client is built, not in every call."""
+    try:
+        client.sampling.merged(sampling)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"llm_config.{error}") from None
 
 
 def _recorder(settings: RunSettings, client: BaseLLMClient, llm_config: Mapping[str, Any], logger: Any,

@@ -114,7 +114,7 @@ def _overridden(overrides: Sequence[str], key: str) -> bool:
     """Whether an override sets ``key`` or something under it (``llm.model=x``, ``+llm.x=1``, ``~llm.x``)."""
     for override in overrides:
         name = override.lstrip("+~").split("=", 1)[0].strip()
-        if name == key or name.startswith(key + ".") or name.startswith(key + "@"):
+        if name == key or name.startswith((key + ".", key + "@")):
             return True
     return False
 
@@ -126,7 +126,7 @@ def check_args(unknown: Mapping[str, Any], on_error: str) -> None:
             raise ConfigError(f"args.{name}: pikeclient retries, with the server's Retry-After; set {setting} in "
                               "args.overrides (or choose retry=patient)")
     if unknown:
-        raise ConfigError(f"args.{sorted(unknown)[0]}: unknown argument of PikeClientLLM (allowed: llm, overrides, "
+        raise ConfigError(f"args.{min(unknown)}: unknown argument of PikeClientLLM (allowed: llm, overrides, "
                           "tracking, output_dir, on_error, max_attempt)")
     if on_error not in ON_ERROR:
         raise ConfigError(f"args.on_error={on_error!r}: allowed {', '.join(ON_ERROR)}")

@@ -57,11 +57,12 @@ class CallRecorder:
         self._next_index = 0
         self._sink: IO[str] | None = None
         self._last_end = 0.0
+        self._run_id: str | None = None  # kept once the tracking process is gone
 
     @property
     def run_id(self) -> str | None:
         """The MLflow run's id, once the first record made it (None without tracking)."""
-        return self.tracking.run_id if self.tracking is not None else None
+        return self.tracking.run_id if self.tracking is not None else self._run_id
 
     def start(self, messages: Sequence[Message], **fields: Any) -> dict[str, Any]:
         """A new call's record, stamped now: ``index`` (calls in order of start), ``id`` (the same for
@@ -93,14 +94,16 @@ class CallRecorder:
             self._last_end = max(self._last_end, record.get("end_time") or record["start_time"])
             if self.tracking is None:
                 return
-            if first:
-                self.tracking.begin(record["start_time"])
             self._write(record)
             try:
+                if first:
+                    self.tracking.begin(record["start_time"])
                 self.tracking.add(record, prompt_item(messages))
-            except PikeError as error:  # the tracking process died: the calls go on, untracked
+            except PikeError as error:  # the tracking process died: its run is FAILED, the calls go on
                 log.error("MLflow tracking stopped (%s); the calls go on without it", error)
-                self.tracking = None
+                lost, self.tracking = self.tracking, None
+                self._run_id = lost.run_id
+                lost.end("FAILED")
 
     def close(self, status: str | None = None) -> str:
         """End the run: FINISHED, or FAILED when too many calls failed; ``status`` (KILLED, FAILED)
@@ -133,6 +136,7 @@ class CallRecorder:
         except PikeError as error:
             log.error("could not end the MLflow run %s: %s", tracking.run_id, error)
             tracking.end("FAILED")
+        self._run_id = tracking.run_id
 
     def _write(self, record: dict[str, Any] | None) -> None:
         if self._sink is None:
