@@ -36,7 +36,12 @@ class LoopThread:
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """The coroutine's result (or its exception), run on the loop."""
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self._running_loop())
+        try:
+            loop = self._running_loop()
+        except RuntimeError:
+            coroutine.close()  # never to run: no "never awaited" warning on top of the error
+            raise
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, loop)
         try:
             return future.result()
         except BaseException:

@@ -25,6 +25,7 @@ never cached; ``on_error: raise`` raises it instead.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import inspect
 import json
 import logging
@@ -113,7 +114,7 @@ class PikeClientLLM(PikeRagClient):
             raise
         self._session = _Session(client, recorder)
         # Nobody calls close() in PIKE-RAG's workflows: the run ends when the client is collected, or at exit.
-        self._finalizer = weakref.finalize(self, self._session.close)
+        self._finalizer = weakref.finalize(self, self._session.collected)
         self._finalizer.atexit = False  # at exit, _Session.at_exit says how the program ended
         atexit.register(self._session.at_exit)
         self._identity = {k: v for k, v in client.describe().items() if k in IDENTITY_FIELDS and v is not None}
@@ -143,8 +144,9 @@ class PikeClientLLM(PikeRagClient):
     def close(self, status: str | None = None) -> None:
         """Save the cache, release the client and end the tracked run (FINISHED, or FAILED when too
         many calls failed; ``status`` overrides). Called when the client is collected if nobody does."""
+        self._finalizer.detach()
         self._session.status = status
-        self._finalizer()
+        self._session.close()
 
     # -- PIKE-RAG's hooks -----------------------------------------------------------------------------
 
@@ -283,6 +285,14 @@ class _Session:
                 self.client.close()
                 self.recorder.close(self.status)
 
+    def collected(self) -> None:
+        """The client was garbage-collected. The collector may run in any thread, also in the loop's or a
+        local model's worker, which close() waits for: there the closing goes to a thread of its own."""
+        if threading.current_thread() is threading.main_thread():
+            self.close()
+        else:
+            threading.Thread(target=self.close, name="pikeclient-close").start()
+
     def at_exit(self) -> None:
         self.status = self.status or exit_status()
         self.close()
@@ -318,6 +328,8 @@ def _recorder(settings: RunSettings, client: BaseLLMClient, llm_config: Mapping[
         tracking.wait_ready()  # an unusable store or experiment fails here, before any call
     except BaseException:
         tracking.end("FAILED")
+        with contextlib.suppress(OSError):  # nothing left behind: the folder goes if nothing was written
+            folder.rmdir()
         raise
     return CallRecorder(price=price, max_error_rate=c.experiment.max_error_rate, tracking=tracking,
                         output_dir=folder, records_file=c.experiment.records_file,

@@ -13,7 +13,7 @@ import pytest
 from pikeclient.core.errors import ConfigError, ServerError
 from pikeclient.testing.server import FakeLLMServer, FaultPlan
 from tests.conftest import API_KEY, files_containing
-from tests.integrations.conftest import MODEL, server_args
+from tests.integrations.conftest import MODEL, server_args, traces_of, tracked_run
 
 QUESTION = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Where is Paris?"}]
 CONFIG = {"model": MODEL, "temperature": 0}
@@ -92,7 +92,7 @@ def test_round_switch_opens_a_new_cache_and_saves_the_last_one(build, server, tm
 
 
 def test_one_client_shared_by_a_thread_pool_attaches_every_answer_to_its_prompt(build, server, tmp_path):
-    client = build(server_args(server, tmp_path), location=str(tmp_path / "logs" / "qa_round0.db"))
+    client = build(server_args(server, tmp_path, tracking=True), location=str(tmp_path / "logs" / "qa_round0.db"))
     prompts = [f"question number {i}" for i in range(48)]
     for _ in range(2):  # the second pass is served by the cache, from 8 threads as well
         with ThreadPoolExecutor(max_workers=8) as pool:
@@ -100,6 +100,12 @@ def test_one_client_shared_by_a_thread_pool_attaches_every_answer_to_its_prompt(
         assert answers == [f"You said: {p}" for p in prompts]
     assert server.request_count == 48
     assert (client.stats.calls, client.stats.measured, client.stats.cache_hits) == (96, 48, 48)
+    client.close()
+    run = tracked_run(tmp_path / "runs")
+    assert (run.data.metrics["calls"], run.data.metrics["cache_hits"]) == (96, 48)
+    spans = [t.data.spans[0] for t in traces_of(tmp_path / "runs", run)]
+    assert len(spans) == 48  # one per call made; none for the cache's answers
+    assert all(s.outputs["text"] == "You said: " + s.inputs["messages"][-1]["content"] for s in spans)
 
 
 def test_called_from_inside_a_running_event_loop(build, server, tmp_path):
@@ -171,3 +177,12 @@ def test_no_key_is_written_anywhere(build, server, tmp_path):
     client.close()
     assert files_containing(tmp_path, API_KEY) == []
     assert Path(tmp_path / "runs" / "mlflow.db").exists()
+
+
+def test_an_unusable_tracking_store_fails_before_any_call_and_leaves_nothing(build, server, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="tracking") as raised:
+        build(server_args(server, tmp_path, tracking={"tracking_uri": f"sqlite:///{blocker}/mlflow.db"}))
+    assert "\n" not in str(raised.value) and server.request_count == 0
+    assert list((tmp_path / "logs" / "pikeclient").glob("*")) == []  # no records folder left behind
