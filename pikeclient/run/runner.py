@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from pikeclient.core.client import BaseLLMClient
 from pikeclient.core.errors import LLMError, PikeError
+from pikeclient.core.types import ChatResult
 from pikeclient.run.cache import ResponseCache, cache_key, request_digest
 from pikeclient.run.dataset import PromptItem
 from pikeclient.run.load import Concurrency, Limit, Strategy
@@ -307,13 +308,23 @@ async def call_one(client: BaseLLMClient, index: int, item: PromptItem, cache: R
             if use_cache:
                 cache.put(key, result)
     except LLMError as error:
-        record.update(
-            end_time=time.time(), response=None, finish_reason=None,
-            usage={"prompt_tokens": None, "completion_tokens": None, "total_tokens": None, "source": "none"},
-            latency_s=None, attempts=error.attempts, backoff_s=error.backoff_s, ttft_s=None,
-            error=str(error), error_kind=error.kind,
-        )
-        return record
+        return record_error(record, error)
+    return record_answer(record, result)
+
+
+def record_error(record: dict[str, Any], error: LLMError) -> dict[str, Any]:
+    """Complete a call's ``record`` (index, id, prompt, start_time) with the error that ended it."""
+    record.update(
+        end_time=time.time(), response=None, finish_reason=None,
+        usage={"prompt_tokens": None, "completion_tokens": None, "total_tokens": None, "source": "none"},
+        latency_s=None, attempts=error.attempts, backoff_s=error.backoff_s, ttft_s=None,
+        error=str(error), error_kind=error.kind,
+    )
+    return record
+
+
+def record_answer(record: dict[str, Any], result: ChatResult) -> dict[str, Any]:
+    """Complete a call's ``record`` with its answer and measurements (none for a cached answer)."""
     data = result.to_dict()
     record["end_time"] = time.time()
     record.update(response=data.pop("text"), **data, error=None, error_kind=None)
