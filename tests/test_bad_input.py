@@ -108,6 +108,19 @@ CASES = [
     (("++llm.extra_body.max_tokens=999999",), "llm.extra_body.max_tokens: pikeclient sets this field itself"),
     (("llm.extra_body={stream: true}",), "use llm.stream instead"),
 ]
+# issue 19: settings a run would ignore, objectives no call could meet, sizes no model takes
+CASES += [
+    (("slo.ttft_s=0.5",), "slo.ttft_s=0.5: openai calls report no time to first token without streaming"),
+    (("slo.tpot_s=0.05",), "set llm.stream=true"),
+    (("load=synchronous", "load.concurrency=4"), "load.concurrency=4 is not used by load=synchronous"),
+    (("load.rate=5",), "load.rate=5.0 is not used by load=concurrency; it applies to load=constant, poisson"),
+    (("load=constant", "load.rate=inf"), "load.rate=inf is out of range: load=constant needs a finite rate"),
+    (("load=poisson", "load.rate=0"), "load.rate=0.0 is out of range"),
+    (("dataset=synthetic", "dataset.input_tokens=10000000"),
+     "dataset.input_tokens=10000000 + output_tokens=128 exceeds the 128000-token context window of gpt-4o-mini"),
+    (("experiment.resume_grown=maybe",), "Value 'maybe' is not a valid bool"),
+    (("llm=openai", "base_url=localhost:1234"), "llm.base_url='localhost:1234' is not an http(s) URL"),
+]
 AZURE = ("llm=azure_openai", "llm.deployment=d1")
 CASES += [
     ((*AZURE, "llm.api_version="), "llm.api_version is empty"),

@@ -32,7 +32,7 @@ from pikeclient.run.stats import RunStats, Slo
 
 log = logging.getLogger(__name__)
 
-NON_RETRYABLE = ("auth", "bad_request", "context_window", "model")
+NON_RETRYABLE = ("auth", "bad_request", "context_window", "model", "protocol")
 
 
 class RunStopped(PikeError):

@@ -86,6 +86,7 @@ class RunStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     uncounted: int = 0
+    usage_errors: int = 0  # answers whose server usage was refused (negative, absurd, not a count)
     empty_answers: int = 0
     cache_hits: int = 0
     resumed: int = 0
@@ -138,6 +139,7 @@ class RunStats:
             if record.get(name) is not None:
                 values.append(record[name])
         usage = record["usage"]
+        self.usage_errors += bool(usage.get("server_error"))
         self.token_sources[usage["source"]] += 1
         if usage["total_tokens"] is None:
             self.uncounted += 1
@@ -193,6 +195,7 @@ class RunStats:
             "Errors/retries": self.retries,
             "Errors/backoff_s_total": self.backoff_s,
             "run/wall_s": self.wall_s,
+            "tokens/server_usage_errors": self.usage_errors,
         }
         out.update({f"Errors/{kind}": count for kind, count in self.errors.items()})
         out.update({f"tokens/source_{source}": count for source, count in self.token_sources.items()})
@@ -393,9 +396,10 @@ def _provenance_note(stats: RunStats) -> str:
 def _sources_note(stats: RunStats) -> str:
     """Where the token counts came from, e.g. ``server`` or ``server 12, estimate 8``."""
     sources = {k: v for k, v in stats.token_sources.items() if v}
-    if len(sources) == 1:
-        return next(iter(sources))
-    return ", ".join(f"{k} {v}" for k, v in sorted(sources.items())) or "none"
+    note = next(iter(sources)) if len(sources) == 1 else ", ".join(f"{k} {v}" for k, v in sorted(sources.items()))
+    if stats.usage_errors:  # the server's own counts were not sane numbers: counted here instead
+        note += f"; {stats.usage_errors} server counts refused"
+    return note or "none"
 
 
 def _cost_note(stats: RunStats, m: dict[str, float]) -> str:

@@ -42,34 +42,64 @@ def synthetic_prompts(client: BaseLLMClient, count: int, input_tokens: int, outp
         log.warning("synthetic prompt sizes are estimates: %s counts with an encoding made for another model "
                     "(set llm.tokenizer for exact sizes)", client.model)
     rng = random.Random(seed)
-    items = []
-    for index in range(count):
+    drawn_sizes = []
+    for _ in range(count):  # every size first: one that no model could take fails before any text is made
         target = max(1, round(rng.gauss(input_tokens, input_std))) if input_std else input_tokens
         wanted = max(1, round(rng.gauss(output_tokens, output_std))) if output_std else output_tokens
-        text = _text_of(client, target, rng, prefix=f"{index}: ")
-        items.append(PromptItem(f"synthetic-{index}", tuple(user_message(text)), max_tokens=wanted))
-    return items
+        window = client.context_window
+        if window and target + wanted > window:
+            drawn = "" if (target, wanted) == (input_tokens, output_tokens) else f" (drawn: {target} + {wanted})"
+            raise ConfigError(f"dataset.input_tokens={input_tokens} + output_tokens={output_tokens}{drawn} exceeds "
+                              f"the {window}-token context window of {client.model}")
+        drawn_sizes.append((target, wanted))
+    costs = _word_costs(client)
+    return [PromptItem(f"synthetic-{index}", tuple(user_message(_text_of(client, target, rng, f"{index}: ", costs))),
+                       max_tokens=wanted) for index, (target, wanted) in enumerate(drawn_sizes)]
 
 
-def _text_of(client: BaseLLMClient, target: int, rng: random.Random, prefix: str) -> str:
+def _word_costs(client: BaseLLMClient) -> dict[str, int]:
+    """Tokens each word adds after a space: enough to place a prompt's length within a few words."""
+    return {word: max(1, client.get_token_count(" " + word) or 1) for word in WORDS}
+
+
+def _text_of(client: BaseLLMClient, target: int, rng: random.Random, prefix: str, costs: dict[str, int]) -> str:
     """The shortest run of words whose prompt (as the model sees it) has at least ``target`` tokens.
 
-    Binary search on the number of words: a dozen counts a prompt, whatever its length. A unique prefix
-    keeps prompts distinct, so no server-side prefix cache answers one from another.
+    The words' own token counts put the length within a few words of the target (a prompt of millions of
+    tokens is not counted a dozen times over); whole-prompt counts, chat template included, then move
+    it word by word. A unique prefix keeps prompts distinct, so no server-side prefix cache answers one
+    from another.
     """
-    words = [rng.choice(WORDS) for _ in range(4 * target + 8)]
+    words: list[str] = []
+    base = client.count_message_tokens(user_message(prefix)) or 0
+    estimate = base
+    while estimate < target:
+        words.append(rng.choice(WORDS))
+        estimate += costs[words[-1]]
 
     def tokens(n: int) -> int:
         return client.count_message_tokens(user_message(prefix + " ".join(words[:n]))) or 0
 
-    low, high = 1, len(words)
-    while low < high:
-        middle = (low + high) // 2
-        if tokens(middle) >= target:
-            high = middle
-        else:
-            low = middle + 1
-    return prefix + " ".join(words[:low])
+    n = len(words)
+    for _ in range(8):  # the estimate's error (merges across words), corrected in proportion
+        miss = target - tokens(n)
+        if abs(miss) <= 2:
+            break
+        while miss > 0:
+            if n == len(words):
+                words.append(rng.choice(WORDS))
+            miss -= costs[words[n]]
+            n += 1
+        while miss < -2 and n > 1:
+            n -= 1
+            miss += costs[words[n]]
+    while tokens(n) < target:  # then word by word: the shortest prompt that reaches the target
+        if n == len(words):
+            words.append(rng.choice(WORDS))
+        n += 1
+    while n > 1 and tokens(n - 1) >= target:
+        n -= 1
+    return prefix + " ".join(words[:n])
 
 
 def sizes(items: Sequence[PromptItem], client: BaseLLMClient) -> list[int]:

@@ -23,10 +23,11 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from pikeclient.testing.answers import COUNTS, Answer, prompt_of, route_of
 
 
 def free_port() -> int:
@@ -109,6 +110,7 @@ class FakeLLMServer:
         capacity: int | None = None,
         keep_timings: bool = False,
         usage: Any = None,
+        count: str = "words",
     ) -> None:
         self.host = host
         self.port = port
@@ -124,6 +126,9 @@ class FakeLLMServer:
         self.echo_key = echo_key  # a 401 body that repeats the credential it got, as some servers do
         self.capacity = capacity  # requests served at once (None: unlimited): a server that saturates
         self.usage = usage  # not None: reported instead of the true usage (negative, absurd, strings...)
+        if count not in COUNTS:
+            raise ValueError(f"count={count!r}: allowed {', '.join(COUNTS)}")
+        self.count = count  # how usage is counted: words (tests predict it) or tiktoken (as OpenAI counts)
         # keep_timings=True: the server's own clock readings for every stream, served at GET /_timings
         # (the truth a client's TTFT and ITL are compared with in bench/bench_streaming.py)
         self.keep_timings = keep_timings
@@ -207,7 +212,7 @@ class FakeLLMServer:
         if method == "GET" and url.path == "/_timings":  # and forgets them
             timings, self.timings = self.timings, []
             return await self._send_json(writer, 200, [asdict(t) for t in timings])
-        route = _route(method, url.path)
+        route = route_of(method, url.path)
         if route is None:
             return await self._send_json(writer, 404, {"error": {"message": f"no route {method} {url.path}"}})
         try:
@@ -217,7 +222,8 @@ class FakeLLMServer:
         fault = self.faults.draw()
         status = self._status_for(route, url.query, headers, fault)
         if self.keep_log:
-            self.log.append(RequestRecord(time.time(), url.path, route, _prompt(route, payload), fault, status, headers,
+            prompt = prompt_of(route, payload)
+            self.log.append(RequestRecord(time.time(), url.path, route, prompt, fault, status, headers,
                                           payload if isinstance(payload, dict) else {}))
         if self.latency:
             if self.capacity:  # a server that works on `capacity` requests at once queues the rest
@@ -240,20 +246,20 @@ class FakeLLMServer:
         if fault == "html":  # a proxy's login or error page, served with 200
             return await self._send_raw(writer, 200, b"<html><body>Sign in</body></html>", "text/html")
         if fault in ("empty_choices", "null_content"):
-            body = Answer.build(route, payload).completion()
+            body = Answer.build(route, payload, self.count).completion()
             if fault == "empty_choices":
                 body["choices"] = []
             else:
                 body["choices"][0]["message"]["content"] = None
             return await self._send_json(writer, 200, body)
-        answer = Answer.build(route, payload)
+        answer = Answer.build(route, payload, self.count)
         if route == "aml_score":
             return await self._send_json(writer, 200, {"output": answer.text})
         if payload.get("stream"):
             include_usage = bool((payload.get("stream_options") or {}).get("include_usage")) and self.report_usage
             return await self._send_stream(writer, answer, include_usage, cut=fault == "cut_stream",
                                            end_after={"interrupt": 0.5, "empty_stream": 0.0}.get(fault or ""),
-                                           timing=StreamTiming(_prompt(route, payload), received))
+                                           timing=StreamTiming(prompt_of(route, payload), received))
         body = answer.completion()
         if not self.report_usage:
             body.pop("usage")
@@ -412,89 +418,6 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[st
     return method, target, headers, body
 
 
-def _route(method: str, path: str) -> str | None:
-    if method != "POST":
-        return None
-    if path.endswith("/v1/chat/completions"):
-        return "openai"
-    if path.startswith("/openai/deployments/") and path.endswith("/chat/completions"):
-        return "azure_openai"
-    if path.endswith("/chat/completions"):
-        return "azure_inference"
-    if path.endswith("/score"):
-        return "aml_score"
-    return None
-
-
-def _messages(route: str, payload: dict) -> list[dict]:
-    if route == "aml_score":
-        return list(payload.get("input_data", {}).get("input_string", []))
-    return list(payload.get("messages", []))
-
-
-def _prompt(route: str, payload: dict) -> str:
-    users = [m.get("content", "") for m in _messages(route, payload) if m.get("role") == "user"]
-    return users[-1] if users else ""
-
-
-@dataclass(frozen=True)
-class Answer:
-    """The deterministic answer: "You said: <last user message>", cut at stop strings and max tokens.
-
-    One whitespace-separated word counts as one token, so tests can predict usage exactly.
-    """
-
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    model: str
-
-    @classmethod
-    def build(cls, route: str, payload: dict) -> Answer:
-        params = payload.get("input_data", {}).get("parameters", {}) if route == "aml_score" else payload
-        limit = params.get("max_completion_tokens") or params.get("max_tokens") or params.get("max_new_tokens") or 256
-        words = ("You said: " + _prompt(route, payload)).split()
-        text, reason = " ".join(words[:limit]), "length" if len(words) > limit else "stop"
-        for stop in _as_list(params.get("stop")):
-            if stop and stop in text:
-                text, reason = text[: text.index(stop)], "stop"
-        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in _messages(route, payload))
-        return cls(text, reason, prompt_tokens, str(payload.get("model") or "fake-model"))
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.text.split())
-
-    def usage(self) -> dict[str, int]:
-        total = self.prompt_tokens + self.completion_tokens
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": total}
-
-    def completion(self) -> dict[str, Any]:
-        message = {"role": "assistant", "content": self.text}
-        return {
-            "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": self.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason}],
-            "usage": self.usage(),
-        }
-
-    def stream_chunks(self, include_usage: bool) -> Iterable[dict[str, Any]]:
-        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": self.model}
-        yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-        words = self.text.split(" ")
-        for i, word in enumerate(words):
-            piece = word if i == 0 else " " + word
-            yield {**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
-        yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": self.finish_reason}]}
-        if include_usage:
-            yield {**base, "choices": [], "usage": self.usage()}
-
-
-def _as_list(value: Any) -> list[str]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="OpenAI/Azure-compatible fake chat server on loopback")
     parser.add_argument("--host", default="127.0.0.1")
@@ -505,6 +428,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-usage", action="store_true", help="report no usage (as llama.cpp's streams)")
     parser.add_argument("--capacity", type=int, default=None, help="requests served at once; the rest queue")
     parser.add_argument("--no-log", action="store_true", help="keep no request log (long benchmarks)")
+    parser.add_argument("--count", choices=COUNTS, default="tiktoken",
+                        help="usage in tokens as OpenAI counts them (default), or one word a token")
     parser.add_argument("--timings", action="store_true", help="keep each stream's send times, at GET /_timings")
     parser.add_argument("--usage", type=json.loads, default=None,
                         help='report this JSON as usage, e.g. \'{"prompt_tokens": -150, "completion_tokens": "21"}\'')
@@ -517,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
                            faults=FaultPlan(rates=rates, endless_s=args.endless_s), keep_log=not args.no_log,
                            token_delay=args.token_delay,
                            report_usage=not args.no_usage, capacity=args.capacity,
-                           keep_timings=args.timings, usage=args.usage)
+                           keep_timings=args.timings, usage=args.usage, count=args.count)
     try:
         asyncio.run(server.serve_forever())
     except KeyboardInterrupt:

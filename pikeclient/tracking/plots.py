@@ -38,36 +38,44 @@ def _legend_below(fig: Any, handles: list, labels: list[str], width: int = 110) 
     fig.legend(handles, wrapped, loc="lower left", bbox_to_anchor=(0.01, 0.01), fontsize=7, frameon=False)
 
 
+def curve_points(rows: Sequence[Row]) -> dict[str, list[tuple[float, float, float, float, float | None]]]:
+    """A saturation sweep's points per backend and model, in the order of the rate asked for:
+    (completed requests/s, latency p50, p99, TTFT p50, rate asked for); NaN where a run lacks one."""
+    nan = float("nan")
+    lines: dict[str, list[Row]] = {}
+    for row in rows:
+        if row.completed_rate is not None and row.p50 is not None:
+            lines.setdefault(f"{row.backend} {_short(row.model, 24)}", []).append(row)
+    return {label: [(r.completed_rate, r.p50, nan if r.p99 is None else r.p99, nan if r.ttft is None else r.ttft,
+                     r.requested_rate)
+                    for r in sorted(points, key=lambda r: r.requested_rate or r.sent_rate or r.completed_rate or 0.0)]
+            for label, points in lines.items()}
+
+
 def saturation_curve(rows: Sequence[Row], path: Path) -> Path:
     """A saturation sweep's curve: completed requests/s (the throughput the server really gave) against
     latency p50/p99 and TTFT, one line per backend, points in the order of the rate asked for. Past
     capacity more requests go out but no more come back: the curve bends back. A dotted mark shows
     where p50 latency first exceeds twice its value at the lowest rate."""
     plt = _pyplot()
-    lines: dict[str, list[Row]] = {}
-    for row in rows:
-        if row.completed_rate is not None and row.p50 is not None:
-            lines.setdefault(f"{row.backend} {_short(row.model, 24)}", []).append(row)
+    lines = curve_points(rows)
     fig, (lat, first) = plt.subplots(1, 2, figsize=(12, 5.5))
     handles, labels = [], []
     for label, points in lines.items():
-        points.sort(key=lambda r: r.requested_rate or r.sent_rate or r.completed_rate or 0.0)
-        x = [r.completed_rate for r in points]
-        (line,) = lat.plot(x, [r.p50 for r in points], marker="o")
-        (tail,) = lat.plot(x, [r.p99 if r.p99 is not None else float("nan") for r in points], marker="x",
-                           linestyle="--", color=line.get_color())
+        x = [p[0] for p in points]
+        (line,) = lat.plot(x, [p[1] for p in points], marker="o")
+        (tail,) = lat.plot(x, [p[2] for p in points], marker="x", linestyle="--", color=line.get_color())
         handles += [line, tail]
         labels += [f"{label} p50", f"{label} p99"]
-        for r in points:
-            if r.requested_rate is not None:
-                lat.annotate(f"{r.requested_rate:g}/s", (r.completed_rate, r.p50), fontsize=7, xytext=(4, 4),
-                             textcoords="offset points", color=line.get_color())
-        knee = next((r for r in points[1:] if r.p50 > 2 * points[0].p50), None)
+        for done, p50, _, _, asked in points:
+            if asked is not None:
+                lat.annotate(f"{asked:g}/s", (done, p50), fontsize=7, xytext=(4, 4), textcoords="offset points",
+                             color=line.get_color())
+        knee = next((p for p in points[1:] if p[1] > 2 * points[0][1]), None)
         if knee is not None:
-            lat.axvline(knee.completed_rate, color=line.get_color(), linestyle=":", alpha=0.7)
-        if any(r.ttft is not None for r in points):
-            first.plot(x, [r.ttft if r.ttft is not None else float("nan") for r in points], marker="o",
-                       color=line.get_color())
+            lat.axvline(knee[0], color=line.get_color(), linestyle=":", alpha=0.7)
+        if any(p[3] == p[3] for p in points):  # some TTFT (NaN != NaN)
+            first.plot(x, [p[3] for p in points], marker="o", color=line.get_color())
     axis_label = "completed requests / s (answers per second; labels: the rate asked for)"
     lat.set(xlabel=axis_label, ylabel="latency (s)", title="Saturation: latency vs throughput")
     first.set(xlabel=axis_label, ylabel="TTFT p50 (s)", title="Time to first token vs throughput")

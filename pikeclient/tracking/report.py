@@ -115,14 +115,13 @@ def _ms(seconds: float | None) -> float | None:
 
 def label_rows(rows: Sequence[Row]) -> list[Row]:
     """Label each run by what tells it apart: the keys its sweep varied first (``llm=openai
-    temperature=0.7``), then other settings whose values differ between the runs. A setting only some
-    runs have because a swept group chose another backend (``llm.azure_endpoint``) says nothing more than
-    the choice does and is left out. All runs alike: their names."""
+    temperature=0.7``), then other settings whose values differ between the runs. Settings of a swept
+    group (``llm.api_key_env`` when ``llm=azure_openai,openai`` was swept) follow from the choice and say
+    nothing more, unless swept themselves. All runs alike: their names."""
     swept = [k for k in dict.fromkeys(k for r in rows for k in r.swept) if len({_value(r, k) for r in rows}) > 1]
     groups = tuple(f"{k}." for k in swept if any(k in r.choices for r in rows))
     keys = sorted({k for r in rows for k in r.params} - _common_keys(rows) - set(swept))
-    keys = [k for k in keys if not k.startswith(_NOT_SETUP)
-            and not (k.startswith(groups) and not all(k in r.params for r in rows))]
+    keys = [k for k in keys if not k.startswith(_NOT_SETUP) and not (groups and k.startswith(groups))]
     ordered = swept + keys
     labelled = []
     for row in rows:

@@ -102,7 +102,7 @@ def test_one_client_shared_by_a_thread_pool_attaches_every_answer_to_its_prompt(
     assert (client.stats.calls, client.stats.measured, client.stats.cache_hits) == (96, 48, 48)
     client.close()
     run = tracked_run(tmp_path / "runs")
-    assert (run.data.metrics["calls"], run.data.metrics["cache_hits"]) == (96, 48)
+    assert (run.data.metrics["calls/total"], run.data.metrics["calls/cache_hits"]) == (96, 48)
     spans = [t.data.spans[0] for t in traces_of(tmp_path / "runs", run)]
     assert len(spans) == 48  # one per call made; none for the cache's answers
     assert all(s.outputs["text"] == "You said: " + s.inputs["messages"][-1]["content"] for s in spans)

@@ -158,7 +158,7 @@ def test_qa_workflow_two_rounds_tracked_then_rerun_from_its_cache(env, server, t
     again["client"].close()
     run_id = again["client"].run_id
     second = tracked_run(tmp_path / "runs", run_id)
-    assert second.info.status == "FINISHED" and second.data.metrics["cache_hits"] == 8
+    assert second.info.status == "FINISHED" and second.data.metrics["calls/cache_hits"] == 8
     assert traces_of(tmp_path / "runs", second) == []
 
 
@@ -201,7 +201,7 @@ def test_pikerags_qa_script_tracked_ends_its_run_at_exit_and_shows_a_failed_call
     run = tracked_run(tmp_path / "runs")
     assert run.info.status == "FINISHED"
     m = run.data.metrics
-    assert (m["calls"], m["errors"], m["errors_server"], m["retries"]) == (4, 1, 1, 1)
+    assert (m["calls/total"], m["Errors/count"], m["Errors/server"], m["Errors/retries"]) == (4, 1, 1, 1)
     assert len(traces_of(tmp_path / "runs", run)) == 4  # the failed call is a trace too, with its error
     answers = read_jsonl(tmp_path / "logs" / "qa_script" / "qa_script.jsonl")
     assert [a["answer_metadata"]["response"] == "" for a in answers] == [True, False, False, False]
@@ -230,7 +230,7 @@ def test_a_workflow_that_dies_leaves_its_run_failed_or_killed(env, server, tmp_p
     run = ended_run(tmp_path / "runs")
     assert run.info.status == status
     if "SIGTERM" not in ending:
-        assert run.data.metrics["calls"] == 1
+        assert run.data.metrics["calls/total"] == 1
 
 
 def test_qa_and_tagging_workflows_on_smollm2_offline(env, tmp_path, models_dir, smollm2):
@@ -250,7 +250,7 @@ def test_qa_and_tagging_workflows_on_smollm2_offline(env, tmp_path, models_dir, 
     assert client.stats.token_sources == {"tokenizer": 2}
     client.close()
     run = tracked_run(tmp_path / "runs", client.run_id)
-    assert run.info.status == "FINISHED" and run.data.metrics["completion_tokens_total"] > 0
+    assert run.info.status == "FINISHED" and run.data.metrics["tokens/completion_total"] > 0
 
     path = tagging_config(tmp_path, "tagging_smollm2", llm_client({**args, "tracking": False}, model="smollm2",
                                                                    max_tokens=24))

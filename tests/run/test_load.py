@@ -2,6 +2,7 @@
 
 import asyncio
 import itertools
+import json
 import statistics
 import time
 
@@ -254,3 +255,24 @@ def test_a_resumed_runs_rate_interval_covers_its_estimate():
     m = stats.metrics()
     low, high = m["Throughput/requests_per_s_ci_low"], m["Throughput/requests_per_s_ci_high"]
     assert low <= m["Throughput/requests_per_s"] <= high and high - low < 2  # not stretched over the hour between
+
+
+def test_synthetic_prompts_arrive_at_the_server_at_the_size_asked_for(tmp_path):
+    # The loopback server counting as OpenAI does (its command line's default) sees what was asked for.
+    with FakeLLMServer(api_key=API_KEY, count="tiktoken") as server:
+        proc = run_py("llm=openai", f"llm.base_url={server.url}/v1", "dataset=synthetic", "dataset.count=5",
+                      "dataset.input_tokens=512", "dataset.output_tokens=8", "tracking=none", cwd=tmp_path,
+                      env={"OPENAI_API_KEY": API_KEY})
+    assert proc.returncode == 0, proc.stderr
+    [path] = (tmp_path / "runs" / "outputs").rglob("records.jsonl")
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["usage"]["prompt_tokens"] for r in records] == [512] * 5
+    assert all(r["usage"]["source"] == "server" for r in records)
+
+
+def test_the_loopback_server_reads_messages_given_as_parts(api_env):
+    with FakeLLMServer(api_key=API_KEY) as server:
+        client = OpenAIClient(model="gpt-4o", base_url=f"{server.url}/v1")
+        parts = [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]
+        result = client.chat([{"role": "user", "content": parts}])
+    assert result.text == "You said: hello there"

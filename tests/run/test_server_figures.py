@@ -33,7 +33,7 @@ def test_an_endless_stream_ends_its_call_as_a_timeout_and_the_run_goes_on(tmp_pa
     assert failed["error_kind"] == "timeout" and "within llm.total_timeout=1 s" in failed["error"]
     assert sum(r["error"] is None for r in records) == 3
     [run] = mlflow_runs(tmp_path / "runs")
-    assert run["status"] == "FINISHED" and run["metrics"]["errors_timeout"] == 1
+    assert run["status"] == "FINISHED" and run["metrics"]["Errors/timeout"] == 1
 
 
 @pytest.mark.parametrize("usage", [{"prompt_tokens": -150, "completion_tokens": -21, "total_tokens": -171},
@@ -51,9 +51,10 @@ def test_server_usage_that_is_not_a_count_is_recorded_and_never_summed(usage, tm
     assert all("usage is not" in r["usage"]["server_error"] and r["usage"]["source"] == "tokenizer" for r in records)
     [run] = mlflow_runs(tmp_path / "runs")
     metrics = run["metrics"]
-    assert run["status"] == "FINISHED" and metrics["tokens_source_tokenizer"] == 4
-    assert metrics["prompt_tokens_total"] == sum(r["usage"]["prompt_tokens"] for r in records) > 0
-    assert 0 < metrics["cost_usd"] < 0.01 and metrics["output_tokens_per_s"] > 0
+    assert run["status"] == "FINISHED" and metrics["tokens/source_tokenizer"] == 4
+    assert metrics["tokens/server_usage_errors"] == 4 and "4 server counts refused" in proc.stdout
+    assert metrics["tokens/prompt_total"] == sum(r["usage"]["prompt_tokens"] for r in records) > 0
+    assert 0 < metrics["Cost/usd"] < 0.01 and metrics["Throughput/output_tokens_per_s"] > 0
     assert run["tags"]["pikeclient.token_basis"] == "tokenizer"
 
 
@@ -65,7 +66,7 @@ def test_a_200_that_is_no_answer_is_a_protocol_error_of_the_endpoint(tmp_path):
     assert requests == 8  # each call retried once, not three times
     assert all(r["error_kind"] == "protocol" and r["attempts"] == 2 for r in records_of(tmp_path))
     [run] = mlflow_runs(tmp_path / "runs")
-    assert run["status"] == "FAILED" and run["metrics"]["errors_protocol"] == 4
+    assert run["status"] == "FAILED" and run["metrics"]["Errors/protocol"] == 4
 
 
 def test_readmes_extra_body_example_runs_as_written(tmp_path, server):
