@@ -9,12 +9,11 @@ cost. Failed calls count in errors, retries and backoff (those attempts happened
 from __future__ import annotations
 
 import logging
-import math
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from pikeclient.core.statistics import bootstrap_ci, percentile  # noqa: F401 - also imported from here
 from pikeclient.run.cost import Price, cost_metrics
 
 log = logging.getLogger(__name__)
@@ -23,14 +22,6 @@ PERCENTILES = (50, 90, 95, 99)
 BEHIND_SCHEDULE_S = 0.005  # an open loop whose p99 dispatch delay exceeds this fell behind its schedule
 LOOP_LAG_S = 0.005  # event-loop lag (p99) above which the client's own timing is in doubt
 STREAM_PERCENTILES = (50, 90, 99)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default method); ``values`` must be non-empty."""
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 @dataclass(frozen=True)
@@ -53,16 +44,6 @@ class Slo:
             if limit is not None and (value is None or value > limit):
                 return False  # a timing the SLO needs but the call lacks (TTFT without streaming) is not met
         return True
-
-
-def bootstrap_ci(values: list[float], statistic: Any, *, resamples: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of ``statistic(values)`` (seeded: reproducible)."""
-    rng = random.Random(seed)
-    n = len(values)
-    estimates = sorted(statistic([values[rng.randrange(n)] for _ in range(n)]) for _ in range(resamples))
-    tail = (1 - level) / 2 * 100
-    return percentile(estimates, tail), percentile(estimates, 100 - tail)
 
 
 @dataclass
