@@ -1,5 +1,5 @@
 """API-only users never import torch or transformers; only the tracking process imports mlflow; the
-package's folders import only downwards (core <- backends <- config <- tracking <- run <- cli)."""
+package's folders import only downwards (core <- backends <- config <- eval <- tracking <- run <- cli)."""
 
 import subprocess
 import sys
@@ -68,7 +68,9 @@ def test_hf_client_is_exported_lazily():
 
 
 # The package's folders by concern; each imports only from folders of a lower rank (or from itself).
-LAYERS = {"core": 0, "testing": 0, "backends": 1, "config": 2, "tracking": 3, "run": 4, "cli": 5}
+# eval (answer quality) sits above config (its judge is a client built from config) and below tracking
+# (which logs its scores as MLflow assessments) and run (which hands it each finished call).
+LAYERS = {"core": 0, "testing": 0, "backends": 1, "config": 2, "eval": 3, "tracking": 4, "run": 5, "cli": 6}
 
 
 def test_every_import_points_down_the_layers():
