@@ -10,16 +10,29 @@ signature named the same way (``pikeclient.tracking.assessments.as_mlflow_scorer
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from pikeclient.eval.expectations import expectation
 from pikeclient.eval.normalize import choice_letter, final_number, fold, normalize_answer, parse_json_answer
 from pikeclient.eval.score import Score
 
 SHOWN = 80  # characters of an answer quoted in a rationale
+F = TypeVar("F", bound=Callable[..., Any])
 
 
+def reads(kind: str) -> Callable[[F], F]:
+    """Mark a scorer as reading only the ``kind`` expectation: the evaluator skips it on lines without one
+    (a scorer without the mark is called on every answer)."""
+
+    def mark(fn: F) -> F:
+        fn.reads = kind  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+@reads("answers")
 def exact_match(*, inputs: Any = None, outputs: Any = None, expectations: Mapping[str, Any] | None = None,
                 trace: Any = None) -> Score | None:
     """``answers``: the answer equals one of the accepted answers after SQuAD's normalization (Unicode
@@ -35,6 +48,7 @@ def exact_match(*, inputs: Any = None, outputs: Any = None, expectations: Mappin
     return _score(False, f"{_quote(outputs)} matches none of {list(answers)!r}", "exact_match")
 
 
+@reads("contains")
 def contains(*, inputs: Any = None, outputs: Any = None, expectations: Mapping[str, Any] | None = None,
              trace: Any = None) -> Score | None:
     """``contains``: all (or any) of the texts occur in the answer, ignoring case, Unicode compatibility
@@ -52,6 +66,7 @@ def contains(*, inputs: Any = None, outputs: Any = None, expectations: Mapping[s
     return _score(ok, why, "contains")
 
 
+@reads("regex")
 def regex_match(*, inputs: Any = None, outputs: Any = None, expectations: Mapping[str, Any] | None = None,
                 trace: Any = None) -> Score | None:
     """``regex``: the pattern is found in the answer (``match_type: fullmatch``: matches all of it)."""
@@ -64,6 +79,7 @@ def regex_match(*, inputs: Any = None, outputs: Any = None, expectations: Mappin
     return _score(found is not None, f"{verb} {spec.pattern!r} ({spec.match_type})", "regex_match")
 
 
+@reads("json")
 def is_json(*, inputs: Any = None, outputs: Any = None, expectations: Mapping[str, Any] | None = None,
             trace: Any = None) -> Score | None:
     """``json``: the answer is JSON (whole, or one fenced code block), with the ``required`` keys of an
@@ -88,6 +104,7 @@ def is_json(*, inputs: Any = None, outputs: Any = None, expectations: Mapping[st
     return _score(True, "valid JSON" + (" with the required keys" if spec.required else ""), "is_json")
 
 
+@reads("number")
 def numeric_match(*, inputs: Any = None, outputs: Any = None, expectations: Mapping[str, Any] | None = None,
                   trace: Any = None) -> Score | None:
     """``number``: the answer's number (after "answer is"/"="/..., else its last number; digits or English
@@ -105,6 +122,7 @@ def numeric_match(*, inputs: Any = None, outputs: Any = None, expectations: Mapp
     return _score(ok, f"read {got:g}, {'' if ok else 'not '}{within} {spec.value:g}", "numeric_match")
 
 
+@reads("choice")
 def choice_match(*, inputs: Any = None, outputs: Any = None, expectations: Mapping[str, Any] | None = None,
                  trace: Any = None) -> Score | None:
     """``choice``: the option letter the answer chose ("B", "(B)", "The answer is B.") is the right one."""
@@ -117,6 +135,7 @@ def choice_match(*, inputs: Any = None, outputs: Any = None, expectations: Mappi
     return _score(got == spec.answer, f"chose {got}, expected {spec.answer}", "choice_match")
 
 
+@reads("length")
 def response_length(*, inputs: Any = None, outputs: Any = None, expectations: Mapping[str, Any] | None = None,
                     trace: Any = None) -> Score | None:
     """``length``: the answer's length in characters (or words) is within the bounds (as MLflow's

@@ -1,7 +1,7 @@
 """A real HTTP server on loopback that speaks the OpenAI and Azure chat wire protocols.
 
-It answers deterministically (an echo of the last user message, cut at ``max_tokens`` words and at
-stop strings), streams SSE with a usage chunk, and injects faults on request: 429 with Retry-After,
+It answers deterministically (an echo of the last user message, or a canned answer chosen by the
+prompt, cut at ``max_tokens`` words and at stop strings), streams SSE with a usage chunk, and injects faults on request: 429 with Retry-After,
 500/503, dropped connections, hangs, malformed JSON and streams cut in the middle. Tests, ``bench/``
 and users (an offline dry run of ``run.py``) start it the same way::
 
@@ -22,7 +22,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -103,6 +103,7 @@ class FakeLLMServer:
         echo_key: bool = False,
         capacity: int | None = None,
         keep_timings: bool = False,
+        answers: Mapping[str, str] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -121,6 +122,9 @@ class FakeLLMServer:
         # (the truth a client's TTFT and ITL are compared with in bench/bench_streaming.py)
         self.keep_timings = keep_timings
         self.timings: list[StreamTiming] = []
+        # Canned answers: the first key found in the last user message picks the answer (instead of the
+        # echo), so a test can serve known right and wrong answers, or a judge's verdicts.
+        self.answers = dict(answers or {})
         self._semaphore: asyncio.Semaphore | None = None
         self.log: list[RequestRecord] = []
         self.request_count = 0
@@ -231,13 +235,13 @@ class FakeLLMServer:
         if fault == "html":  # a proxy's login or error page, served with 200
             return await self._send_raw(writer, 200, b"<html><body>Sign in</body></html>", "text/html")
         if fault in ("empty_choices", "null_content"):
-            body = Answer.build(route, payload).completion()
+            body = Answer.build(route, payload, self.answers).completion()
             if fault == "empty_choices":
                 body["choices"] = []
             else:
                 body["choices"][0]["message"]["content"] = None
             return await self._send_json(writer, 200, body)
-        answer = Answer.build(route, payload)
+        answer = Answer.build(route, payload, self.answers)
         if route == "aml_score":
             return await self._send_json(writer, 200, {"output": answer.text})
         if payload.get("stream"):
@@ -403,7 +407,8 @@ def _prompt(route: str, payload: dict) -> str:
 
 @dataclass(frozen=True)
 class Answer:
-    """The deterministic answer: "You said: <last user message>", cut at stop strings and max tokens.
+    """The deterministic answer: "You said: <last user message>" (or the canned answer the prompt picks), cut
+    at stop strings and max tokens.
 
     One whitespace-separated word counts as one token, so tests can predict usage exactly.
     """
@@ -414,11 +419,15 @@ class Answer:
     model: str
 
     @classmethod
-    def build(cls, route: str, payload: dict) -> Answer:
+    def build(cls, route: str, payload: dict, answers: Mapping[str, str] | None = None) -> Answer:
         params = payload.get("input_data", {}).get("parameters", {}) if route == "aml_score" else payload
         limit = params.get("max_completion_tokens") or params.get("max_tokens") or params.get("max_new_tokens") or 256
-        words = ("You said: " + _prompt(route, payload)).split()
+        prompt = _prompt(route, payload)
+        canned = next((answer for key, answer in (answers or {}).items() if key in prompt), None)
+        words = (canned if canned is not None else "You said: " + prompt).split()
         text, reason = " ".join(words[:limit]), "length" if len(words) > limit else "stop"
+        if canned is not None and reason == "stop":
+            text = canned  # as written: its line breaks too (JSON, lists)
         for stop in _as_list(params.get("stop")):
             if stop and stop in text:
                 text, reason = text[: text.index(stop)], "stop"
@@ -470,6 +479,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--capacity", type=int, default=None, help="requests served at once; the rest queue")
     parser.add_argument("--no-log", action="store_true", help="keep no request log (long benchmarks)")
     parser.add_argument("--timings", action="store_true", help="keep each stream's send times, at GET /_timings")
+    parser.add_argument("--answers", type=argparse.FileType(encoding="utf-8"), default=None,
+                        help="a JSON object: the first key found in a prompt picks its answer (else the echo)")
     for name in FAULTS:
         parser.add_argument(f"--rate-{name.replace('_', '-')}", type=float, default=0.0, dest=f"rate_{name}")
     args = parser.parse_args(argv)
@@ -477,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
     server = FakeLLMServer(host=args.host, port=args.port, latency=args.latency, api_key=args.api_key,
                            faults=FaultPlan(rates=rates), keep_log=not args.no_log, token_delay=args.token_delay,
                            report_usage=not args.no_usage, capacity=args.capacity,
-                           keep_timings=args.timings)
+                           keep_timings=args.timings, answers=json.load(args.answers) if args.answers else None)
     try:
         asyncio.run(server.serve_forever())
     except KeyboardInterrupt:
