@@ -264,6 +264,8 @@ def build_scorer(where: str, spec: Any, judge: Judge | None) -> Scorer:
         obj = get_object(target)
     except Exception as error:  # noqa: BLE001 - Hydra raises ImportError or its own errors
         raise ConfigError(f"{where}._target_={target}: cannot import it ({one_line(error)})") from None
+    if not callable(obj):
+        raise ConfigError(f"{where}._target_={target}: a {type(obj).__name__}, not a scorer function or class")
     arguments = {k: v for k, v in spec.items() if not k.startswith("_")}
     if (inspect.isfunction(obj) and _is_scorer(obj)) or spec.get("_partial_"):
         return functools.partial(obj, **arguments) if arguments else obj
