@@ -104,9 +104,10 @@ class RegexMatch:
 
     def __post_init__(self) -> None:
         try:
-            object.__setattr__(self, "compiled", re.compile(self.pattern, re.IGNORECASE if self.case_insensitive else 0))
+            compiled = re.compile(self.pattern, re.IGNORECASE if self.case_insensitive else 0)
         except re.error as error:
             raise ValueError(f"invalid pattern {self.pattern!r}: {error}") from None
+        object.__setattr__(self, "compiled", compiled)
 
     @classmethod
     def parse(cls, value: Any) -> RegexMatch:

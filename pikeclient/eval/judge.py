@@ -74,7 +74,8 @@ class JudgeUsage:
         with ``cost(prompt_tokens, completion_tokens)`` and ``currency``, as ``pikeclient.run.cost.Price``)
         and every call counted, ``judge_cost_<currency>`` (``judge_cost_usd``)."""
         out = {"judge_calls": float(self.calls), "judge_errors": float(self.errors),
-               "judge_prompt_tokens": float(self.prompt_tokens), "judge_completion_tokens": float(self.completion_tokens),
+               "judge_prompt_tokens": float(self.prompt_tokens),
+               "judge_completion_tokens": float(self.completion_tokens),
                "judge_tokens": float(self.prompt_tokens + self.completion_tokens)}
         if price is not None and not self.uncounted:
             out[f"judge_cost_{price.currency.lower()}"] = price.cost(self.prompt_tokens, self.completion_tokens)
@@ -104,7 +105,8 @@ class Judge:
 
     def grade(self, template: str, material: str) -> Score:
         """Ask for a verdict; a failed call or an unreadable verdict is an error on the score."""
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": template.replace("{material}", material)}]
+        prompt = template.replace("{material}", material)  # not format(): the template shows JSON braces
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
         try:
             result = self.client.chat(messages)
         except LLMError as error:

@@ -84,9 +84,10 @@ class _WordNumber:
     """A run of English number words, read left to right; ``takes`` says whether a word continues it."""
 
     # Which kind of word may follow which: "forty two", "one hundred and five", "two thousand three".
-    FOLLOWS: ClassVar[dict[str, tuple[str, ...]]] = {"unit": ("start", "tens", "hundred", "scale"), "teen": ("start", "hundred", "scale"),
-               "tens": ("start", "hundred", "scale"), "hundred": ("start", "unit", "teen"),
-               "scale": ("start", "unit", "teen", "tens", "hundred")}
+    FOLLOWS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "unit": ("start", "tens", "hundred", "scale"), "teen": ("start", "hundred", "scale"),
+        "tens": ("start", "hundred", "scale"), "hundred": ("start", "unit", "teen"),
+        "scale": ("start", "unit", "teen", "tens", "hundred")}
 
     def __init__(self, position: int, sign: float) -> None:
         self.position, self.sign = position, sign

@@ -62,7 +62,8 @@ def contains(*, inputs: Any = None, outputs: Any = None, expectations: Mapping[s
     if spec.mode == "any":
         why = f"contains {found[0]!r}" if ok else f"contains none of {list(spec.texts)!r}"
     else:
-        why = f"contains all of {list(spec.texts)!r}" if ok else f"missing {[t for t in spec.texts if t not in found]!r}"
+        missing = [t for t in spec.texts if t not in found]
+        why = f"contains all of {list(spec.texts)!r}" if ok else f"missing {missing!r}"
     return _score(ok, why, "contains")
 
 
@@ -92,7 +93,8 @@ def is_json(*, inputs: Any = None, outputs: Any = None, expectations: Mapping[st
         return _score(False, value, "is_json")
     if spec.required:
         if not isinstance(value, dict):
-            return _score(False, f"a JSON {type(value).__name__}, not an object with {list(spec.required)!r}", "is_json")
+            kind = type(value).__name__
+            return _score(False, f"a JSON {kind}, not an object with {list(spec.required)!r}", "is_json")
         missing = [k for k in spec.required if k not in value]
         if missing:
             return _score(False, f"missing keys {missing!r}", "is_json")

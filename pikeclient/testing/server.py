@@ -1,7 +1,8 @@
 """A real HTTP server on loopback that speaks the OpenAI and Azure chat wire protocols.
 
 It answers deterministically (an echo of the last user message, or a canned answer chosen by the
-prompt, cut at ``max_tokens`` words and at stop strings), streams SSE with a usage chunk, and injects faults on request: 429 with Retry-After,
+prompt, cut at ``max_tokens`` words and at stop strings), streams SSE with a usage chunk, and injects
+faults on request: 429 with Retry-After,
 500/503, dropped connections, hangs, malformed JSON and streams cut in the middle. Tests, ``bench/``
 and users (an offline dry run of ``run.py``) start it the same way::
 

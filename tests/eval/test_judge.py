@@ -127,7 +127,8 @@ def test_judges_say_nothing_without_their_expectations(judge_server, api_env):
 
 def test_the_judge_prompt_carries_question_answer_reference_and_facts(judge_server, api_env):
     judge = Judge.from_config(judge_block(judge_server))
-    Correctness(judge)(inputs={"messages": [{"role": "user", "content": "Q1: capital?"}]}, outputs="Paris is the capital.",
+    Correctness(judge)(inputs={"messages": [{"role": "user", "content": "Q1: capital?"}]},
+                       outputs="Paris is the capital.",
                        expectations={"expected_response": "Paris", "expected_facts": ["Paris is in France"]})
     body = judge_server.log[-1].body
     assert body["temperature"] == 0.0 and body["max_tokens"] == 512
