@@ -254,9 +254,9 @@ def validate_eval(node: DictConfig) -> None:
             raise ConfigError(f"eval.{key}={node[key]} is out of range: allowed >= {low}")
     for group in ("scorers", "judges"):
         for name, spec in node[group].items():
-            if spec is not None and (not OmegaConf.is_dict(spec) or "_target_" not in spec):
+            if spec is not None and (not OmegaConf.is_dict(spec) or not spec.get("_target_")):
                 raise ConfigError(f"eval.{group}.{name}: give a _target_ (a scorer function or class), or null")
-    if node.judge is not None and (not OmegaConf.is_dict(node.judge) or "_target_" not in node.judge):
+    if node.judge is not None and (not OmegaConf.is_dict(node.judge) or not node.judge.get("_target_")):
         raise ConfigError("eval.judge must name a backend with _target_ (as llm does), or be null")
     _checked("eval.judge_sampling", lambda: SamplingParams(**OmegaConf.to_container(node.judge_sampling)))
 
