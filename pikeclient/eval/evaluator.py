@@ -53,7 +53,8 @@ class Evaluator:
     """The run's scorers and judges; :meth:`score` and :meth:`judge_scores` score one answered call."""
 
     def __init__(self, scorers: Mapping[str, Scorer], judges: Mapping[str, Scorer] | None = None, *,
-                 judge: Judge | None = None, concurrency: int = 4, resamples: int = 1000) -> None:
+                 judge: Judge | None = None, concurrency: int = 4, resamples: int = 1000,
+                 max_pending: int = 4096) -> None:
         self.scorers = {name: _Bound(name, fn, CODE) for name, fn in scorers.items()}
         self.judges = {name: _Bound(name, fn, LLM_JUDGE) for name, fn in (judges or {}).items()}
         for name in [*self.scorers, *self.judges]:
@@ -61,6 +62,7 @@ class Evaluator:
         self.judge = judge
         self.concurrency = concurrency
         self.resamples = resamples
+        self.max_pending = max_pending
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], *, retry: Mapping[str, Any] | None = None) -> Evaluator | None:
@@ -78,7 +80,7 @@ class Evaluator:
         built = {group: {name: build_scorer(f"eval.{group}.{name}", spec, judge) for name, spec in found.items()}
                  for group, found in specs.items()}
         return cls(built["scorers"], built["judges"], judge=judge, concurrency=int(cfg.get("concurrency", 4)),
-                   resamples=int(cfg.get("resamples", 1000)))
+                   resamples=int(cfg.get("resamples", 1000)), max_pending=int(cfg.get("max_pending", 4096)))
 
     def score(self, record: Mapping[str, Any], prompt: ScoredPrompt) -> dict[str, Score]:
         """The cheap, local scorers on one finished call (``record``: its ``response`` and ``error``)."""
@@ -88,10 +90,10 @@ class Evaluator:
         """The judges on one finished call: LLM calls, made on the judge's own client."""
         return self._run(self.judges.values(), record, prompt)
 
-    def start(self, *, max_pending: int = 4096,
+    def start(self, *, max_pending: int | None = None,
               on_scores: Callable[[Hashable, dict[str, Score]], None] | None = None) -> ScoringWorker:
         """A worker thread that scores calls handed to it with ``submit`` (see :class:`ScoringWorker`)."""
-        return ScoringWorker(self, max_pending=max_pending, on_scores=on_scores)
+        return ScoringWorker(self, max_pending=max_pending or self.max_pending, on_scores=on_scores)
 
     def metrics(self, scores: Iterable[Mapping[str, Score | Mapping[str, Any]]], price: Any = None) -> dict[str, float]:
         """Run metrics: :func:`aggregate` of every call's scores, plus the judge's usage (``judge_*``)."""
