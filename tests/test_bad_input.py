@@ -24,6 +24,15 @@ BAD_JSONL = {
     "message_without_content": ('{"id": "a", "messages": [{"role": "user"}]}\n', "needs a 'role' and a 'content'"),
     "blank_messages": ('{"id": "a", "messages": [{"role": "user", "content": " "}]}\n', "bad.jsonl:1: empty prompt"),
     "empty_file": ("\n\n", "holds no prompts"),
+    "expectations_not_object": ('{"id": "a", "prompt": "ok", "expectations": "Paris"}\n',
+                                "bad.jsonl:1: 'expectations' must be a JSON object"),
+    "expectation_unknown_kind": ('{"id": "a", "prompt": "ok", "expectations": {"contain": "x"}}\n',
+                                 "bad.jsonl:1: expectations.contain: unknown kind"),
+    "expectation_bad_number": ('{"id": "a", "prompt": "ok"}\n'
+                               '{"id": "b", "prompt": "q", "expectations": {"number": "many"}}\n',
+                               "bad.jsonl:2: expectations.number: value='many': expected a finite number"),
+    "expectation_bad_regex": ('{"id": "a", "prompt": "ok", "expectations": {"regex": "(x"}}\n',
+                              "bad.jsonl:1: expectations.regex: invalid pattern '(x'"),
 }
 
 # (overrides, message): each run against a live loopback server with a valid key, so that nothing but
@@ -120,6 +129,11 @@ CASES += [
      "dataset.input_tokens=10000000 + output_tokens=128 exceeds the 128000-token context window of gpt-4o-mini"),
     (("experiment.resume_grown=maybe",), "Value 'maybe' is not a valid bool"),
     (("llm=openai", "base_url=localhost:1234"), "llm.base_url='localhost:1234' is not an http(s) URL"),
+    (("eval=basic", "eval.concurrency=0"), "eval.concurrency=0 is out of range: allowed >= 1"),
+    (("+eval.bogus=1",), "eval.bogus: unknown key"),
+    (("eval=basic", "+eval.scorers.mine=3"), "eval.scorers.mine: give a _target_"),
+    (("eval=judge", "eval.judge_sampling.temperature=5"), "eval.judge_sampling.temperature=5 is out of range"),
+    (("eval=judge", "eval.judge._target_=null"), "eval.judge must name a backend with _target_"),
 ]
 AZURE = ("llm=azure_openai", "llm.deployment=d1")
 CASES += [

@@ -1,5 +1,5 @@
 """API-only users never import torch or transformers; only the tracking process imports mlflow; the
-package's folders import only downwards (core <- backends <- config <- tracking <- run <- cli <- integrations)."""
+package's folders import only downwards (core <- backends <- config <- eval <- tracking <- run <- cli <- integrations)."""
 
 import subprocess
 import sys
@@ -68,8 +68,11 @@ def test_hf_client_is_exported_lazily():
 
 
 # The package's folders by concern; each imports only from folders of a lower rank (or from itself).
+# eval (answer quality) sits above config (its judge is a client built from config) and below tracking
+# (which logs its scores as MLflow assessments) and run (which hands it each finished call).
 # integrations (other projects running on pikeclient) sit on top: nothing in pikeclient imports them.
-LAYERS = {"core": 0, "testing": 1, "backends": 1, "config": 2, "tracking": 3, "run": 4, "cli": 5, "integrations": 6}
+LAYERS = {"core": 0, "testing": 1, "backends": 1, "config": 2, "eval": 3, "tracking": 4, "run": 5, "cli": 6,
+          "integrations": 7}
 
 
 def test_every_import_points_down_the_layers():

@@ -3,15 +3,13 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from pikeclient.testing.server import FakeLLMServer
-from tests.conftest import API_KEY, REPO, mlflow_runs, run_py
+from tests.conftest import API_KEY, mlflow_runs, run_py
 from tests.test_reliability import _popen, _wait_for, openai_args, write_dataset
 
 ENV = {"OPENAI_API_KEY": API_KEY}

@@ -15,8 +15,8 @@ import httpx2
 import openai
 
 from pikeclient.backends._bounds import abounded, attempt_bounds, bounded, check_timeouts
-from pikeclient.backends._flavours import flavour as find_flavour
 from pikeclient.backends._flavours import check_extra_body, sampling_extras, stream_ended_early
+from pikeclient.backends._flavours import flavour as find_flavour
 from pikeclient.backends._http import (
     ASYNC_HOOKS,
     SYNC_HOOKS,

@@ -127,6 +127,20 @@ class SloConfig:
 
 
 @dataclass
+class EvalConfig:
+    """``conf/eval/``: how answers are scored (pikeclient.eval). ``scorers`` and ``judges`` map a name to a
+    ``_target_`` (null drops an inherited one); ``judge`` is an llm-like block (the judges' own client)."""
+
+    scorers: Dict[str, Any] = field(default_factory=dict)
+    judges: Dict[str, Any] = field(default_factory=dict)
+    judge: Any = None
+    judge_sampling: Dict[str, Any] = field(default_factory=dict)
+    concurrency: int = 4
+    max_pending: int = 4096
+    resamples: int = 1000
+
+
+@dataclass
 class ExperimentConfig:
     concurrency: Optional[int] = None  # deprecated: load.concurrency
     records_file: str = "records.jsonl"
@@ -160,13 +174,14 @@ class Config:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     load: LoadConfig = field(default_factory=LoadConfig)
     slo: SloConfig = field(default_factory=SloConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 _SCHEMAS = {"sampling": SamplingConfig, "retry": RetryConfig, "rate_limit": RateLimitConfig, "cache": CacheConfig,
             "dataset": DatasetConfig, "tracking": TrackingConfig, "experiment": ExperimentConfig,
-            "load": LoadConfig, "slo": SloConfig,
+            "load": LoadConfig, "slo": SloConfig, "eval": EvalConfig,
             "pricing": PricingConfig, "paths": PathsConfig}
 
 
@@ -237,6 +252,21 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset.limit={cfg.dataset.limit} is out of range: allowed >= 1")
     if not OmegaConf.is_dict(cfg.llm) or "_target_" not in cfg.llm:
         raise ConfigError("llm must name a backend with _target_ (choose a file in conf/llm/)")
+    validate_eval(cfg.eval)
+
+
+def validate_eval(node: DictConfig) -> None:
+    """The ``eval`` group's ranges and shapes; the scorers' targets are imported when the evaluator is built."""
+    for key, low in (("concurrency", 1), ("max_pending", 1), ("resamples", 100)):
+        if node[key] < low:
+            raise ConfigError(f"eval.{key}={node[key]} is out of range: allowed >= {low}")
+    for group in ("scorers", "judges"):
+        for name, spec in node[group].items():
+            if spec is not None and (not OmegaConf.is_dict(spec) or not spec.get("_target_")):
+                raise ConfigError(f"eval.{group}.{name}: give a _target_ (a scorer function or class), or null")
+    if node.judge is not None and (not OmegaConf.is_dict(node.judge) or not node.judge.get("_target_")):
+        raise ConfigError("eval.judge must name a backend with _target_ (as llm does), or be null")
+    _checked("eval.judge_sampling", lambda: SamplingParams(**OmegaConf.to_container(node.judge_sampling)))
 
 
 def check_known_keys(cfg: DictConfig) -> None:

@@ -1,4 +1,5 @@
-"""Prompt sets: JSONL files with one ``{"id", "prompt"}`` or ``{"id", "messages"}`` object a line."""
+"""Prompt sets: JSONL files with one ``{"id", "prompt"}`` or ``{"id", "messages"}`` object a line, each with an
+optional ``expectations`` object (what a good answer looks like: :mod:`pikeclient.eval.expectations`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, overload
 
 from pikeclient.core.errors import ConfigError
 from pikeclient.core.types import Message, user_message
+from pikeclient.eval.expectations import Expectations
 
 PACKAGE_SCHEME = "pkg://"
 
@@ -21,6 +23,7 @@ class PromptItem:
     messages: tuple[Message, ...]
     repeat: int = 0  # which pass over the dataset (experiment.repeats)
     max_tokens: int | None = None  # the output length this prompt asks for (synthetic prompts)
+    expectations: Expectations | None = None  # what a good answer looks like (None: nothing said)
 
     @property
     def prompt(self) -> str:
@@ -110,15 +113,16 @@ def _parse_line(raw: bytes, where: str, default_id: str) -> PromptItem:
         raise ConfigError(f"{where}: expected a JSON object with 'prompt' or 'messages'")
     item_id = str(data.get("id", default_id))
     _check_text(item_id, where)
+    expectations = Expectations.parse(data["expectations"], where) if "expectations" in data else None
     if "messages" in data:
-        return PromptItem(item_id, _check_messages(data["messages"], where))
+        return PromptItem(item_id, _check_messages(data["messages"], where), expectations=expectations)
     prompt = data.get("prompt")
     if not isinstance(prompt, str):
         raise ConfigError(f"{where}: needs a 'prompt' string or a 'messages' list")
     _check_text(prompt, where)
     if is_blank(prompt):
         raise ConfigError(f"{where}: empty prompt")
-    return PromptItem(item_id, tuple(user_message(prompt)))
+    return PromptItem(item_id, tuple(user_message(prompt)), expectations=expectations)
 
 
 def is_blank(text: str) -> bool:

@@ -9,12 +9,11 @@ cost. Failed calls count in errors, retries and backoff (those attempts happened
 from __future__ import annotations
 
 import logging
-import math
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from pikeclient.core.statistics import bootstrap_ci, percentile  # noqa: F401 - also imported from here
 from pikeclient.run.cost import Price, cost_metrics
 
 log = logging.getLogger(__name__)
@@ -27,14 +26,6 @@ MIN_BEYOND = 5  # a percentile's interval needs this many calls beyond it (p95: 
 MIN_COMPLETIONS = 50  # a throughput interval needs this many calls
 STREAM_PERCENTILES = (50, 90, 99)
 WIDTH = 100  # the summary fits a terminal this wide
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default method); ``values`` must be non-empty."""
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 @dataclass(frozen=True)
@@ -57,16 +48,6 @@ class Slo:
             if limit is not None and (value is None or value > limit):
                 return False  # a timing the SLO needs but the call lacks (TTFT without streaming) is not met
         return True
-
-
-def bootstrap_ci(values: list[float], statistic: Any, *, resamples: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of ``statistic(values)`` (seeded: reproducible)."""
-    rng = random.Random(seed)
-    n = len(values)
-    estimates = sorted(statistic([values[rng.randrange(n)] for _ in range(n)]) for _ in range(resamples))
-    tail = (1 - level) / 2 * 100
-    return percentile(estimates, tail), percentile(estimates, 100 - tail)
 
 
 @dataclass

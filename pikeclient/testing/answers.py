@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,11 +60,16 @@ class Answer:
     completion_tokens: int
 
     @classmethod
-    def build(cls, route: str, payload: dict, count: str = "words") -> Answer:
+    def build(cls, route: str, payload: dict, count: str = "words", answers: Mapping[str, str] | None = None) -> Answer:
+        """``answers``: canned answers; the first key found in the last user message picks its answer."""
         params = payload.get("input_data", {}).get("parameters", {}) if route == "aml_score" else payload
         limit = params.get("max_completion_tokens") or params.get("max_tokens") or params.get("max_new_tokens") or 256
-        words = ("You said: " + prompt_of(route, payload)).split()
+        prompt = prompt_of(route, payload)
+        canned = next((answer for key, answer in (answers or {}).items() if key in prompt), None)
+        words = (canned if canned is not None else "You said: " + prompt).split()
         text, reason = " ".join(words[:limit]), "length" if len(words) > limit else "stop"
+        if canned is not None and reason == "stop":
+            text = canned  # as written: its line breaks too (JSON, lists)
         for stop in _as_list(params.get("stop")):
             if stop and stop in text:
                 text, reason = text[: text.index(stop)], "stop"

@@ -1,9 +1,10 @@
 """A real HTTP server on loopback that speaks the OpenAI and Azure chat wire protocols.
 
-It answers deterministically (an echo of the last user message, cut at ``max_tokens`` words and at
-stop strings), streams SSE with a usage chunk, and injects faults on request: 429 with Retry-After,
-500/503, dropped connections, hangs, malformed JSON, streams cut in the middle, answers that never
-end, and (``usage=``) usage figures that are not counts. Tests, ``bench/``
+It answers deterministically (an echo of the last user message, or a canned answer chosen by the
+prompt, cut at ``max_tokens`` words and at stop strings), streams SSE with a usage chunk, and injects
+faults on request: 429 with Retry-After, 500/503, dropped connections, hangs, malformed JSON, streams
+cut in the middle, answers that never end, and (``usage=``) usage figures that are not counts. Tests,
+``bench/``
 and users (an offline dry run of ``run.py``) start it the same way::
 
     python -m pikeclient.testing.server --port 8000 --latency 0.1
@@ -23,6 +24,7 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -111,6 +113,7 @@ class FakeLLMServer:
         keep_timings: bool = False,
         usage: Any = None,
         count: str = "words",
+        answers: Mapping[str, str] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -133,6 +136,9 @@ class FakeLLMServer:
         # (the truth a client's TTFT and ITL are compared with in bench/bench_streaming.py)
         self.keep_timings = keep_timings
         self.timings: list[StreamTiming] = []
+        # Canned answers: the first key found in the last user message picks the answer (instead of the
+        # echo), so a test can serve known right and wrong answers, or a judge's verdicts.
+        self.answers = dict(answers or {})
         self._semaphore: asyncio.Semaphore | None = None
         self.log: list[RequestRecord] = []
         self.request_count = 0
@@ -246,13 +252,13 @@ class FakeLLMServer:
         if fault == "html":  # a proxy's login or error page, served with 200
             return await self._send_raw(writer, 200, b"<html><body>Sign in</body></html>", "text/html")
         if fault in ("empty_choices", "null_content"):
-            body = Answer.build(route, payload, self.count).completion()
+            body = Answer.build(route, payload, self.count, self.answers).completion()
             if fault == "empty_choices":
                 body["choices"] = []
             else:
                 body["choices"][0]["message"]["content"] = None
             return await self._send_json(writer, 200, body)
-        answer = Answer.build(route, payload, self.count)
+        answer = Answer.build(route, payload, self.count, self.answers)
         if route == "aml_score":
             return await self._send_json(writer, 200, {"output": answer.text})
         if payload.get("stream"):
@@ -434,6 +440,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--usage", type=json.loads, default=None,
                         help='report this JSON as usage, e.g. \'{"prompt_tokens": -150, "completion_tokens": "21"}\'')
     parser.add_argument("--endless-s", type=float, default=0.01, help="gap between an endless answer's pieces")
+    parser.add_argument("--answers", type=argparse.FileType(encoding="utf-8"), default=None,
+                        help="a JSON object: the first key found in a prompt picks its answer (else the echo)")
     for name in FAULTS:
         parser.add_argument(f"--rate-{name.replace('_', '-')}", type=float, default=0.0, dest=f"rate_{name}")
     args = parser.parse_args(argv)
@@ -442,7 +450,8 @@ def main(argv: list[str] | None = None) -> None:
                            faults=FaultPlan(rates=rates, endless_s=args.endless_s), keep_log=not args.no_log,
                            token_delay=args.token_delay,
                            report_usage=not args.no_usage, capacity=args.capacity,
-                           keep_timings=args.timings, usage=args.usage, count=args.count)
+                           keep_timings=args.timings, usage=args.usage, count=args.count,
+                           answers=json.load(args.answers) if args.answers else None)
     try:
         asyncio.run(server.serve_forever())
     except KeyboardInterrupt:
