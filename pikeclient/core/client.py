@@ -137,6 +137,11 @@ class BaseLLMClient(abc.ABC):
         """Calls made and discarded before measuring when ``experiment.warmup`` is null."""
         return 0
 
+    @property
+    def warmup_sampling(self) -> dict[str, Any]:
+        """Sampling overrides for warm-up calls (what pays the first calls' costs, at the least expense)."""
+        return {}
+
     def prepare(self) -> None:
         """One-time set-up before measured calls (tokenizer tables are built on first use, ~0.3 s)."""
         self.get_token_count("warm up")

@@ -276,7 +276,7 @@ async def warm_up(client: BaseLLMClient, prompts: Sequence[PromptItem], count: i
     async def one(item: PromptItem) -> None:
         async with slots:
             with contextlib.suppress(LLMError):
-                await client.achat(item.messages)
+                await client.achat(item.messages, **client.warmup_sampling)
             progress.update(1)
 
     try:

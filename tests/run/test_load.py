@@ -126,7 +126,9 @@ def test_closed_loop_limits_stop_the_sending(api_env):
         stats, records = run(client, prompts(50), Concurrency(2), limits=[MaxRequests(5)])
         assert len(records) == 5 and len(server.log) == 5
         stats, records = run(client, prompts(500), Concurrency(2), limits=[MaxDuration(0.3)])
-    assert 2 <= len(records) < 500  # requests in flight at the limit still finish and are recorded
+    # Sending stopped (a loaded machine may start only one worker's call within 0.3 s); the calls in
+    # flight at the limit still finished and were recorded.
+    assert 1 <= len(records) < 500 and all(r["error"] is None for r in records)
 
 
 def test_slo_attainment_and_goodput_arithmetic():
