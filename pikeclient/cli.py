@@ -26,7 +26,7 @@ from pikeclient.core.folderlock import FolderLock
 from pikeclient.run.experiment import RunFailed, run_experiment
 from pikeclient.run.redact import AUTH_HEADERS
 from pikeclient.run.resume import find_job_dir, find_sweep_dir
-from pikeclient.run.stats import format_summary
+from pikeclient.run.stats import RunStats, format_summary
 from pikeclient.tracking.job_file import read_job_file, read_sweep_file, task_overrides
 
 log = logging.getLogger(__name__)
@@ -145,10 +145,18 @@ def main(cfg: DictConfig) -> float | None:
     info = hydra_job_info()
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     title = f"pikeclient: {info['job_name']}"
+    printed: list[RunStats] = []
+
+    def show(stats: RunStats) -> None:  # as soon as the calls are over, before MLflow has it all
+        print(format_summary(stats, title))
+        print(first_answers(output_dir / cfg.experiment.records_file), flush=True)
+        printed.append(stats)
+
     try:
-        stats = run_experiment(cfg, output_dir, info)
+        stats = run_experiment(cfg, output_dir, info, on_calls_done=show)
     except RunFailed as error:
-        print(format_summary(error.stats, title))
+        if not printed:
+            print(format_summary(error.stats, title))
         log.error("the run failed: %s; its MLflow run is marked FAILED", error)
         _end_sweep(cfg, "FAILED")
         sys.exit(1)
@@ -164,8 +172,8 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(143 if terminated else 130)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print(format_summary(stats, title))
-    print(first_answers(output_dir / cfg.experiment.records_file))
+    if not printed:  # a finished run resumed again: nothing was called
+        show(stats)
     return stats.metrics().get("Latency/p50")
 
 

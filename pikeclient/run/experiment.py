@@ -15,7 +15,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -59,8 +59,13 @@ class RunFailed(PikeError):
         self.stats = stats
 
 
-def run_experiment(cfg: DictConfig, output_dir: str | Path, hydra_info: dict[str, Any] | None = None) -> RunStats:
+def run_experiment(cfg: DictConfig, output_dir: str | Path, hydra_info: dict[str, Any] | None = None,
+                   on_calls_done: Callable[[RunStats], None] | None = None) -> RunStats:
     """Run ``cfg``'s dataset through ``cfg``'s client; write records to ``output_dir``; log to MLflow.
+
+    ``on_calls_done(stats)`` is called as soon as the calls are over and every record is written, before
+    the tracking process has logged the rest (traces of the last calls, metrics, artifacts): the command
+    line prints its summary then, and returns once the run is whole in the store.
 
     Everything that can be checked before a call is made (config, dataset, credentials, model, the
     tracking store) is checked first, so a bad input fails before any call and leaves no run behind.
@@ -77,7 +82,7 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path, hydra_info: dict[str
         # prompts and the client; it creates the run only when the measured part begins.
         tracking = TrackingSidecar() if settings.config.tracking.enabled else None
         try:
-            return _run(settings, output_dir, hydra_info or {}, tracking, redactor, locks)
+            return _run(settings, output_dir, hydra_info or {}, tracking, redactor, locks, on_calls_done)
         except BaseException as error:
             if tracking is not None:
                 tracking.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
@@ -85,7 +90,8 @@ def run_experiment(cfg: DictConfig, output_dir: str | Path, hydra_info: dict[str
 
 
 def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tracking: TrackingSidecar | None,
-         redactor: Redactor, locks: contextlib.ExitStack) -> RunStats:
+         redactor: Redactor, locks: contextlib.ExitStack,
+         on_calls_done: Callable[[RunStats], None] | None = None) -> RunStats:
     c = settings.config
     experiment = c.experiment
     items = load_prompts(c.dataset.path, c.dataset.limit) if c.dataset.kind == "jsonl" else None
@@ -130,9 +136,15 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
         stats.max_in_flight = settings.strategy.max_in_flight
         stats.warn_about_the_client()
         verdict = failure_verdict(stats, experiment.max_error_rate)
+        metrics = stats.metrics()
+        if on_calls_done is not None:
+            on_calls_done(stats)
         if tracking is not None:
-            tracking.finish(stats.metrics(), stats.tags(), stats.end_time, records_path, output_dir,
+            log.info("MLflow: completing run %s (the last calls' series and traces, metrics, artifacts)",
+                     tracking.run_id or "")
+            tracking.finish(metrics, stats.tags(), stats.end_time, records_path, output_dir,
                             log_records=c.tracking.log_records, status="FAILED" if verdict else "FINISHED")
+            log.info("MLflow: run %s is complete in %s", tracking.run_id, settings.tracking_uri)
         write_job_file(output_dir, status="FAILED" if verdict else "FINISHED")
     finally:
         client.close()

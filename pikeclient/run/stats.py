@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from pikeclient.core.statistics import bootstrap_ci, percentile  # noqa: F401 - also imported from here
+from pikeclient.core.statistics import bootstrap_ci, percentile, quantile_ci  # noqa: F401 - also imported here
 from pikeclient.run.cost import Price, cost_metrics
 
 log = logging.getLogger(__name__)
@@ -221,13 +221,14 @@ class RunStats:
         return out
 
     def _intervals(self) -> dict[str, float]:
-        """95% bootstrap intervals for latency p50/p95 and TTFT p50, and for requests/s (time blocks);
+        """95% intervals for latency p50/p95 and TTFT p50 (order statistics), and for requests/s (a
+        bootstrap of time blocks);
         none where the sample cannot support one (too few calls beyond the percentile, too short a run)."""
         out: dict[str, float] = {}
         for name, values, q in (("Latency/p50", self.latencies, 50), ("Latency/p95", self.latencies, 95),
                                 ("TTFT/p50", self.ttfts, 50)):
             if len(values) * (100 - q) / 100 >= MIN_BEYOND:
-                low, high = bootstrap_ci(values, lambda sample, q=q: percentile(sample, q))
+                low, high = quantile_ci(values, q)
                 out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
         blocks = self._blocks()
         if blocks:

@@ -81,8 +81,8 @@ class TrackingSidecar:
                     log_records, status))
         if self.run_id is None:
             self._expect("run")
-        self._expect("done")  # the run has ended in the store; the process may take a moment to exit
-        self._close(wait=False)
+        self._expect("done")  # every call, trace and artifact is in the store and the run has ended
+        self._close()  # and the process has exited: its CPU is over when the command returns
         assert self.run_id is not None
         return self.run_id
 
