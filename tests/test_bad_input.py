@@ -90,7 +90,8 @@ CASES = [
     # issue 19: numbers that are not numbers, prices, llm.extra_body over pikeclient's own fields, totals
     (("dataset=synthetic", "dataset.input_tokens_std=nan"), "dataset.input_tokens_std=nan is not a number"),
     (("dataset=synthetic", "dataset.output_tokens_std=inf"), "dataset.output_tokens_std=inf is out of range"),
-    (("dataset.input_tokens_std=-1",), "dataset.input_tokens_std=-1.0 is out of range: allowed a finite number >= 0"),
+    (("dataset=synthetic", "dataset.input_tokens_std=-1"),
+     "dataset.input_tokens_std=-1 is out of range: allowed a finite number >= 0"),
     (("retry.initial_delay=nan",), "retry.initial_delay=nan is not a number"),
     (("retry.deadline=inf",), "retry.deadline=inf is out of range"),
     (("llm.timeout=nan",), "llm.timeout=nan is not a number"),

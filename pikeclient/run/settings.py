@@ -15,6 +15,7 @@ from typing import Any, cast
 from omegaconf import DictConfig, OmegaConf
 
 from pikeclient.config.schema import Config, artifact_root, tracking_uri, validate
+from pikeclient.run.datasets import DatasetReader, build_dataset
 from pikeclient.run.load import Limit, Strategy, build_limits, build_strategy
 from pikeclient.run.stats import Slo
 
@@ -28,6 +29,7 @@ class RunSettings:
 
     config: Config
     resolved: dict[str, Any]
+    dataset: DatasetReader
     strategy: Strategy
     limits: tuple[Limit, ...]
     slo: Slo
@@ -46,6 +48,7 @@ class RunSettings:
         return cls(
             config=config,
             resolved=cast(dict, OmegaConf.to_container(cfg, resolve=True)),
+            dataset=build_dataset(config.dataset),
             strategy=build_strategy(load.kind, concurrency=concurrency, rate=load.rate,
                                     max_in_flight=load.max_in_flight, seed=load.seed),
             limits=tuple(build_limits(experiment.max_requests, experiment.max_duration)),
