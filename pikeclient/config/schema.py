@@ -100,6 +100,16 @@ class LoadConfig:
     rate: Optional[float] = None
     max_in_flight: Optional[int] = None
     seed: Optional[int] = None
+    burstiness: Optional[float] = None  # poisson: the gaps' gamma shape
+    ramp_up: Optional[float] = None  # constant, poisson: seconds of ramp from ramp_start_rate
+    ramp_start_rate: Optional[float] = None
+    ramp_shape: Optional[str] = None
+    trace: Optional[str] = None  # replay
+    time_scale: Optional[float] = None
+    block_size: Optional[int] = None
+    users: Optional[int] = None  # sessions
+    think_time_s: Optional[float] = None
+    think_time_dist: Optional[str] = None
 
 
 @dataclass

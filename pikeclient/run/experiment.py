@@ -31,6 +31,7 @@ from pikeclient.run.cache import ResponseCache
 from pikeclient.run.cost import Price, find_price
 from pikeclient.run.dataset import PromptItem, Repeated
 from pikeclient.run.datasets import DatasetReader
+from pikeclient.run.load import offered_rate
 from pikeclient.run.redact import Redactor, secrets_in
 from pikeclient.run.resume import (
     DatasetDigest,
@@ -125,12 +126,13 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
                 warmup=warmup, earlier=earlier, on_begin=tracking.begin if tracking else None, redactor=redactor,
                 limits=settings.limits, slo=settings.slo))
         stats.price = price
-        stats.requested_rate = getattr(settings.strategy, "rate", None)
+        stats.requested_rate = offered_rate(settings.strategy, items)
         stats.max_in_flight = settings.strategy.max_in_flight
         stats.warn_about_the_client()
         verdict = failure_verdict(stats, experiment.max_error_rate)
         if tracking is not None:
-            tracking.finish(stats.metrics(), stats.tags(), stats.end_time, records_path, output_dir,
+            metrics = {**stats.metrics(), **stats.series()}  # series by turn: {step: value}
+            tracking.finish(metrics, stats.tags(), stats.end_time, records_path, output_dir,
                             log_records=c.tracking.log_records, status="FAILED" if verdict else "FINISHED")
         write_job_file(output_dir, status="FAILED" if verdict else "FINISHED")
     finally:

@@ -40,17 +40,18 @@ class RunSettings:
     def from_config(cls, cfg: DictConfig) -> RunSettings:
         validate(cfg)
         config = cast(Config, OmegaConf.to_object(cfg))
-        experiment, load = config.experiment, config.load
-        concurrency = load.concurrency
+        experiment = config.experiment
+        load = {k: v for k, v in asdict(config.load).items() if k != "kind"}
         if experiment.concurrency is not None:
             log.warning("experiment.concurrency is deprecated: use load.concurrency (load=concurrency)")
-            concurrency = experiment.concurrency
+            load["concurrency"] = experiment.concurrency
+        strategy = build_strategy(config.load.kind, **load)
+        trace = getattr(strategy, "prompts", None)  # a replayed trace is the run's prompts too
         return cls(
             config=config,
             resolved=cast(dict, OmegaConf.to_container(cfg, resolve=True)),
-            dataset=build_dataset(config.dataset),
-            strategy=build_strategy(load.kind, concurrency=concurrency, rate=load.rate,
-                                    max_in_flight=load.max_in_flight, seed=load.seed),
+            dataset=trace() if trace else build_dataset(config.dataset),
+            strategy=strategy,
             limits=tuple(build_limits(experiment.max_requests, experiment.max_duration)),
             slo=Slo(**asdict(config.slo)),
             tracking_uri=tracking_uri(config),
