@@ -15,6 +15,7 @@ from typing import Any, cast
 from omegaconf import DictConfig, OmegaConf
 
 from pikeclient.config.schema import Config, artifact_root, tracking_uri, validate
+from pikeclient.core.errors import ConfigError
 from pikeclient.run.datasets import DatasetReader, build_dataset
 from pikeclient.run.load import Limit, Strategy, build_limits, build_strategy
 from pikeclient.run.stats import Slo
@@ -47,10 +48,14 @@ class RunSettings:
             load["concurrency"] = experiment.concurrency
         strategy = build_strategy(config.load.kind, **load)
         trace = getattr(strategy, "prompts", None)  # a replayed trace is the run's prompts too
+        dataset = trace() if trace else build_dataset(config.dataset)
+        if getattr(dataset, "conversations", False) and not getattr(strategy, "sessions", False):
+            raise ConfigError(f"dataset.conversations=true needs load=sessions (turn k goes after the real answers to "
+                              f"turns 1..k-1), not load={config.load.kind}")
         return cls(
             config=config,
             resolved=cast(dict, OmegaConf.to_container(cfg, resolve=True)),
-            dataset=trace() if trace else build_dataset(config.dataset),
+            dataset=dataset,
             strategy=strategy,
             limits=tuple(build_limits(experiment.max_requests, experiment.max_duration)),
             slo=Slo(**asdict(config.slo)),

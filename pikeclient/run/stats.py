@@ -363,6 +363,7 @@ def format_summary(stats: RunStats, title: str) -> str:
     ]
     if stats.empty_answers:
         rows.insert(2, ("empty answers", str(stats.empty_answers)))
+    rows += stats.turns.summary_rows()
     width = max(len(k) for k, _ in rows)
     lines = [_fit(title), "-" * min(WIDTH, max(len(title), width + 30))]
     lines += [_fit(f"{k:<{width}}  {v}") for k, v in rows]

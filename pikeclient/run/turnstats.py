@@ -72,6 +72,20 @@ class TurnStats:
             out.update({f"sessions/duration_s_p{q}": percentile(durations, q) for q in (50, 90, 99)})
         return out
 
+    def summary_rows(self) -> list[tuple[str, str]]:
+        """Rows of the run's summary table: sessions, and latency (TTFT when streaming) by turn."""
+        if not self.sessions:
+            return []
+        m = self.metrics()
+        rows = [("sessions completed / all", f"{m['sessions/completed']:.0f} / {m['sessions/count']:.0f}"
+                                             + (f" ({m['sessions/failed']:.0f} ended by a failed turn)"
+                                                if m["sessions/failed"] else ""))]
+        name, values = ("TTFT", self.ttfts) if self.ttfts else ("latency", self.latencies)
+        if len(values) > 1:
+            rows.append((f"{name} p50 by turn (s)", ", ".join(f"{t}: {percentile(v, 50):.3f}"
+                                                              for t, v in sorted(values.items()))))
+        return rows
+
     def series(self) -> dict[str, dict[int, float]]:
         """Metric series by turn (step = turn index)."""
         out: dict[str, dict[int, float]] = {

@@ -154,7 +154,8 @@ def test_hf_reads_parquet_with_its_columns_mapped(parquet, monkeypatch, tmp_path
     assert [(i.id, i.prompt, i.max_tokens) for i in items][:2] == [("r0", "Why is the sky blue?", 12),
                                                                    ("r1", "Name two rivers in Africa.", 6)]
     chats = HFDataset(path=str(parquet), messages_column="chat").read()
-    assert [i.id for i in chats] == ["0", "1", "2", "3"] and [m["role"] for m in chats[1].messages] == ["system", "user"]
+    assert [i.id for i in chats] == ["0", "1", "2", "3"]
+    assert [m["role"] for m in chats[1].messages] == ["system", "user"]
     turns = HFDataset(path=str(parquet), messages_column="chat", conversations=True).read()
     assert [(i.session, i.turn) for i in turns if i.session == "2"] == [("2", 1), ("2", 2)]
     with pytest.raises(ConfigError, match="dataset.prompt_column='text': no such column .* question"):
