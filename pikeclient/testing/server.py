@@ -218,6 +218,9 @@ class FakeLLMServer:
         if method == "GET" and url.path == "/_timings":  # and forgets them
             timings, self.timings = self.timings, []
             return await self._send_json(writer, 200, [asdict(t) for t in timings])
+        if method == "GET" and url.path == "/_received":  # when each logged request arrived (epoch s), and forgets
+            log, self.log = self.log, []
+            return await self._send_json(writer, 200, [{"time": r.time, "prompt": r.prompt} for r in log])
         route = route_of(method, url.path)
         if route is None:
             return await self._send_json(writer, 404, {"error": {"message": f"no route {method} {url.path}"}})

@@ -65,7 +65,7 @@ class Replay:
             if reader.recognizes(first):
                 return reader.for_replay(str(path), self)
         raise ConfigError(f"load.trace={self.trace!r}: not a trace pikeclient reads (its first request has "
-                          f"{', '.join(sorted(first)) or 'nothing'}); see docs/workloads.md#trace-replay")
+                          f"{', '.join(sorted(first)) or 'nothing'}); see docs/workloads.md")
 
     @classmethod
     def build(cls, trace: str | None = None, time_scale: float | None = None, max_in_flight: int | None = None,
