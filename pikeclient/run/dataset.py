@@ -7,6 +7,7 @@ live in :mod:`pikeclient.run.datasets`, one small class each.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -57,9 +58,13 @@ class Repeated(Sequence[PromptItem]):
     def __init__(self, items: Sequence[PromptItem], repeats: int) -> None:
         self.items = items
         self.repeats = repeats
-        times = [item.at for item in items] if repeats > 1 and items and items[0].at is not None else []
+
+    @functools.cached_property
+    def period(self) -> float:
+        """How long after a pass of a trace the next one starts: the trace's span and one mean gap."""
+        times = [item.at or 0.0 for item in self.items]
         span = max(times) - min(times) if times else 0.0
-        self.period = span + (span / (len(times) - 1) if len(times) > 1 else 1.0)
+        return span + (span / (len(times) - 1) if len(times) > 1 else 1.0)
 
     def __len__(self) -> int:
         return len(self.items) * self.repeats

@@ -82,17 +82,17 @@ async def play_sessions(calls: _Calls, prompts: Sequence[PromptItem], done: Mapp
 
 class _Player:
     def __init__(self, calls: _Calls, done: Mapping[int, dict[str, Any]], strategy: Sessions, start: float) -> None:
-        self.calls, self.done, self.start = calls, done, start
-        self.think = strategy.think_times()
+        self.calls, self.done, self.strategy, self.start = calls, done, strategy, start
 
     async def play(self, conversation: Conversation) -> None:
         """The conversation's unanswered turns, in order, each after the history so far."""
         history: list[Message] = []
+        think = self.strategy.think_times(conversation.key)
         sent = False
         for position, (index, item) in enumerate(conversation.turns):
             record = self.done.get(index)
             if record is None:
-                pause = next(self.think) if sent else 0.0
+                pause = next(think) if sent else 0.0
                 if pause > 0:
                     await asyncio.sleep(pause)
                 if not self.calls.allowed(self.start):

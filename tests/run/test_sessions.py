@@ -154,3 +154,14 @@ def test_single_prompts_are_sessions_of_one_turn(server, tmp_path, extra):
     [path] = (tmp_path / "runs" / "outputs").rglob("records.jsonl")
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert {r["turn"] for r in records} == {1} and len({r["session_id"] for r in records}) == len(records)
+
+
+def test_a_two_backend_multi_turn_sweep(server, tmp_path):
+    proc = run_py("-m", "llm=openai,azure_openai", f"base_url={server.url}/v1", "++llm.stream=true", "load=sessions",
+                  "load.users=2", *SHAREGPT, cwd=tmp_path,
+                  env={"OPENAI_API_KEY": API_KEY, "AZURE_OPENAI_API_KEY": API_KEY})
+    assert proc.returncode == 0, proc.stderr
+    jobs = [r for r in mlflow_runs(tmp_path / "runs") if r["tags"].get("pikeclient.role") != "sweep"]
+    assert sorted(r["tags"]["pikeclient.provider"] for r in jobs) == ["azure_openai", "openai"]
+    assert all(r["status"] == "FINISHED" and r["metrics"]["sessions/completed"] == 4 for r in jobs)
+    assert all(r["metrics"]["turns/ttft_p50"] > 0 for r in jobs)  # the latest step of the TTFT-by-turn series

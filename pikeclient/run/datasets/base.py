@@ -95,14 +95,12 @@ class DatasetReader:
         return items
 
     def _fits(self, client: BaseLLMClient | None) -> Callable[[Unit], bool]:
-        if client is None or client.count_source == "none":
-            raise ConfigError("dataset.min_input_tokens / max_input_tokens need token counts: set llm.tokenizer to "
-                              "the model's tokenizer")
+        counter = require_counts(client, "dataset.min_input_tokens / max_input_tokens")
         low, high = self.min_input_tokens or 0, self.max_input_tokens
 
         def fits(unit: Unit) -> bool:
             for item in unit:
-                count = client.count_message_tokens(list(item.messages)) or 0
+                count = counter.count_message_tokens(list(item.messages)) or 0
                 if count < low or (high is not None and count > high):
                     return False
             return True

@@ -38,9 +38,10 @@ class Sessions:
     SETTINGS: ClassVar[tuple[str, ...]] = ("users", "rate", "think_time_s", "think_time_dist", "seed",
                                            "max_in_flight")
 
-    def think_times(self) -> Iterator[float]:
-        """Seconds each user waits after an answer before the next turn, drawn from one seeded stream."""
-        rng, draw = random.Random(self.seed), THINK_TIMES[self.think_time_dist]
+    def think_times(self, session: str) -> Iterator[float]:
+        """Seconds the user of ``session`` waits after each answer before the next turn (seeded by the session,
+        so a session's pauses do not depend on what the other users did)."""
+        rng, draw = random.Random(f"{self.seed}:{session}"), THINK_TIMES[self.think_time_dist]
         while True:
             yield draw(rng, self.think_time_s) if self.think_time_s > 0 else 0.0
 
