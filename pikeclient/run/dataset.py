@@ -49,7 +49,29 @@ class PromptItem:
         return {"max_tokens": self.max_tokens, "min_tokens": self.max_tokens} if self.max_tokens else {}
 
 
-class Repeated(Sequence[PromptItem]):
+class LazyItems(Sequence[PromptItem]):
+    """Items made when they are used (``_item``), not held: a subclass gives ``__len__`` and ``_item``."""
+
+    def _item(self, index: int) -> PromptItem:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, index: int) -> PromptItem: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[PromptItem]: ...
+
+    def __getitem__(self, index: int | slice) -> PromptItem | list[PromptItem]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._item(index)
+
+
+class Repeated(LazyItems):
     """A dataset ``repeats`` times over, each pass numbered (records carry ``repeat``), made on demand:
     a million repeats of ten prompts cost nothing until a limit lets them be sent.
 
@@ -69,19 +91,7 @@ class Repeated(Sequence[PromptItem]):
     def __len__(self) -> int:
         return len(self.items) * self.repeats
 
-    @overload
-    def __getitem__(self, index: int) -> PromptItem: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[PromptItem]: ...
-
-    def __getitem__(self, index: int | slice) -> PromptItem | list[PromptItem]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+    def _item(self, index: int) -> PromptItem:
         repeat, position = divmod(index, len(self.items))
         return self._pass(self.items[position], repeat)
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 from pikeclient.core.client import BaseLLMClient
+from pikeclient.core.errors import ConfigError
 from pikeclient.core.types import Message, content_text
-from pikeclient.run.dataset import PromptItem, is_blank
+from pikeclient.run.dataset import PromptItem, is_blank, resolve_path
 from pikeclient.run.datasets.base import DatasetReader, Unit, require_counts
 
 AnswerTokens = Callable[[Message], "int | None"]
@@ -21,9 +24,24 @@ AnswerTokens = Callable[[Message], "int | None"]
 
 @dataclass
 class ChatReader(DatasetReader):
-    """``conversations``: play each chat turn by turn (needs ``load=sessions``) instead of sending it whole."""
+    """``path``: the file (``pkg://package/file`` for one shipped inside a package); ``conversations``: play
+    each chat turn by turn (needs ``load=sessions``) instead of sending it whole."""
 
     conversations: bool = False
+    path: str | None = None
+    NO_PATH: ClassVar[str] = "name a data file"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.path:
+            raise ConfigError(f"dataset.path is not set: {self.NO_PATH}")
+
+    def source(self) -> str:
+        return str(resolve_path(str(self.path)))
+
+    @property
+    def name(self) -> str:
+        return Path(str(self.path)).stem
 
     def answer_tokens(self, client: BaseLLMClient | None, wanted: bool, what: str) -> AnswerTokens | None:
         """How many tokens a recorded answer has, as the client counts them (None: the lengths are not used)."""

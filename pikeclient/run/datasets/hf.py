@@ -26,7 +26,6 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parqu
 
 @dataclass
 class HFDataset(ChatReader):
-    path: str | None = None
     split: str = "train"
     subset: str | None = None  # a hub dataset's configuration name
     prompt_column: str = "prompt"
@@ -34,19 +33,11 @@ class HFDataset(ChatReader):
     output_tokens_column: str | None = None
     id_column: str | None = None
     kind = "hf"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.path:
-            raise ConfigError("dataset.path is not set: name a data file, a saved dataset folder or a hub dataset")
+    NO_PATH = "name a data file, a saved dataset folder or a hub dataset"
 
     def source(self) -> str:
         local = Path(str(self.path)).expanduser()
         return str(local.resolve()) if local.exists() else f"hf://{self.path}"
-
-    @property
-    def name(self) -> str:
-        return Path(str(self.path)).stem
 
     def units(self, client: BaseLLMClient | None) -> Iterator[Unit]:
         rows = self._rows()

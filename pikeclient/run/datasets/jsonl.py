@@ -26,22 +26,8 @@ from pikeclient.run.datasets.files import json_lines, open_file
 
 @dataclass
 class JsonlDataset(ChatReader):
-    """``path``: the file, or ``pkg://package/file`` for one shipped inside a package."""
-
-    path: str | None = None
     kind = "jsonl"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.path:
-            raise ConfigError("dataset.path is not set: name a JSONL prompt file (or use dataset=synthetic)")
-
-    def source(self) -> str:
-        return str(resolve_path(str(self.path)))
-
-    @property
-    def name(self) -> str:
-        return resolve_path(str(self.path)).stem
+    NO_PATH = "name a JSONL prompt file (or use dataset=synthetic)"
 
     def units(self, client: BaseLLMClient | None) -> Iterator[Unit]:
         file = open_file(resolve_path(str(self.path)))

@@ -30,23 +30,14 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assist
 class ShareGPTDataset(ChatReader):
     """``path``: the file; ``output_tokens``: what every request asks for (null: its recorded answer's length)."""
 
-    path: str | None = None
     output_tokens: int | None = None
     kind = "sharegpt"
+    NO_PATH = "name a ShareGPT JSON or JSONL file"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.path:
-            raise ConfigError("dataset.path is not set: name a ShareGPT JSON or JSONL file")
         if self.output_tokens is not None and self.output_tokens < 1:
             raise ConfigError(f"dataset.output_tokens={self.output_tokens} is out of range: allowed >= 1 (or null)")
-
-    def source(self) -> str:
-        return str(resolve_path(str(self.path)))
-
-    @property
-    def name(self) -> str:
-        return resolve_path(str(self.path)).stem
 
     @property
     def needs_client(self) -> bool:

@@ -22,12 +22,12 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, overload
+from typing import Any, NamedTuple
 
 from pikeclient.core.client import BaseLLMClient
 from pikeclient.core.errors import ConfigError
 from pikeclient.core.types import user_message
-from pikeclient.run.dataset import PromptItem, resolve_path
+from pikeclient.run.dataset import LazyItems, PromptItem, resolve_path
 from pikeclient.run.datasets.base import DatasetReader, Unit, require_counts
 from pikeclient.run.datasets.files import csv_rows, json_lines, open_file
 from pikeclient.run.synthetic import exact_text, text_of, word_costs
@@ -152,7 +152,7 @@ class _Blocks:
         return " ".join(pieces)
 
 
-class MooncakePrompts(Sequence[PromptItem]):
+class MooncakePrompts(LazyItems):
     """A Mooncake trace's prompts, each built when it is used: the trace's sizes and the shared blocks are
     all that is held."""
 
@@ -162,17 +162,9 @@ class MooncakePrompts(Sequence[PromptItem]):
     def __len__(self) -> int:
         return len(self.requests)
 
-    @overload
-    def __getitem__(self, index: int) -> PromptItem: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[PromptItem]: ...
-
-    def __getitem__(self, index: int | slice) -> PromptItem | list[PromptItem]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+    def _item(self, index: int) -> PromptItem:
         request = self.requests[index]
-        text = self.blocks.text(request, index if index >= 0 else index + len(self))
+        text = self.blocks.text(request, index)
         return PromptItem(f"mooncake-{index}", tuple(user_message(text)), max_tokens=request.output_tokens,
                           at=request.at)
 
