@@ -187,3 +187,31 @@ def test_a_replay_run_end_to_end_logs_its_schedule(server, tmp_path):
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(records) == 8 and all(r["slo_met"] for r in records)
     assert isinstance(Replay.build(trace="x.csv"), Replay)
+
+
+def test_an_interrupted_replay_resumes_from_its_first_unsent_request(tmp_path):
+    import signal
+
+    from tests.test_reliability import _popen, _wait_for
+
+    trace = tmp_path / "slow.csv"
+    trace.write_text("time,input_tokens,output_tokens\n" + "".join(f"{i * 0.4:.1f},20,3\n" for i in range(12)))
+    with FakeLLMServer(api_key=API_KEY) as server:
+        args = ("llm=openai", f"llm.base_url={server.url}/v1", "load=replay", f"load.trace={trace}",
+                "tracking.traces=false")
+        first = _popen(args, tmp_path)
+        _wait_for(lambda: len(server.log) >= 4 or first.poll() is not None)
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=120)
+        [path] = (tmp_path / "runs" / "outputs").rglob("records.jsonl")
+        answered = {json.loads(line)["id"] for line in path.read_text().splitlines()
+                    if json.loads(line)["error"] is None}
+        mark = len(server.log)
+        again = run_py(*args, f"experiment.resume={path.parent}", cwd=tmp_path, env={"OPENAI_API_KEY": API_KEY})
+        resent = server.log[mark:]
+    assert first.returncode == 130 and again.returncode == 0, again.stderr
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == sorted(f"trace-{i}" for i in range(12))  # every request, once
+    assert len(resent) == 12 - len(answered) and 4 <= len(answered) < 12
+    new = sorted((r for r in records if not r.get("resumed")), key=lambda r: r["index"])
+    assert new[0]["scheduled_s"] == 0 and new[1]["scheduled_s"] == pytest.approx(0.4)  # the trace's gaps, from there
