@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import csv
 import json
+import os
 import random
 import resource
 import statistics
@@ -30,12 +31,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import API_KEY, loopback_server  # noqa: E402
-from bench._report import command_line, emit  # noqa: E402
+from bench._report import append, command_line  # noqa: E402
 from pikeclient.backends.openai import OpenAIClient  # noqa: E402
 from pikeclient.run.load import build_strategy  # noqa: E402
 from pikeclient.run.runner import run_prompts  # noqa: E402
 from pikeclient.run.stats import percentile  # noqa: E402
 
+LOAD = os.getloadavg()
 WORDS = "river mountain city table window garden music story light water paper voice market answer".split()
 
 
@@ -97,11 +99,14 @@ def errors(due: dict[str, float], got: dict[str, float]) -> list[tuple[float, fl
     return sorted((when, got[prompt] - when) for prompt, when in due.items() if prompt in got)
 
 
-def replay_rows(name: str, pairs: list[tuple[float, float]], delays: list[float], seconds: float) -> list[tuple]:
+def replay_rows(name: str, pairs: list[tuple[float, float]], delays: list[float], goals: list[str]) -> list[tuple]:
     first, last = pairs[0][0], pairs[-1][0]
     error = [e for _, e in pairs]
     head = [e for when, e in pairs if when - first < 5]
     tail = [e for when, e in pairs if last - when < 5]
+    drift = statistics.median(tail) - statistics.median(head)
+    goals.append(f"{name}: error p99 {percentile(error, 99) * 1000:.2f} ms (goal < 2 ms: "
+                 f"{'met' if percentile(error, 99) < 0.002 else 'not met'}), drift {drift * 1000:+.2f} ms over the run")
     return [
         (f"{name}: send-time error p50 / p99 / max (ms), server's clock",
          f"{percentile(error, 50) * 1000:.2f} / {percentile(error, 99) * 1000:.2f} / {max(error) * 1000:.2f}"),
@@ -164,7 +169,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(asyncio.run(child(args.child, args.url, args.users, args.turns))))
         return
-    rows = []
+    rows, goals = [], []
     with tempfile.TemporaryDirectory() as folder, loopback_server(0.0, keep_log=True) as url:
         trace = write_trace(Path(folder) / "trace.csv", args.rate, args.seconds)
         count = len(trace.read_text().splitlines()) - 1
@@ -174,12 +179,17 @@ def main() -> None:
             due, delays = asyncio.run(play(url, trace))
             pairs = errors(due, received(url))
             assert len(pairs) == count, (name, len(pairs), count)
-            rows += replay_rows(name, pairs, delays, args.seconds)
+            rows += replay_rows(name, pairs, delays, goals)
     with loopback_server(0.5) as url:
         for name in ("raw AsyncOpenAI", "pikeclient"):
             rss = sessions_rss("pikeclient" if name == "pikeclient" else "raw", url, args.users, args.turns)
             rows.append((f"sessions: {args.users} at once x {args.turns} turns, peak RSS (MB): {name}", f"{rss:.0f}"))
-    emit("Workloads: trace replay and concurrent sessions (loopback server)", rows, to_results=not args.no_append)
+        goals.append(f"{name}: {args.users} sessions' peak RSS {rss:.0f} MB (goal < 1024 MB: "
+                     f"{'met' if rss < 1024 else 'not met'})")
+    title = "Workloads: trace replay and concurrent sessions (loopback server)"
+    load = f"load average before: {LOAD[0]:.2f}, after: {os.getloadavg()[0]:.2f} (2 cores shared)"
+    notes = "\n".join(f"- {line}" for line in [*goals, load])
+    print(append(title, rows, notes) if not args.no_append else "\n".join([*(f"{k}: {v}" for k, v in rows), notes]))
 
 
 if __name__ == "__main__":
