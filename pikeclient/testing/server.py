@@ -12,7 +12,9 @@ and users (an offline dry run of ``run.py``) start it the same way::
 Routes: ``/v1/chat/completions`` (OpenAI, ``Authorization: Bearer``),
 ``/openai/deployments/{deployment}/chat/completions?api-version=...`` (Azure OpenAI, ``api-key``),
 ``/chat/completions`` and ``/models/chat/completions`` (Azure AI model inference), and ``/score``
-(Azure ML managed online endpoint: ``input_data`` in, ``{"output": ...}`` back, no usage).
+(Azure ML managed online endpoint: ``input_data`` in, ``{"output": ...}`` back, no usage). For checks made
+on the server's side: ``GET /_timings`` (each stream's own clock readings) and ``GET /_received`` (when
+each request arrived, by prompt).
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def test_sweep_through_run_py(llamacpp, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     runs = [r for r in mlflow_runs(tmp_path / "runs") if "pikeclient.job_num" in r["tags"]]
     assert len(runs) == 2 and all(r["status"] == "FINISHED" for r in runs)
-    assert all(r["metrics"]["calls"] == 3 and r["metrics"]["errors"] == 0 for r in runs)
+    assert all(r["metrics"]["calls/total"] == 3 and r["metrics"]["Errors/count"] == 0 for r in runs)
     records = [json.loads(line) for line in
                sorted((tmp_path / "runs" / "multirun").rglob("records.jsonl"))[0].read_text().splitlines()]
     assert len(records) == 3 and all(r["response"] for r in records)

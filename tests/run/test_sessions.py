@@ -165,3 +165,19 @@ def test_a_two_backend_multi_turn_sweep(server, tmp_path):
     assert sorted(r["tags"]["pikeclient.provider"] for r in jobs) == ["azure_openai", "openai"]
     assert all(r["status"] == "FINISHED" and r["metrics"]["sessions/completed"] == 4 for r in jobs)
     assert all(r["metrics"]["turns/ttft_p50"] > 0 for r in jobs)  # the latest step of the TTFT-by-turn series
+
+
+def test_a_sessions_runs_records_replay_each_turn_with_the_history_it_had(server, tmp_path, api_env):
+    from pikeclient.run.shapes.replay import Replay
+
+    proc = run_py("llm=openai", f"llm.base_url={server.url}/v1", "llm.model=gpt-4o", "load=sessions", "load.users=2",
+                  "tracking=none", *SHAREGPT, cwd=tmp_path, env={"OPENAI_API_KEY": API_KEY})
+    assert proc.returncode == 0, proc.stderr
+    [path] = (tmp_path / "runs" / "outputs").rglob("records.jsonl")
+    records = {(r["session_id"], r["turn"]): r for r in map(json.loads, path.read_text().splitlines())}
+    items = Replay.build(trace=str(path)).prompts().read(OpenAIClient(model="gpt-4o", base_url="http://127.0.0.1:9/v1"))
+    [third] = [i for i in items if i.id == "conv-c#3"]  # sent as it was: the two earlier turns and their answers
+    assert [m["content"] for m in third.messages if m["role"] == "assistant"] == [
+        records[("conv-c", 1)]["response"], records[("conv-c", 2)]["response"]]
+    assert third.messages[-1]["content"] == "Thanks!" and third.session is None
+    assert [i.at for i in items] == sorted(i.at for i in items)
