@@ -99,11 +99,11 @@ def errors(due: dict[str, float], got: dict[str, float]) -> list[tuple[float, fl
     return sorted((when, got[prompt] - when) for prompt, when in due.items() if prompt in got)
 
 
-def replay_rows(name: str, pairs: list[tuple[float, float]], delays: list[float], goals: list[str]) -> list[tuple]:
-    first, last = pairs[0][0], pairs[-1][0]
-    error = [e for _, e in pairs]
-    head = [e for when, e in pairs if when - first < 5]
-    tail = [e for when, e in pairs if last - when < 5]
+def replay_rows(name: str, runs: list[list[tuple[float, float]]], delays: list[float], goals: list[str]) -> list[tuple]:
+    """Figures over every run of a client: errors on the server's clock, first and last seconds of each run."""
+    error = [e for pairs in runs for _, e in pairs]
+    head = [e for pairs in runs for when, e in pairs if when - pairs[0][0] < 5]
+    tail = [e for pairs in runs for when, e in pairs if pairs[-1][0] - when < 5]
     drift = statistics.median(tail) - statistics.median(head)
     goals.append(f"{name}: error p99 {percentile(error, 99) * 1000:.2f} ms (goal < 2 ms: "
                  f"{'met' if percentile(error, 99) < 0.002 else 'not met'}), drift {drift * 1000:+.2f} ms over the run")
@@ -174,12 +174,22 @@ def main() -> None:
         trace = write_trace(Path(folder) / "trace.csv", args.rate, args.seconds)
         count = len(trace.read_text().splitlines()) - 1
         rows.append(("replay: trace", f"{count} requests over {args.seconds:g} s (~{count / args.seconds:.0f}/s)"))
-        for name, play in (("raw AsyncOpenAI", raw_replay), ("pikeclient", pike_replay)):
+        # Each client twice, in the order A B B A: load from elsewhere on the machine, rising or falling,
+        # weighs on both alike. Each figure is over both of a client's runs.
+        results: dict[str, tuple[list, list, float]] = {}
+        for name, play in (("raw AsyncOpenAI", raw_replay), ("pikeclient", pike_replay),
+                           ("pikeclient", pike_replay), ("raw AsyncOpenAI", raw_replay)):
             received(url)  # forget the warm-up
+            cpu = time.process_time()
             due, delays = asyncio.run(play(url, trace))
+            cpu = time.process_time() - cpu
             pairs = errors(due, received(url))
             assert len(pairs) == count, (name, len(pairs), count)
-            rows += replay_rows(name, pairs, delays, goals)
+            earlier = results.get(name, ([], [], 0.0))
+            results[name] = (earlier[0] + [pairs], earlier[1] + delays, earlier[2] + cpu)
+        for name, (runs, delays, cpu) in results.items():
+            rows += replay_rows(name, runs, delays, goals)
+            rows.append((f"{name}: client CPU per request (ms)", f"{cpu / (count * len(runs)) * 1000:.3f}"))
     with loopback_server(0.5) as url:
         for name in ("raw AsyncOpenAI", "pikeclient"):
             rss = sessions_rss("pikeclient" if name == "pikeclient" else "raw", url, args.users, args.turns)
