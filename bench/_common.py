@@ -33,13 +33,15 @@ def interleaved_medians(contenders: dict[str, Callable[[], float]], repeats: int
 
 
 @contextlib.contextmanager
-def loopback_server(latency: float = 0.0, *extra: str, cpus: set[int] | None = None) -> Iterator[str]:
+def loopback_server(latency: float = 0.0, *extra: str, cpus: set[int] | None = None,
+                    keep_log: bool = False) -> Iterator[str]:
     """The fake OpenAI server in a separate process (so it does not share the client's GIL); yields /v1 URL.
 
-    ``cpus``: the cores the server may use (the caller keeps the others for the client)."""
+    ``cpus``: the cores the server may use (the caller keeps the others for the client); ``keep_log``: the
+    server keeps when each request arrived (``GET /_received``)."""
     port = free_port()
     command = [sys.executable, "-m", "pikeclient.testing.server", "--port", str(port), "--latency", str(latency),
-               "--no-log", *extra]
+               *(() if keep_log else ("--no-log",)), *extra]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     if cpus:
         os.sched_setaffinity(process.pid, cpus)

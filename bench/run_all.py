@@ -23,6 +23,7 @@ FULL = [
     ["bench_faults.py"],                                  #    reliability figures
     ["bench_streaming.py"],                               # 7. TTFT and ITL against known truth, conc. 8 and 64
     ["bench_load.py"],                                    # 8. open-loop accuracy and highest sustained rate
+    ["bench_workloads.py"],                               # 9. trace replay vs raw SDK; 1,000 sessions' memory
 ]
 QUICK = [
     ["bench_throughput.py", "--calls", "200", "--repeats", "1", "--no-append"],
@@ -34,6 +35,7 @@ QUICK = [
     ["bench_faults.py", "--prompts", "100", "--no-append"],
     ["bench_streaming.py", "--calls", "50", "--no-append"],
     ["bench_load.py", "--seconds", "2", "--step-seconds", "1", "--max-rate", "200", "--no-append"],
+    ["bench_workloads.py", "--seconds", "5", "--rate", "50", "--users", "50", "--turns", "3", "--no-append"],
 ]
 
 

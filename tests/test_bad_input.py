@@ -90,7 +90,8 @@ CASES = [
     # issue 19: numbers that are not numbers, prices, llm.extra_body over pikeclient's own fields, totals
     (("dataset=synthetic", "dataset.input_tokens_std=nan"), "dataset.input_tokens_std=nan is not a number"),
     (("dataset=synthetic", "dataset.output_tokens_std=inf"), "dataset.output_tokens_std=inf is out of range"),
-    (("dataset.input_tokens_std=-1",), "dataset.input_tokens_std=-1.0 is out of range: allowed a finite number >= 0"),
+    (("dataset=synthetic", "dataset.input_tokens_std=-1"),
+     "dataset.input_tokens_std=-1 is out of range: allowed a finite number >= 0"),
     (("retry.initial_delay=nan",), "retry.initial_delay=nan is not a number"),
     (("retry.deadline=inf",), "retry.deadline=inf is out of range"),
     (("llm.timeout=nan",), "llm.timeout=nan is not a number"),
@@ -135,6 +136,42 @@ CASES += [
     (("eval=judge", "eval.judge_sampling.temperature=5"), "eval.judge_sampling.temperature=5 is out of range"),
     (("eval=judge", "eval.judge._target_=null"), "eval.judge must name a backend with _target_"),
 ]
+# issue 21: datasets and arrival shapes
+PROMPTS = "pkg://pikeclient/data/prompts.jsonl"
+CASES += [
+    (("dataset=sharegpt",), "dataset.path is not set: name a ShareGPT JSON or JSONL file"),
+    (("dataset=sharegpt", "dataset.path=missing.json"), "dataset.path: no such file"),
+    (("dataset=sharegpt", "dataset.path=x.json", "dataset.output_tokens=0"), "dataset.output_tokens=0 is out of range"),
+    (("+dataset.bogus=1",), "dataset.bogus: unknown argument of JsonlDataset"),
+    (("dataset.sample=0",), "dataset.sample=0 is out of range: allowed >= 1"),
+    (("dataset.sample=some",), "dataset.sample='some': expected an integer or null"),
+    (("dataset.min_input_tokens=10", "dataset.max_input_tokens=5"), "dataset.min_input_tokens=10 > dataset.max_input"),
+    (("dataset._target_=pikeclient.nope.Reader",), "dataset._target_=pikeclient.nope.Reader: cannot import it"),
+    (("dataset=hf", f"dataset.path={PROMPTS}"), "dataset.path='pkg://pikeclient/data/prompts.jsonl': datasets cannot"),
+    (("dataset=synthetic", "dataset.prefix_tokens=300"), "dataset.prefix_tokens=300 is out of range"),
+    (("dataset.conversations=true",), "dataset.conversations=true needs load=sessions"),
+    (("load=poisson", "load.burstiness=0"), "load.burstiness=0.0 is out of range"),
+    (("load=constant", "load.ramp_up=10", "load.ramp_shape=exponential"), "needs load.ramp_start_rate > 0"),
+    (("load=constant", "load.ramp_up=10", "load.ramp_shape=cubic"), "load.ramp_shape='cubic': allowed linear"),
+    (("load=replay",), "load.trace is not set"),
+    (("load=replay", "load.trace=missing.csv"), "load.trace: no such file"),
+    (("load=replay", f"load.trace={PROMPTS}"), "not a trace pikeclient reads (its first request has expectations, id"),
+    (("load=replay", "load.trace=x.csv", "load.time_scale=0"), "load.time_scale=0.0 is out of range"),
+    (("load=sessions", "load.users=2", "load.rate=1"), "load.users=2 and load.rate=1.0: give one"),
+    (("load=sessions", "load.think_time_dist=pareto"), "load.think_time_dist='pareto': allowed fixed"),
+    (("load=sessions", "load.think_time_s=-1"), "load.think_time_s=-1.0 is out of range"),
+]
+BAD_TRACES = {
+    "bad_count.csv": ("time,input_tokens,output_tokens\n0,10,2\n1,many,3\n", "bad_count.csv:3: input_tokens='many' "
+                                                                          "is not a token count"),
+    "bad_time.csv": ("time,input_tokens,output_tokens\n-5,10,2\n", "bad_time.csv:2: time='-5' is not a time >= 0"),
+    "no_columns.csv": ("when,size\n0,10\n", "not a trace pikeclient reads (its first request has size, when)"),
+    "bad_hash.jsonl": ('{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [-1]}\n',
+                       "bad_hash.jsonl:1: hash_ids[]=-1 is not a token count >= 0"),
+    "bad_json.jsonl": ('{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [1]}\n{oops\n',
+                       "bad_json.jsonl:2: invalid JSON"),
+    "empty.csv": ("time,input_tokens,output_tokens\n", "holds no requests"),
+}
 AZURE = ("llm=azure_openai", "llm.deployment=d1")
 CASES += [
     ((*AZURE, "llm.api_version="), "llm.api_version is empty"),
@@ -201,6 +238,15 @@ def test_bad_dataset(case, tmp_path, quiet_server):
     (tmp_path / "bad.jsonl").write_text(content, encoding="utf-8")
     proc = run_py("llm=openai", f"llm.base_url={quiet_server.url}/v1", "dataset.path=bad.jsonl", cwd=tmp_path,
                   env=_env(quiet_server))
+    assert_failed_cleanly(proc, message, tmp_path, quiet_server)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_TRACES))
+def test_bad_trace(name, tmp_path, quiet_server):
+    content, message = BAD_TRACES[name]
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    proc = run_py("llm=openai", f"llm.base_url={quiet_server.url}/v1", "load=replay", f"load.trace={name}",
+                  cwd=tmp_path, env=_env(quiet_server))
     assert_failed_cleanly(proc, message, tmp_path, quiet_server)
 
 

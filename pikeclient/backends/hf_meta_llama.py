@@ -24,7 +24,7 @@ from transformers.generation.streamers import BaseStreamer
 from pikeclient.backends import _torch_env
 from pikeclient.core.client import BaseLLMClient
 from pikeclient.core.errors import BadRequestError, ConfigError, ContextWindowError, ModelError, one_line
-from pikeclient.core.types import Completion, Message, SamplingParams, Usage
+from pikeclient.core.types import Completion, Message, SamplingParams, Usage, text_messages
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,9 @@ class HFLocalClient(BaseLLMClient):
 
     def encode_messages(self, messages: Sequence[Message]) -> list[int]:
         """Token ids of the model's input: the chat template applied, or a plain prompt as is."""
+        messages = text_messages(messages)  # a list of parts as the text it holds: templates read strings
         if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         elif len(messages) == 1 and messages[0].get("role") == "user":
             ids = self.tokenizer(messages[0]["content"])["input_ids"]  # a plain prompt

@@ -87,12 +87,19 @@ def check_backend_args(llm: dict[str, Any]) -> None:
     ``llm.stream=maybe`` would stream (a non-empty string is true) and ``llm.context_window=abc``
     would fail deep inside a call.
     """
-    target = str(llm.get("_target_"))
+    check_target_args("llm", llm, INJECTED)
+
+
+def check_target_args(group: str, spec: Mapping[str, Any], injected: Sequence[str] = ()) -> Any:
+    """Each ``<group>.*`` value of a ``_target_`` block against the type its builder declares; the builder.
+
+    An unknown key fails naming the allowed ones (``injected`` are passed by the caller, not the config)."""
+    target = str(spec.get("_target_"))
     module, _, name = target.rpartition(".")
     try:
         builder = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as error:
-        raise ConfigError(f"llm._target_={target}: cannot import it ({error})") from None
+        raise ConfigError(f"{group}._target_={target}: cannot import it ({error})") from None
     if inspect.isclass(builder) and issubclass(builder, BaseLLMClient):
         # A backend passes ``**kwargs`` up to its base classes: their arguments count too.
         inits = [c.__init__ for c in reversed(builder.__mro__) if issubclass(c, BaseLLMClient)]
@@ -107,17 +114,18 @@ def check_backend_args(llm: dict[str, Any]) -> None:
         hints.update(_hints(init))
         known.update(p.name for p in inspect.signature(init).parameters.values()
                      if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD)
-    for key, value in llm.items():
-        if key.startswith("_") or key in INJECTED:
+    for key, value in spec.items():
+        if key.startswith("_") or key in injected:
             continue
         if key not in known:
             if takes_any:
                 continue
-            allowed = ", ".join(sorted(known - set(INJECTED)))
-            raise ConfigError(f"llm.{key}: unknown argument of {builder.__name__} (allowed: {allowed})")
+            allowed = ", ".join(sorted(known - set(injected)))
+            raise ConfigError(f"{group}.{key}: unknown argument of {builder.__name__} (allowed: {allowed})")
         hint = hints.get(key)
         if hint is not None and not _matches(value, hint):
-            raise ConfigError(f"llm.{key}={value!r}: expected {_type_name(hint)}")
+            raise ConfigError(f"{group}.{key}={value!r}: expected {_type_name(hint)}")
+    return builder
 
 
 def _hints(function: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from pikeclient.config.checks import check_cache_path, check_finite, check_numbers, check_pricing
+from pikeclient.config.checks import check_cache_path, check_numbers, check_pricing
 from pikeclient.core.errors import ConfigError
 from pikeclient.core.ratelimit import RateLimiter
 from pikeclient.core.retry import RetryPolicy
@@ -57,21 +57,6 @@ class RateLimitConfig:
 class CacheConfig:
     mode: str = "off"
     path: str = MISSING
-
-
-@dataclass
-class DatasetConfig:
-    """``jsonl`` (a prompt file) or ``synthetic`` (seeded prompts of known token sizes)."""
-
-    kind: str = "jsonl"
-    path: Optional[str] = None
-    limit: Optional[int] = None
-    count: int = 100
-    input_tokens: int = 256
-    input_tokens_std: float = 0.0
-    output_tokens: int = 128
-    output_tokens_std: float = 0.0
-    seed: int = 0
 
 
 @dataclass
@@ -115,6 +100,16 @@ class LoadConfig:
     rate: Optional[float] = None
     max_in_flight: Optional[int] = None
     seed: Optional[int] = None
+    burstiness: Optional[float] = None  # poisson: the gaps' gamma shape
+    ramp_up: Optional[float] = None  # constant, poisson: seconds of ramp from ramp_start_rate
+    ramp_start_rate: Optional[float] = None
+    ramp_shape: Optional[str] = None
+    trace: Optional[str] = None  # replay
+    time_scale: Optional[float] = None
+    block_size: Optional[int] = None
+    users: Optional[int] = None  # sessions
+    think_time_s: Optional[float] = None
+    think_time_dist: Optional[str] = None
 
 
 @dataclass
@@ -169,7 +164,8 @@ class Config:
     retry: RetryConfig = field(default_factory=RetryConfig)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    # a reader's _target_ and its options (conf/dataset/): each reader checks its own (pikeclient.run.datasets)
+    dataset: Any = MISSING
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     load: LoadConfig = field(default_factory=LoadConfig)
@@ -180,7 +176,7 @@ class Config:
 
 
 _SCHEMAS = {"sampling": SamplingConfig, "retry": RetryConfig, "rate_limit": RateLimitConfig, "cache": CacheConfig,
-            "dataset": DatasetConfig, "tracking": TrackingConfig, "experiment": ExperimentConfig,
+            "tracking": TrackingConfig, "experiment": ExperimentConfig,
             "load": LoadConfig, "slo": SloConfig, "eval": EvalConfig,
             "pricing": PricingConfig, "paths": PathsConfig}
 
@@ -223,8 +219,6 @@ def validate(cfg: DictConfig) -> None:
     if cfg.cache.mode != "off":
         check_cache_path(cfg.cache.path)
     check_pricing(cfg.pricing)
-    for name in ("input_tokens_std", "output_tokens_std"):
-        check_finite(f"dataset.{name}", cfg.dataset[name])
     experiment = cfg.experiment
     if experiment.concurrency is not None and experiment.concurrency < 1:
         raise ConfigError(f"experiment.concurrency={experiment.concurrency} is out of range: allowed >= 1")
@@ -242,14 +236,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"experiment.records_file={records!r}: give a file name (it goes in the job's folder)")
     if experiment.resume is not None and not str(experiment.resume).strip():
         raise ConfigError("experiment.resume is empty: give a job folder, an MLflow run id, or latest")
-    if cfg.dataset.kind not in ("jsonl", "synthetic"):
-        raise ConfigError(f"dataset.kind={cfg.dataset.kind!r}: allowed jsonl, synthetic")
-    if cfg.dataset.kind == "jsonl" and not cfg.dataset.path:
-        raise ConfigError("dataset.path is not set: name a JSONL prompt file (or use dataset=synthetic)")
     if cfg.tracking.reconnect_timeout < 0:
         raise ConfigError(f"tracking.reconnect_timeout={cfg.tracking.reconnect_timeout} is out of range: allowed >= 0")
-    if cfg.dataset.limit is not None and cfg.dataset.limit < 1:
-        raise ConfigError(f"dataset.limit={cfg.dataset.limit} is out of range: allowed >= 1")
+    if not OmegaConf.is_dict(cfg.dataset) or "_target_" not in cfg.dataset:
+        raise ConfigError("dataset must name a reader with _target_ (choose a file in conf/dataset/)")
     if not OmegaConf.is_dict(cfg.llm) or "_target_" not in cfg.llm:
         raise ConfigError("llm must name a backend with _target_ (choose a file in conf/llm/)")
     validate_eval(cfg.eval)

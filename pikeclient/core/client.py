@@ -18,7 +18,16 @@ from typing import Any, ClassVar
 from pikeclient.core.errors import ConfigError, ContextWindowError
 from pikeclient.core.ratelimit import RateLimiter
 from pikeclient.core.retry import RetryOutcome, RetryPolicy
-from pikeclient.core.types import ChatResult, Completion, Message, SamplingParams, TokenSource, Usage, user_message
+from pikeclient.core.types import (
+    ChatResult,
+    Completion,
+    Message,
+    SamplingParams,
+    TokenSource,
+    Usage,
+    content_text,
+    user_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +127,7 @@ class BaseLLMClient(abc.ABC):
 
     def count_message_tokens(self, messages: Sequence[Message]) -> int | None:
         """Prompt tokens of ``messages`` as the model sees them; backends refine the formatting."""
-        counts = [self.get_token_count(m.get("content", "")) for m in messages]
+        counts = [self.get_token_count(content_text(m.get("content"))) for m in messages]
         return None if None in counts else sum(counts)
 
     @property

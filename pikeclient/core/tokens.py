@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pikeclient.core.errors import ConfigError
-from pikeclient.core.types import Message
+from pikeclient.core.types import Message, content_text, text_messages
 
 if TYPE_CHECKING:
     import tiktoken
@@ -116,7 +116,7 @@ class TiktokenCounter:
         total = REPLY_PRIMING_TOKENS
         for message in messages:
             total += TOKENS_PER_MESSAGE + TOKENS_PER_NAME * ("name" in message)
-            total += sum(len(str(value).encode()) for value in message.values())
+            total += sum(len(_text(value).encode()) for value in message.values())
         return total
 
     def count(self, text: str) -> int:
@@ -127,7 +127,7 @@ class TiktokenCounter:
         for message in messages:
             total += TOKENS_PER_MESSAGE
             for key, value in message.items():
-                total += self.count(str(value))
+                total += self.count(_text(value))
                 if key == "name":
                     total += TOKENS_PER_NAME
         return total
@@ -159,11 +159,16 @@ class HFTokenizerCounter:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def count_messages(self, messages: Iterable[Message]) -> int:
-        messages = list(messages)
+        messages = text_messages(messages)  # a template reads content as a string, not a list of parts
         if self.template is None:  # no template: the contents are all the model sees
             return sum(self.count(m["content"]) for m in messages)
         text = self.template.render(messages=messages, add_generation_prompt=True, **self.special)
         return self.count(text)
+
+
+def _text(value: Any) -> str:
+    """A message field as the model reads it: a content given as parts is its text."""
+    return content_text(value) if isinstance(value, list | tuple) else str(value)
 
 
 def _chat_template(folder: Any) -> tuple[Any, dict[str, str]]:

@@ -9,8 +9,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
-Message = Mapping[str, str]
-"""An OpenAI-style chat message: ``{"role": "user", "content": "..."}``."""
+Message = Mapping[str, Any]
+"""An OpenAI-style chat message: ``{"role": "user", "content": "..."}``; ``content`` may also be OpenAI's list
+of parts (``[{"type": "text", "text": "..."}]``, as GuideLLM sends it): :func:`content_text` reads either."""
 
 TokenSource = Literal["server", "tokenizer", "estimate", "none"]
 TOKEN_SOURCES: tuple[TokenSource, ...] = ("server", "tokenizer", "estimate", "none")
@@ -198,3 +199,16 @@ def check_range(name: str, value: float, low: float, high: float) -> None:
 
 def user_message(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
+
+
+def content_text(content: Any) -> str:
+    """A message's text: a string, or OpenAI's list of parts (``[{type: text, text}]``) joined."""
+    if isinstance(content, list | tuple):
+        return "".join(str(part.get("text", "")) for part in content if isinstance(part, Mapping))
+    return "" if content is None else str(content)
+
+
+def text_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """``messages`` with every content as plain text: what a chat template or a token count reads."""
+    return [{**m, "content": content_text(m.get("content"))} if not isinstance(m.get("content"), str) else dict(m)
+            for m in messages]

@@ -1,9 +1,13 @@
-"""Prompt sets: JSONL files with one ``{"id", "prompt"}`` or ``{"id", "messages"}`` object a line, each with an
-optional ``expectations`` object (what a good answer looks like: :mod:`pikeclient.eval.expectations`)."""
+"""What a run sends: :class:`PromptItem` (one request, or one turn of a conversation), a dataset repeated
+lazily (:class:`Repeated`), and the checks every reader applies to messages.
+
+The readers themselves (a JSONL prompt file, ShareGPT, Hugging Face datasets, synthetic prompts, traces)
+live in :mod:`pikeclient.run.datasets`, one small class each.
+"""
 
 from __future__ import annotations
 
-import json
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -11,25 +15,33 @@ from pathlib import Path
 from typing import Any, overload
 
 from pikeclient.core.errors import ConfigError
-from pikeclient.core.types import Message, user_message
+from pikeclient.core.types import Message, content_text
 from pikeclient.eval.expectations import Expectations
 
 PACKAGE_SCHEME = "pkg://"
+ROLES = ("system", "user", "assistant", "developer")
 
 
 @dataclass(frozen=True)
 class PromptItem:
+    """One request of a dataset. ``session`` and ``turn`` (1-based) place it in a conversation, whose
+    earlier turns' real answers are sent before it (``load=sessions``); ``at`` is when a trace sent it
+    (seconds from the trace's start, ``load=replay``)."""
+
     id: str
     messages: tuple[Message, ...]
     repeat: int = 0  # which pass over the dataset (experiment.repeats)
-    max_tokens: int | None = None  # the output length this prompt asks for (synthetic prompts)
+    max_tokens: int | None = None  # the output length this prompt asks for (synthetic prompts, traces, ShareGPT)
     expectations: Expectations | None = None  # what a good answer looks like (None: nothing said)
+    session: str | None = None  # the conversation this turn belongs to
+    turn: int | None = None
+    at: float | None = None
 
     @property
     def prompt(self) -> str:
         """The last user message: what a person reads as "the prompt" in records."""
         users = [m["content"] for m in self.messages if m.get("role") == "user"]
-        return users[-1] if users else self.messages[-1]["content"]
+        return content_text(users[-1] if users else self.messages[-1]["content"])
 
     def sampling_overrides(self) -> dict[str, Any]:
         """What this prompt asks of sampling beyond the run's settings: an exact output length
@@ -37,16 +49,11 @@ class PromptItem:
         return {"max_tokens": self.max_tokens, "min_tokens": self.max_tokens} if self.max_tokens else {}
 
 
-class Repeated(Sequence[PromptItem]):
-    """A dataset ``repeats`` times over, each pass numbered (records carry ``repeat``), made on demand:
-    a million repeats of ten prompts cost nothing until a limit lets them be sent."""
+class LazyItems(Sequence[PromptItem]):
+    """Items made when they are used (``_item``), not held: a subclass gives ``__len__`` and ``_item``."""
 
-    def __init__(self, items: Sequence[PromptItem], repeats: int) -> None:
-        self.items = items
-        self.repeats = repeats
-
-    def __len__(self) -> int:
-        return len(self.items) * self.repeats
+    def _item(self, index: int) -> PromptItem:
+        raise NotImplementedError
 
     @overload
     def __getitem__(self, index: int) -> PromptItem: ...
@@ -61,17 +68,46 @@ class Repeated(Sequence[PromptItem]):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(index)
+        return self._item(index)
+
+
+class Repeated(LazyItems):
+    """A dataset ``repeats`` times over, each pass numbered (records carry ``repeat``), made on demand:
+    a million repeats of ten prompts cost nothing until a limit lets them be sent.
+
+    A trace's passes follow each other: pass k is sent k trace lengths (plus one mean gap) later."""
+
+    def __init__(self, items: Sequence[PromptItem], repeats: int) -> None:
+        self.items = items
+        self.repeats = repeats
+
+    @functools.cached_property
+    def period(self) -> float:
+        """How long after a pass of a trace the next one starts: the trace's span and one mean gap."""
+        times = [item.at or 0.0 for item in self.items]
+        span = max(times) - min(times) if times else 0.0
+        return span + (span / (len(times) - 1) if len(times) > 1 else 1.0)
+
+    def __len__(self) -> int:
+        return len(self.items) * self.repeats
+
+    def _item(self, index: int) -> PromptItem:
         repeat, position = divmod(index, len(self.items))
-        item = self.items[position]
-        return replace(item, repeat=repeat) if repeat else item
+        return self._pass(self.items[position], repeat)
 
     def __iter__(self) -> Iterator[PromptItem]:
         for repeat in range(self.repeats):
             for item in self.items:
-                yield replace(item, repeat=repeat) if repeat else item
+                yield self._pass(item, repeat)
+
+    def _pass(self, item: PromptItem, repeat: int) -> PromptItem:
+        if not repeat:
+            return item
+        at = None if item.at is None else item.at + repeat * self.period
+        return replace(item, repeat=repeat, at=at)
 
 
-def resolve_path(path: str) -> Path:
+def resolve_path(path: str, key: str = "dataset.path") -> Path:
     """A file path, or ``pkg://package/file`` for data shipped inside a package (like Hydra's pkg://)."""
     if not path.startswith(PACKAGE_SCHEME):
         return Path(path).expanduser()
@@ -79,50 +115,14 @@ def resolve_path(path: str) -> Path:
     try:
         return Path(str(resources.files(package).joinpath(name)))
     except (ModuleNotFoundError, TypeError, ValueError):
-        raise ConfigError(f"dataset.path={path!r}: no installed package {package!r}") from None
+        raise ConfigError(f"{key}={path!r}: no installed package {package!r}") from None
 
 
 def load_prompts(path: str, limit: int | None = None) -> list[PromptItem]:
-    """Read and check every line first, so a bad file fails before any call is made."""
-    file = resolve_path(path)
-    if not file.is_file():
-        raise ConfigError(f"dataset.path: no such file: {file}")
-    items: list[PromptItem] = []
-    seen: dict[str, int] = {}
-    for lineno, raw in enumerate(file.read_bytes().splitlines(), start=1):
-        if not raw.strip():
-            continue
-        item = _parse_line(raw, f"{file}:{lineno}", default_id=str(lineno))
-        if item.id in seen:
-            raise ConfigError(f"{file}:{lineno}: duplicate id {item.id!r} (first on line {seen[item.id]})")
-        seen[item.id] = lineno
-        items.append(item)
-    if not items:
-        raise ConfigError(f"dataset.path: {file} holds no prompts")
-    return items[:limit] if limit else items
+    """A JSONL prompt file's prompts, checked (:class:`pikeclient.run.datasets.jsonl.JsonlDataset`)."""
+    from pikeclient.run.datasets.jsonl import JsonlDataset
 
-
-def _parse_line(raw: bytes, where: str, default_id: str) -> PromptItem:
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{where}: not UTF-8 (byte {error.start})") from error
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{where}: invalid JSON: {error.msg} (column {error.colno})") from error
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a JSON object with 'prompt' or 'messages'")
-    item_id = str(data.get("id", default_id))
-    _check_text(item_id, where)
-    expectations = Expectations.parse(data["expectations"], where) if "expectations" in data else None
-    if "messages" in data:
-        return PromptItem(item_id, _check_messages(data["messages"], where), expectations=expectations)
-    prompt = data.get("prompt")
-    if not isinstance(prompt, str):
-        raise ConfigError(f"{where}: needs a 'prompt' string or a 'messages' list")
-    _check_text(prompt, where)
-    if is_blank(prompt):
-        raise ConfigError(f"{where}: empty prompt")
-    return PromptItem(item_id, tuple(user_message(prompt)), expectations=expectations)
+    return JsonlDataset(path=path, limit=limit).read()
 
 
 def is_blank(text: str) -> bool:
@@ -130,22 +130,32 @@ def is_blank(text: str) -> bool:
     return not any(ch.isprintable() and not ch.isspace() for ch in text)
 
 
-def _check_text(text: str, where: str) -> None:
+def check_text(text: str, where: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:  # a lone surrogate ("\ud800") decodes from JSON but cannot be sent
         raise ConfigError(f"{where}: invalid Unicode (a lone surrogate at character {error.start})") from None
 
 
-def _check_messages(messages: object, where: str) -> tuple[Message, ...]:
+def check_messages(messages: object, where: str) -> tuple[Message, ...]:
+    """Chat messages as a dataset gives them, checked: each a role and a content (a string, or OpenAI's list
+    of text parts, kept as given so that the request is sent as written)."""
     if not isinstance(messages, list) or not messages:
         raise ConfigError(f"{where}: 'messages' must be a non-empty list")
     for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or "role" not in message:
-            raise ConfigError(f"{where}: each message needs a 'role' and a 'content' string")
-        if message["role"] not in ("system", "user", "assistant", "developer"):
+        if not isinstance(message, dict) or "role" not in message or not _is_content(message.get("content")):
+            raise ConfigError(f"{where}: each message needs a 'role' and a 'content' string (or a list of text "
+                              "parts)")
+        if message["role"] not in ROLES:
             raise ConfigError(f"{where}: unknown role {message['role']!r}")
-        _check_text(message["content"], where)
-    if all(is_blank(m["content"]) for m in messages):
+        check_text(content_text(message["content"]), where)
+    if all(is_blank(content_text(m["content"])) for m in messages):
         raise ConfigError(f"{where}: empty prompt")
     return tuple({"role": m["role"], "content": m["content"]} for m in messages)
+
+
+def _is_content(content: object) -> bool:
+    if isinstance(content, str):
+        return True
+    return isinstance(content, list) and bool(content) and all(
+        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content)

@@ -29,7 +29,9 @@ from pikeclient.core.folderlock import FolderLock
 from pikeclient.core.types import SamplingParams
 from pikeclient.run.cache import ResponseCache
 from pikeclient.run.cost import Price, find_price
-from pikeclient.run.dataset import PromptItem, Repeated, load_prompts, resolve_path
+from pikeclient.run.dataset import PromptItem, Repeated
+from pikeclient.run.datasets import DatasetReader
+from pikeclient.run.load import offered_rate
 from pikeclient.run.redact import Redactor, secrets_in
 from pikeclient.run.resume import (
     DatasetDigest,
@@ -42,7 +44,6 @@ from pikeclient.run.resume import (
 from pikeclient.run.runner import RunStopped, run_prompts
 from pikeclient.run.settings import RunSettings
 from pikeclient.run.stats import RunStats
-from pikeclient.run.synthetic import synthetic_prompts
 from pikeclient.tracking.job_file import JOB_FILE, read_job_file, write_job_file
 from pikeclient.tracking.sidecar import TrackingSidecar
 
@@ -94,7 +95,8 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
          on_calls_done: Callable[[RunStats], None] | None = None) -> RunStats:
     c = settings.config
     experiment = c.experiment
-    items = load_prompts(c.dataset.path, c.dataset.limit) if c.dataset.kind == "jsonl" else None
+    reader = settings.dataset
+    items = None if reader.needs_client else reader.read()
     config = redactor.data(settings.resolved)
     base = SamplingParams.from_mapping(asdict(c.sampling))
     if items is not None:  # a resume that cannot work fails before the model loads
@@ -102,10 +104,8 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
         earlier = find_earlier(settings, config, items, digest, output_dir, hydra_info, locks)
     client = build_client(c.llm, **settings.client_arguments())
     try:
-        if items is None:  # synthetic prompts are sized with the client's own tokenizer
-            d = c.dataset
-            items = synthetic_prompts(client, d.count, d.input_tokens, d.output_tokens, d.input_tokens_std,
-                                      d.output_tokens_std, d.seed)
+        if items is None:  # prompts sized, filtered or measured with the client's own tokenizer
+            items = reader.read(client)
             digest = dataset_digest(items, base)
             earlier = find_earlier(settings, config, items, digest, output_dir, hydra_info, locks)
         prompts = Repeated(items, experiment.repeats)
@@ -119,7 +119,7 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
         if tracking is not None:
             info = {**redactor.data(hydra_info), **price_tags(price)}
             start_tracking(tracking, settings, config, client, info, output_dir, earlier, redactor,
-                           dataset=dataset_input(c.dataset, digest))
+                           dataset=dataset_input(reader, digest))
             tracking.wait_ready()  # a store or experiment that cannot be used fails here, before any call
         records_path = output_dir / experiment.records_file
         write_records(records_path, (earlier.records[i] for i in sorted(earlier.records)) if earlier else ())
@@ -132,7 +132,7 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
                 warmup=warmup, earlier=earlier, on_begin=tracking.begin if tracking else None, redactor=redactor,
                 limits=settings.limits, slo=settings.slo))
         stats.price = price
-        stats.requested_rate = getattr(settings.strategy, "rate", None)
+        stats.requested_rate = offered_rate(settings.strategy, items)
         stats.max_in_flight = settings.strategy.max_in_flight
         stats.warn_about_the_client()
         verdict = failure_verdict(stats, experiment.max_error_rate)
@@ -140,6 +140,7 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
         if on_calls_done is not None:
             on_calls_done(stats)
         if tracking is not None:
+            metrics = {**metrics, **stats.series()}  # series by turn: {step: value}
             log.info("MLflow: completing run %s (the last calls' series and traces, metrics, artifacts)",
                      tracking.run_id or "")
             tracking.finish(metrics, stats.tags(), stats.end_time, records_path, output_dir,
@@ -224,15 +225,9 @@ def find_earlier(settings: RunSettings, config: Mapping[str, Any], items: Sequen
     return earlier
 
 
-def dataset_input(dataset: Any, digest: DatasetDigest) -> dict[str, Any]:
+def dataset_input(reader: DatasetReader, digest: DatasetDigest) -> dict[str, Any]:
     """What MLflow's Datasets column shows for the run: the prompt set's name, source and digest."""
-    if dataset.kind == "jsonl":
-        source = str(resolve_path(dataset.path))
-        name = Path(source).stem
-    else:
-        source = f"synthetic(count={dataset.count}, input_tokens={dataset.input_tokens}, seed={dataset.seed})"
-        name = "synthetic"
-    return {"name": name, "source": source, **digest.as_dict()}
+    return {"name": reader.name, "source": reader.source(), **digest.as_dict()}
 
 
 def check_slo_measurable(settings: RunSettings, client: BaseLLMClient) -> None:
@@ -293,13 +288,6 @@ def start_tracking(tracking: TrackingSidecar, settings: RunSettings, config: Map
     })
 
 
-# Synthetic-prompt settings say nothing about a run of a prompt file, and the file's path nothing about
-# a synthetic run; the pricing tables are the same for every run (the price a run used is logged apart).
-_DATASET_KEYS = {"jsonl": ("kind", "path", "limit"),
-                 "synthetic": ("kind", "count", "input_tokens", "input_tokens_std", "output_tokens",
-                               "output_tokens_std", "seed")}
-
-
 def price_tags(price: Price | None) -> dict[str, str]:
     """The price a run's cost was computed with (``pikeclient.price``), or that it had none."""
     if price is None:
@@ -309,12 +297,9 @@ def price_tags(price: Price | None) -> dict[str, str]:
 
 
 def run_params(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The config as MLflow params: what describes this run, without the tables every run shares."""
+    """The config as MLflow params: what describes this run, without the tables every run shares (the
+    price a run used is logged apart)."""
     params = {k: v for k, v in config.items() if k != "pricing"}
-    dataset = dict(config.get("dataset") or {})
-    keep = _DATASET_KEYS.get(str(dataset.get("kind")))
-    if keep is not None:
-        params["dataset"] = {k: v for k, v in dataset.items() if k in keep}
     pricing = config.get("pricing") or {}
     if pricing.get("endpoints"):
         params["pricing"] = {"endpoints": pricing["endpoints"]}

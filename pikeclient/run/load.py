@@ -5,7 +5,10 @@ Each strategy is one small class behind one interface, after GuideLLM's ``schedu
 - ``concurrency`` (closed loop): N workers, each sending its next prompt when the last one returned;
 - ``synchronous``: the same with one worker;
 - ``constant`` and ``poisson`` (open loop): requests are due at ``rate`` per second, evenly spaced or
-  with exponential gaps, whether or not earlier ones returned; ``max_in_flight`` is a safety cap.
+  with gamma gaps (``burstiness``; 1: a Poisson process), whether or not earlier ones returned, after an
+  optional ramp from a start rate (``ramp_up``); ``max_in_flight`` is a safety cap;
+- ``replay`` (open loop, :mod:`pikeclient.run.shapes.replay`): a trace's requests at the trace's times;
+- ``sessions`` (:mod:`pikeclient.run.shapes.sessions`): simulated users playing conversations turn by turn.
 
 Limits (``max_requests``, ``max_duration``) are separate small objects that combine with any strategy.
 The timing itself (sleeping until a request is due, recording how late it really went) lives in the
@@ -16,10 +19,28 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
 from pikeclient.core.errors import ConfigError
+from pikeclient.run.dataset import PromptItem
+from pikeclient.run.shapes.ramp import Ramp, time_at
+from pikeclient.run.shapes.replay import Replay
+from pikeclient.run.shapes.sessions import Sessions
+
+T = TypeVar("T")
+
+
+class _Scheduled:
+    """An open loop whose requests are due at offsets that do not depend on which prompt goes."""
+
+    def offsets(self) -> Iterator[float]:
+        raise NotImplementedError
+
+    def schedule(self, todo: Iterable[T]) -> Iterator[tuple[T, float]]:
+        """Each request with the seconds after the start at which it is due."""
+        return zip(todo, self.offsets())
 
 
 @dataclass(frozen=True)
@@ -29,6 +50,7 @@ class Concurrency:
     concurrency: int = 8
     name = "concurrency"
     open_loop = False
+    SETTINGS: ClassVar[tuple[str, ...]] = ("concurrency",)
 
     @property
     def max_in_flight(self) -> int:
@@ -40,6 +62,13 @@ class Concurrency:
     def describe(self) -> str:
         return f"{self.name}({self.concurrency})"
 
+    @classmethod
+    def build(cls, concurrency: int | None = None, **_: Any) -> Concurrency:
+        concurrency = 8 if concurrency is None else concurrency
+        if concurrency < 1:
+            raise ConfigError(f"load.concurrency={concurrency} is out of range: allowed >= 1")
+        return cls(concurrency)
+
 
 @dataclass(frozen=True)
 class Synchronous(Concurrency):
@@ -47,88 +76,120 @@ class Synchronous(Concurrency):
 
     concurrency: int = 1
     name = "synchronous"
+    SETTINGS: ClassVar[tuple[str, ...]] = ()
 
     def describe(self) -> str:
         return self.name
 
+    @classmethod
+    def build(cls, **_: Any) -> Synchronous:
+        return cls()
+
 
 @dataclass(frozen=True)
-class Constant:
-    """Open loop: a request every ``1 / rate`` seconds."""
+class Constant(_Scheduled):
+    """Open loop: a request every ``1 / rate`` seconds (after ``ramp``, if any, from its start rate)."""
 
     rate: float
     max_in_flight: int = 1024
+    ramp: Ramp | None = None
     name = "constant"
     open_loop = True
+    SETTINGS: ClassVar[tuple[str, ...]] = ("rate", "max_in_flight", "ramp_up", "ramp_start_rate", "ramp_shape")
 
     def offsets(self) -> Iterator[float]:
         """Seconds after the start at which each request is due."""
         index = 0
         while True:
-            yield index / self.rate
+            yield time_at(index, self.rate, self.ramp)
             index += 1
 
     def describe(self) -> str:
-        return f"{self.name}({self.rate:g}/s)"
+        ramp = f", {self.ramp.describe()}" if self.ramp else ""
+        return f"{self.name}({self.rate:g}/s{ramp})"
+
+    @classmethod
+    def build(cls, rate: float | None = None, max_in_flight: int | None = None, ramp_up: float | None = None,
+              ramp_start_rate: float | None = None, ramp_shape: str | None = None, **_: Any) -> Constant:
+        return cls(_rate(rate, cls.name), 1024 if max_in_flight is None else max_in_flight,
+                   Ramp.build(ramp_up, ramp_start_rate, ramp_shape))
 
 
 @dataclass(frozen=True)
-class Poisson:
-    """Open loop: arrivals of a Poisson process at ``rate`` per second (exponential gaps), seeded."""
+class Poisson(_Scheduled):
+    """Open loop: arrivals at ``rate`` per second with gamma-distributed gaps, seeded. ``burstiness`` is the
+    gamma's shape, as ``vllm bench serve`` defines it: 1 is a Poisson process (exponential gaps), below 1
+    burstier, above 1 more even; the gaps' coefficient of variation is ``1 / sqrt(burstiness)``."""
 
     rate: float
     max_in_flight: int = 1024
     seed: int = 0
+    burstiness: float = 1.0
+    ramp: Ramp | None = None
     name = "poisson"
     open_loop = True
+    SETTINGS: ClassVar[tuple[str, ...]] = ("rate", "max_in_flight", "seed", "burstiness", "ramp_up",
+                                           "ramp_start_rate", "ramp_shape")
 
     def offsets(self) -> Iterator[float]:
         rng = random.Random(self.seed)
-        due = 0.0
+        shape = self.burstiness
+        due = 0.0  # operational time: arrivals at one per unit on average
         while True:
-            yield due
-            due += rng.expovariate(self.rate)
+            yield time_at(due, self.rate, self.ramp)
+            due += rng.expovariate(1.0) if shape == 1 else rng.gammavariate(shape, 1 / shape)
 
     def describe(self) -> str:
-        return f"{self.name}({self.rate:g}/s)"
+        bursts = f", burstiness {self.burstiness:g}" if self.burstiness != 1 else ""
+        ramp = f", {self.ramp.describe()}" if self.ramp else ""
+        return f"{self.name}({self.rate:g}/s{bursts}{ramp})"
+
+    @classmethod
+    def build(cls, rate: float | None = None, max_in_flight: int | None = None, seed: int | None = None,
+              burstiness: float | None = None, ramp_up: float | None = None, ramp_start_rate: float | None = None,
+              ramp_shape: str | None = None, **_: Any) -> Poisson:
+        burstiness = 1.0 if burstiness is None else burstiness
+        if not 0 < burstiness < math.inf:
+            raise ConfigError(f"load.burstiness={burstiness} is out of range: allowed a finite number > 0 (1: "
+                              "Poisson, < 1: burstier)")
+        return cls(_rate(rate, cls.name), 1024 if max_in_flight is None else max_in_flight,
+                   0 if seed is None else seed, burstiness, Ramp.build(ramp_up, ramp_start_rate, ramp_shape))
 
 
-Strategy = Concurrency | Synchronous | Constant | Poisson
-STRATEGIES = {"concurrency": Concurrency, "synchronous": Synchronous, "constant": Constant, "poisson": Poisson}
+def _rate(rate: float | None, kind: str) -> float:
+    if rate is None or not 0 < rate < math.inf:
+        raise ConfigError(f"load.rate={rate} is out of range: load={kind} needs a finite rate > 0 (requests per "
+                          "second; for as fast as possible, use load=concurrency)")
+    return rate
 
 
-# The settings each strategy reads; any other load.* setting given with it would be ignored.
-USES = {"concurrency": ("concurrency",), "synchronous": (), "constant": ("rate", "max_in_flight"),
-        "poisson": ("rate", "max_in_flight", "seed")}
+Strategy = Concurrency | Synchronous | Constant | Poisson | Replay | Sessions
+STRATEGIES: dict[str, Any] = {cls.name: cls for cls in (Concurrency, Synchronous, Constant, Poisson, Replay, Sessions)}
 
 
-def build_strategy(kind: str, *, concurrency: int | None = None, rate: float | None = None,
-                   max_in_flight: int | None = None, seed: int | None = None) -> Strategy:
-    """The strategy ``load.kind`` names, checked; a ConfigError names the key.
+def build_strategy(kind: str, **given: Any) -> Strategy:
+    """The strategy ``load.kind`` names, built from the ``load.*`` settings it reads; a ConfigError names the key.
 
     A setting the strategy would ignore (``load.rate`` with ``load=concurrency``, ``load.concurrency``
     with ``load=synchronous``) is refused: the run would not be the one asked for."""
     if kind not in STRATEGIES:
         raise ConfigError(f"load.kind={kind!r}: allowed {', '.join(STRATEGIES)}")
-    given = {"concurrency": concurrency, "rate": rate, "max_in_flight": max_in_flight, "seed": seed}
     for name, value in given.items():
-        if value is not None and name not in USES[kind]:
-            users = ", ".join(k for k, uses in USES.items() if name in uses)
+        if value is not None and name not in STRATEGIES[kind].SETTINGS:
+            users = ", ".join(k for k, cls in STRATEGIES.items() if name in cls.SETTINGS)
             raise ConfigError(f"load.{name}={value} is not used by load={kind}; it applies to load={users}")
+    max_in_flight = given.get("max_in_flight")
     if max_in_flight is not None and max_in_flight < 1:
         raise ConfigError(f"load.max_in_flight={max_in_flight} is out of range: allowed >= 1")
-    if kind == "synchronous":
-        return Synchronous()
-    if kind == "concurrency":
-        concurrency = 8 if concurrency is None else concurrency
-        if concurrency < 1:
-            raise ConfigError(f"load.concurrency={concurrency} is out of range: allowed >= 1")
-        return Concurrency(concurrency)
-    if rate is None or not 0 < rate < math.inf:
-        raise ConfigError(f"load.rate={rate} is out of range: load={kind} needs a finite rate > 0 (requests per "
-                          "second; for as fast as possible, use load=concurrency)")
-    cap = 1024 if max_in_flight is None else max_in_flight
-    return Constant(rate, cap) if kind == "constant" else Poisson(rate, cap, 0 if seed is None else seed)
+    return STRATEGIES[kind].build(**{k: v for k, v in given.items() if v is not None})
+
+
+def offered_rate(strategy: Strategy, items: Sequence[PromptItem]) -> float | None:
+    """Requests per second an open loop asks for (a replayed trace: its mean rate); None for a closed loop."""
+    if not strategy.open_loop:
+        return None
+    rate = getattr(strategy, "rate", None)
+    return rate if rate is not None else strategy.rate_of(items)
 
 
 @dataclass(frozen=True)

@@ -16,18 +16,20 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import IO, Any
 
 from tqdm import tqdm
 
 from pikeclient.core.client import BaseLLMClient
 from pikeclient.core.errors import LLMError, PikeError
-from pikeclient.core.types import ChatResult
+from pikeclient.core.types import ChatResult, Message
 from pikeclient.run.cache import ResponseCache, cache_key, request_digest
 from pikeclient.run.dataset import PromptItem
 from pikeclient.run.load import Concurrency, Limit, Strategy
 from pikeclient.run.redact import Redactor
 from pikeclient.run.resume import Earlier
+from pikeclient.run.sessions import play_sessions
 from pikeclient.run.stats import RunStats, Slo
 
 log = logging.getLogger(__name__)
@@ -89,10 +91,12 @@ async def run_prompts(
         log.info("measuring: %d calls, %s", total, strategy.describe())
         lag = LoopLag()
         watcher = asyncio.create_task(lag.watch())
-        start = time.perf_counter()
+        start = calls.start = time.perf_counter()
         calls.catch_signals()
         try:
-            if strategy.open_loop:
+            if getattr(strategy, "sessions", False):  # conversations, turn by turn (pikeclient.run.sessions)
+                await play_sessions(calls, prompts, done, strategy, start)
+            elif strategy.open_loop:
                 await calls.open_loop(todo, strategy, start)
             else:
                 await calls.closed_loop(todo, strategy.max_in_flight, start, total)
@@ -126,6 +130,7 @@ class _Calls:
         self.identity = client.describe()
         self.stop: list[str] = []
         self.sent = 0
+        self.start = 0.0  # perf_counter when the measured calls began
         self.tasks: set[asyncio.Task] = set()  # the calls' tasks, cancelled on Ctrl-C or SIGTERM
         self.interrupted: int | None = None
         self.progress = tqdm(total=total, desc="calls", unit="call", file=sys.stderr, disable=None, mininterval=0.5)
@@ -175,27 +180,32 @@ class _Calls:
         if self.on_record is not None:
             self.on_record(record, item)
 
-    async def one(self, index: int, item: PromptItem, due: float | None = None, slot_wait: float = 0.0) -> None:
-        """One call. ``due`` (perf_counter) is when an open loop scheduled it: how late it went is kept
-        (``dispatch_delay_s``; of it ``slot_wait_s``, while the sending waited for a ``max_in_flight``
+    async def one(self, index: int, item: PromptItem, due: float | None = None, slot_wait: float = 0.0,
+                  history: Sequence[Message] = (), extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """One call, and its record. ``due`` (perf_counter) is when an open loop scheduled it: how late it went
+        is kept (``dispatch_delay_s``; of it ``slot_wait_s``, while the sending waited for a ``max_in_flight``
         slot, for this request or an earlier one), and so is the
         latency a user arriving on schedule would have seen (``latency_from_schedule_s``: from ``due`` to
-        the answer, the coordinated-omission-free latency)."""
+        the answer, the coordinated-omission-free latency). ``history`` goes before the item's messages (a
+        conversation's earlier turns); ``extra`` fields join the record (a session's id and turn)."""
         self.sent += 1
         late = None if due is None else time.perf_counter() - due
-        record = await call_one(self.client, index, item, self.cache, self.identity)
+        record = await call_one(self.client, index, item, self.cache, self.identity, history)
         record["session"] = self.stats.start_time
+        record.update(extra or {})
         if late is not None:
+            record["scheduled_s"] = round(due - self.start, 6)  # seconds after the start it was due
             record["dispatch_delay_s"] = late
             record["slot_wait_s"] = slot_wait
             if record["error"] is None and not record.get("cached"):
                 record["latency_from_schedule_s"] = time.perf_counter() - due
         self.stats.slo_verdict(record)
-        self.emit(record, item)
+        self.emit(record, replace(item, messages=(*history, *item.messages)) if history else item)
         self.progress.update(1)
         kind = record["error_kind"]
         if kind == "auth" or (self.fail_fast and kind in NON_RETRYABLE):
             self.stop.append(f"{kind} error on prompt {item.id!r}: {record['error']}")
+        return record
 
     async def closed_loop(self, todo: Iterator[tuple[int, PromptItem]], workers: int, start: float,
                           total: int) -> None:
@@ -222,7 +232,7 @@ class _Calls:
                 slots.release()
 
         held: deque[tuple[float, float]] = deque()  # when the cap held the sending back (perf_counter spans)
-        for (index, item), offset in zip(todo, strategy.offsets()):
+        for (index, item), offset in strategy.schedule(todo):
             due = start + offset
             wait = due - time.perf_counter()
             if wait > 0:
@@ -288,8 +298,9 @@ async def warm_up(client: BaseLLMClient, prompts: Sequence[PromptItem], count: i
 
 
 async def call_one(client: BaseLLMClient, index: int, item: PromptItem, cache: ResponseCache | None = None,
-                   identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """One prompt's record: the answer with its measurements, or the error with its class."""
+                   identity: Mapping[str, Any] | None = None, history: Sequence[Message] = ()) -> dict[str, Any]:
+    """One prompt's record: the answer with its measurements, or the error with its class. ``history`` (a
+    conversation's earlier turns with their answers) is sent before the item's own messages."""
     record: dict[str, Any] = {"index": index, "id": item.id, "prompt": item.prompt, "start_time": time.time()}
     if item.repeat:
         record["repeat"] = item.repeat
@@ -299,12 +310,14 @@ async def call_one(client: BaseLLMClient, index: int, item: PromptItem, cache: R
         record["requested_output_tokens"] = item.max_tokens
     use_cache = cache is not None and cache.mode != "off"
     params = client.sampling.merged(overrides)
-    record["request_digest"] = request_digest(item.messages, params)  # what a resume checks the answer against
-    key = cache_key(identity or client.describe(), item.messages, params) if use_cache else None
+    # What a resume checks the answer against: the item's own request (a turn's history is the run's answers).
+    record["request_digest"] = request_digest(item.messages, params)
+    messages = (*history, *item.messages) if history else item.messages
+    key = cache_key(identity or client.describe(), messages, params) if use_cache else None
     try:
         result = cache.get(key) if use_cache else None
         if result is None:
-            result = await client.achat(item.messages, **overrides)
+            result = await client.achat(messages, **overrides)
             if use_cache:
                 cache.put(key, result)
     except LLMError as error:

@@ -15,6 +15,8 @@ from typing import Any, cast
 from omegaconf import DictConfig, OmegaConf
 
 from pikeclient.config.schema import Config, artifact_root, tracking_uri, validate
+from pikeclient.core.errors import ConfigError
+from pikeclient.run.datasets import DatasetReader, build_dataset
 from pikeclient.run.load import Limit, Strategy, build_limits, build_strategy
 from pikeclient.run.stats import Slo
 
@@ -28,6 +30,7 @@ class RunSettings:
 
     config: Config
     resolved: dict[str, Any]
+    dataset: DatasetReader
     strategy: Strategy
     limits: tuple[Limit, ...]
     slo: Slo
@@ -38,16 +41,22 @@ class RunSettings:
     def from_config(cls, cfg: DictConfig) -> RunSettings:
         validate(cfg)
         config = cast(Config, OmegaConf.to_object(cfg))
-        experiment, load = config.experiment, config.load
-        concurrency = load.concurrency
+        experiment = config.experiment
+        load = {k: v for k, v in asdict(config.load).items() if k != "kind"}
         if experiment.concurrency is not None:
             log.warning("experiment.concurrency is deprecated: use load.concurrency (load=concurrency)")
-            concurrency = experiment.concurrency
+            load["concurrency"] = experiment.concurrency
+        strategy = build_strategy(config.load.kind, **load)
+        trace = getattr(strategy, "prompts", None)  # a replayed trace is the run's prompts too
+        dataset = trace() if trace else build_dataset(config.dataset)
+        if getattr(dataset, "conversations", False) and not getattr(strategy, "sessions", False):
+            raise ConfigError(f"dataset.conversations=true needs load=sessions (turn k goes after the real answers to "
+                              f"turns 1..k-1), not load={config.load.kind}")
         return cls(
             config=config,
             resolved=cast(dict, OmegaConf.to_container(cfg, resolve=True)),
-            strategy=build_strategy(load.kind, concurrency=concurrency, rate=load.rate,
-                                    max_in_flight=load.max_in_flight, seed=load.seed),
+            dataset=dataset,
+            strategy=strategy,
             limits=tuple(build_limits(experiment.max_requests, experiment.max_duration)),
             slo=Slo(**asdict(config.slo)),
             tracking_uri=tracking_uri(config),

@@ -15,6 +15,7 @@ from typing import Any
 
 from pikeclient.core.statistics import bootstrap_ci, percentile, quantile_ci  # noqa: F401 - also imported here
 from pikeclient.run.cost import Price, cost_metrics
+from pikeclient.run.turnstats import TurnStats
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class RunStats:
     start_time: float = 0.0  # epoch seconds: the measured span (after loading and warm-up)
     end_time: float = 0.0
     price: Price | None = None
+    turns: TurnStats = field(default_factory=TurnStats)  # multi-turn sessions: by turn and by session
 
     def slo_verdict(self, record: dict[str, Any]) -> None:
         """Mark whether a call met the SLOs (records carry ``slo_met`` when SLOs are set)."""
@@ -96,6 +98,8 @@ class RunStats:
 
     def add(self, record: dict[str, Any]) -> None:
         self.calls += 1
+        if record.get("turn") is not None:
+            self.turns.add(record)
         if record.get("cached"):  # read back from the response cache: not a measurement of this run
             self.cache_hits += 1
             return
@@ -218,7 +222,12 @@ class RunStats:
             if self.wall_s > 0:
                 out["Throughput/output_tokens_per_s"] = self.completion_tokens / self.wall_s
             out.update(cost_metrics(self.price, self.prompt_tokens, self.completion_tokens, self.uncounted))
+        out.update(self.turns.metrics())
         return out
+
+    def series(self) -> dict[str, dict[int, float]]:
+        """Metrics logged as series (name -> {step: value}): by turn index for multi-turn sessions."""
+        return self.turns.series()
 
     def _intervals(self) -> dict[str, float]:
         """95% intervals for latency p50/p95 and TTFT p50 (order statistics), and for requests/s (a
@@ -355,6 +364,7 @@ def format_summary(stats: RunStats, title: str) -> str:
     ]
     if stats.empty_answers:
         rows.insert(2, ("empty answers", str(stats.empty_answers)))
+    rows += stats.turns.summary_rows()
     width = max(len(k) for k, _ in rows)
     lines = [_fit(title), "-" * min(WIDTH, max(len(title), width + 30))]
     lines += [_fit(f"{k:<{width}}  {v}") for k, v in rows]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pikeclient.core.tokens import TiktokenCounter
+from pikeclient.core.types import content_text
 
 COUNTS = ("words", "tiktoken")
 
@@ -30,13 +31,6 @@ def messages_of(route: str, payload: dict) -> list[dict]:
     if route == "aml_score":
         return list(payload.get("input_data", {}).get("input_string", []))
     return list(payload.get("messages", []))
-
-
-def content_text(content: Any) -> str:
-    """A message's text: a string, or OpenAI's list of parts (``[{type: text, text}]``) joined."""
-    if isinstance(content, list):
-        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-    return "" if content is None else str(content)
 
 
 def prompt_of(route: str, payload: dict) -> str:

@@ -12,7 +12,9 @@ and users (an offline dry run of ``run.py``) start it the same way::
 Routes: ``/v1/chat/completions`` (OpenAI, ``Authorization: Bearer``),
 ``/openai/deployments/{deployment}/chat/completions?api-version=...`` (Azure OpenAI, ``api-key``),
 ``/chat/completions`` and ``/models/chat/completions`` (Azure AI model inference), and ``/score``
-(Azure ML managed online endpoint: ``input_data`` in, ``{"output": ...}`` back, no usage).
+(Azure ML managed online endpoint: ``input_data`` in, ``{"output": ...}`` back, no usage). For checks made
+on the server's side: ``GET /_timings`` (each stream's own clock readings) and ``GET /_received`` (when
+each request arrived, by prompt).
 """
 
 from __future__ import annotations
@@ -218,6 +220,9 @@ class FakeLLMServer:
         if method == "GET" and url.path == "/_timings":  # and forgets them
             timings, self.timings = self.timings, []
             return await self._send_json(writer, 200, [asdict(t) for t in timings])
+        if method == "GET" and url.path == "/_received":  # when each logged request arrived (epoch s), and forgets
+            log, self.log = self.log, []
+            return await self._send_json(writer, 200, [{"time": r.time, "prompt": r.prompt} for r in log])
         route = route_of(method, url.path)
         if route is None:
             return await self._send_json(writer, 404, {"error": {"message": f"no route {method} {url.path}"}})

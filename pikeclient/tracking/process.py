@@ -211,9 +211,12 @@ class MlflowRun:
     def log_tags(self, tags: Mapping[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+    def log_metrics(self, metrics: Mapping[str, float | Mapping[int, float]], step: int = 0) -> None:
+        """Each value at ``step``; a mapping is a series, ``{step: value}`` (by turn, say)."""
         now = int(time.time() * 1000)
-        self._log_metric_objects(Metric(k, float(v), now, step) for k, v in metrics.items())
+        self._log_metric_objects(
+            Metric(k, float(value), now, at) for k, v in metrics.items()
+            for at, value in (v.items() if isinstance(v, Mapping) else ((step, v),)))
 
     def _log_metric_objects(self, metrics: Iterable[Metric]) -> None:
         for chunk in _chunks(list(metrics), MAX_METRICS_PER_BATCH):
@@ -433,6 +436,11 @@ class CallLogger:
         }
         if record.get("resumed"):
             attributes["pikeclient.resumed"] = True
+        if record.get("session_id") is not None:
+            # MLflow's session id (the trace's mlflow.trace.session): its Sessions view groups a conversation's
+            # calls. The run's id keeps two runs' (a sweep's jobs') plays of one conversation apart.
+            attributes[SpanAttributeKey.SESSION_ID] = f"{self.run.run_id[:8]}-{record['session_id']}"
+            attributes["pikeclient.turn"] = record["turn"]
         for name in ("ttft_s", "itl_s", "tpot_s", "send_delay_s"):
             if record.get(name) is not None:
                 attributes[f"pikeclient.{name}"] = record[name]

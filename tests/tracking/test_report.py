@@ -128,9 +128,11 @@ def test_every_metric_a_run_logs_is_documented():
         stats.slo_verdict(record)
         stats.add(record)
     stats.add({**_record(0, 0.1), "error": "x", "error_kind": "timeout", "latency_s": None})
+    for turn in (1, 2):  # a multi-turn session
+        stats.add({**_record(turn, 0.1), "session_id": "s", "turn": turn, "turns": 2, "ttft_s": 0.01})
     stats.wall_s, stats.requested_rate, stats.loop_lags = 20.0, 10.0, [0.001]
     documented = set(re.findall(r"`([A-Za-z]+/[a-z0-9_<>]+)`", DOCS.read_text()))
-    for name in stats.metrics():
+    for name in [*stats.metrics(), *stats.series()]:
         generic = re.sub(r"^(Errors/)(timeout)$", r"\1<kind>", re.sub(r"^(tokens/source_)\w+$", r"\1<source>", name))
         generic = re.sub(r"(mean|max|p\d\d)$", "<stat>", generic)
         assert name in documented or generic in documented, name
