@@ -26,6 +26,7 @@ from pikeclient.core.errors import LLMError, PikeError
 from pikeclient.core.types import ChatResult, Message
 from pikeclient.run.cache import ResponseCache, cache_key, request_digest
 from pikeclient.run.dataset import PromptItem
+from pikeclient.run.headroom import CpuMeter, InFlight, LoopLag
 from pikeclient.run.load import Concurrency, Limit, Strategy
 from pikeclient.run.redact import Redactor
 from pikeclient.run.resume import Earlier
@@ -89,8 +90,10 @@ async def run_prompts(
             stats.segments = list(earlier.segments)
         todo = ((i, prompts[i]) for i in range(len(prompts)) if i not in done)  # made as they are sent
         log.info("measuring: %d calls, %s", total, strategy.describe())
-        lag = LoopLag()
+        calls.in_flight = InFlight(strategy.max_in_flight) if strategy.open_loop else None
+        lag = LoopLag(calls.in_flight)
         watcher = asyncio.create_task(lag.watch())
+        cpu = CpuMeter()
         start = calls.start = time.perf_counter()
         calls.catch_signals()
         try:
@@ -109,6 +112,9 @@ async def run_prompts(
             stats.end_time = time.time()
             watcher.cancel()
             stats.loop_lags = lag.samples
+            stats.client_cpu_share = cpu.share()
+            if calls.in_flight is not None:
+                stats.in_flight_lowest, stats.client_held_s = calls.in_flight.lowest, calls.in_flight.held_s
             calls.progress.close()
     finally:
         await client.aclose()
@@ -133,6 +139,7 @@ class _Calls:
         self.start = 0.0  # perf_counter when the measured calls began
         self.tasks: set[asyncio.Task] = set()  # the calls' tasks, cancelled on Ctrl-C or SIGTERM
         self.interrupted: int | None = None
+        self.in_flight: InFlight | None = None  # an open loop's slots (see pikeclient.run.headroom)
         self.progress = tqdm(total=total, desc="calls", unit="call", file=sys.stderr, disable=None, mininterval=0.5)
 
     def catch_signals(self) -> None:
@@ -223,7 +230,7 @@ class _Calls:
     async def open_loop(self, todo: Iterator[tuple[int, PromptItem]], strategy: Strategy, start: float) -> None:
         """Requests go when they are due, whether or not earlier ones returned; ``max_in_flight`` caps
         them, and a request held back by the cap (or by a busy loop) records how late it went."""
-        slots = asyncio.Semaphore(strategy.max_in_flight)
+        slots = self.in_flight or InFlight(strategy.max_in_flight)
 
         async def send(index: int, item: PromptItem, due: float, slot_wait: float) -> None:
             try:
@@ -240,7 +247,7 @@ class _Calls:
             if not self.allowed(start):
                 break
             waiting = time.perf_counter()
-            await slots.acquire()
+            await slots.acquire()  # a slot under max_in_flight, and under the client's own limit while it lags
             held.append((waiting, time.perf_counter()))
             while held and held[0][1] <= due:
                 held.popleft()
@@ -249,25 +256,6 @@ class _Calls:
             self.track(send(index, item, due, sum(max(0.0, end - max(begin, due)) for begin, end in held)))
         if self.tasks:
             await asyncio.gather(*self.tasks)
-
-
-class LoopLag:
-    """Samples how late the event loop wakes a 10 ms timer: the client's own headroom.
-
-    A busy loop delays every timestamp taken on it; when the lag is high, latencies partly measure
-    the client, not the server.
-    """
-
-    INTERVAL = 0.01
-
-    def __init__(self) -> None:
-        self.samples: list[float] = []
-
-    async def watch(self) -> None:
-        while True:
-            before = time.perf_counter()
-            await asyncio.sleep(self.INTERVAL)
-            self.samples.append(max(0.0, time.perf_counter() - before - self.INTERVAL))
 
 
 async def warm_up(client: BaseLLMClient, prompts: Sequence[PromptItem], count: int, concurrency: int) -> int:

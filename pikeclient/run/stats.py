@@ -15,14 +15,13 @@ from typing import Any
 
 from pikeclient.core.statistics import bootstrap_ci, percentile, quantile_ci  # noqa: F401 - also imported here
 from pikeclient.run.cost import Price, cost_metrics
+from pikeclient.run.headroom import FIXES, client_limits
 from pikeclient.run.turnstats import TurnStats
 
 log = logging.getLogger(__name__)
 
 PERCENTILES = (50, 90, 95, 99)
 BEHIND_SCHEDULE_S = 0.005  # an open loop whose p99 dispatch delay exceeds this fell behind its schedule
-LOOP_LAG_S = 0.005  # event-loop lag (p99) above which the client's own timing may be in doubt...
-LAG_SHARE = 0.05  # ...when it is also this share of the median latency (TTFT when streaming) it would blur
 MIN_BEYOND = 5  # a percentile's interval needs this many calls beyond it (p95: 100 calls)
 MIN_COMPLETIONS = 50  # a throughput interval needs this many calls
 STREAM_PERCENTILES = (50, 90, 99)
@@ -82,6 +81,9 @@ class RunStats:
     spans: list[tuple[float, float, float]] = field(default_factory=list)  # (start, end, session), measured calls
     segments: list[tuple[float, float]] = field(default_factory=list)  # earlier processes' measured spans (resume)
     max_in_flight: int | None = None
+    client_cpu_share: float | None = None  # of one core, this process, over the measured span
+    in_flight_lowest: int | None = None  # an open loop's lowest own in-flight limit
+    client_held_s: float = 0.0  # time the sending waited under that lowered limit
     slo: Slo | None = None
     slo_met: int = 0
     requested_rate: float | None = None
@@ -200,6 +202,11 @@ class RunStats:
             out["Throughput/requested_rate"] = self.requested_rate
         if self.loop_lags:
             out.update(_distribution("client/loop_lag_", self.loop_lags, STREAM_PERCENTILES))
+        if self.client_cpu_share is not None:
+            out["client/cpu_share"] = self.client_cpu_share
+        if self.in_flight_lowest is not None:
+            out["client/in_flight_lowest"] = self.in_flight_lowest
+            out["client/held_s"] = self.client_held_s
         if self.send_delays:
             out.update(_distribution("client/send_delay_", self.send_delays, STREAM_PERCENTILES))
         if self.slo is not None and self.slo.active and self.calls - self.cache_hits:
@@ -275,34 +282,31 @@ class RunStats:
             out += [(c, step) for c in counts]
         return out
 
+    @property
+    def client_limits(self) -> list[str]:
+        """Why the client limited this run (empty: it did not); see ``pikeclient.run.headroom``."""
+        return client_limits(self.metrics(), self.client_cpu_share, self.in_flight_lowest, self.max_in_flight)
+
     def warn_about_the_client(self) -> None:
         """Say once, when it matters, whether the client or the server held the calls back, and what to do."""
         m = self.metrics()
-        dispatch, lag = m.get("client/dispatch_delay_p99", 0.0), m.get("client/loop_lag_p99", 0.0)
-        if dispatch > BEHIND_SCHEDULE_S:
-            rate = f"achieved {m.get('Throughput/achieved_rate', 0.0):.2f} of {self.requested_rate or 0:g} requests/s"
-            scheduled = (f"latency from the scheduled time (what users arriving on schedule waited) p50 "
-                         f"{m.get('Latency/from_schedule_p50', 0.0):.3f} s / p99 "
-                         f"{m.get('Latency/from_schedule_p99', 0.0):.3f} s")
-            if m.get("client/slot_wait_p99", 0.0) >= dispatch / 2:
-                log.warning("the server held the schedule back: calls waited for one of the load.max_in_flight=%s "
-                            "slots (p99 %.3f s) because earlier calls had not returned; %s; %s",
-                            self.max_in_flight, m["client/slot_wait_p99"], rate, scheduled)
-            else:
-                log.warning("the client fell behind its schedule: dispatch delay p99 %.1f ms with event-loop lag p99 "
-                            "%.1f ms; %s; %s. Lower the rate, turn traces off (tracking.traces=false) or run "
-                            "fewer things on this machine", dispatch * 1000, lag * 1000, rate, scheduled)
+        reasons = self.client_limits
+        if reasons:
+            log.warning("the client limited this run: %s; its latencies include the client's own delays: %s",
+                        "; ".join(reasons), FIXES)
             return
-        timing = m.get("TTFT/p50") or m.get("Latency/p50") or 0.0
-        if lag > LOOP_LAG_S and lag > LAG_SHARE * timing:
-            log.warning("the client's event loop lagged (p99 %.1f ms, %.0f%% of the median %s): timings include the "
-                        "client's own delays; lower the concurrency, turn traces off (tracking.traces=false) or run "
-                        "fewer things on this machine", lag * 1000, 100 * lag / timing if timing else 100,
-                        "TTFT" if m.get("TTFT/p50") else "latency")
+        if m.get("client/dispatch_delay_p99", 0.0) > BEHIND_SCHEDULE_S:
+            log.warning("the server held the schedule back: calls waited for one of the load.max_in_flight=%s "
+                        "slots (p99 %.3f s) because earlier calls had not returned; achieved %.2f of %g requests/s; "
+                        "latency from the scheduled time (what users arriving on schedule waited) p50 %.3f s / p99 "
+                        "%.3f s", self.max_in_flight, m.get("client/slot_wait_p99", 0.0),
+                        m.get("Throughput/achieved_rate", 0.0), self.requested_rate or 0,
+                        m.get("Latency/from_schedule_p50", 0.0), m.get("Latency/from_schedule_p99", 0.0))
 
     def tags(self) -> dict[str, str]:
         """Provenance of the run's figures, as MLflow tags."""
-        tags = {"pikeclient.token_basis": self.token_basis}
+        tags = {"pikeclient.token_basis": self.token_basis,
+                "pikeclient.client_limited": "true" if self.client_limits else "false"}
         if any(k.startswith("Cost/") for k in self.metrics()):
             tags["pikeclient.cost_basis"] = "estimate" if self.token_sources["estimate"] else "exact"
         return tags
@@ -346,6 +350,10 @@ def format_summary(stats: RunStats, title: str) -> str:
     if "Latency/from_schedule_p50" in m:  # what a user arriving on schedule waited (coordinated omission)
         rows.append(("latency from schedule p50 / p99 (s)", f"{num('Latency/from_schedule_p50')} / "
                                                             f"{num('Latency/from_schedule_p99')}"))
+    if stats.client_cpu_share is not None:  # did the client, not the server, set the pace?
+        reasons = stats.client_limits
+        rows.append(("client limited", f"yes: {'; '.join(reasons)}" if reasons else
+                     f"no (it used {stats.client_cpu_share:.0%} of a core)"))
     if "client/send_delay_p50" in m:  # the client's own time, left out of latency and TTFT
         rows.append(("client send delay p50 / p99 (ms)", f"{ms('client/send_delay_p50')} / "
                                                          f"{ms('client/send_delay_p99')}"))

@@ -3,6 +3,7 @@
 import asyncio
 import itertools
 import json
+import re
 import statistics
 import time
 
@@ -89,7 +90,7 @@ def test_a_capped_open_loop_records_how_late_requests_went(api_env, caplog):
     assert m["Throughput/achieved_rate"] < 50
     # The server held them back (the in-flight cap filled because calls were slow), not the client:
     assert "the server held the schedule back" in caplog.text and "max_in_flight=2" in caplog.text
-    assert "fell behind" not in caplog.text
+    assert "the client limited" not in caplog.text and stats.tags()["pikeclient.client_limited"] == "false"
     # What a user arriving on schedule waited: from when the request was due to its answer.
     for r in records:
         assert r["latency_from_schedule_s"] >= r["dispatch_delay_s"] + r["latency_s"]
@@ -117,7 +118,8 @@ def test_an_open_loop_behind_because_of_the_client_says_so(api_env, caplog):
         stats = asyncio.run(both(client))
     stats.requested_rate, stats.max_in_flight = 200, 1024
     stats.warn_about_the_client()
-    assert "the client fell behind its schedule" in caplog.text and "event-loop lag" in caplog.text
+    assert "the client limited this run" in caplog.text and "its event loop lagged" in caplog.text
+    assert stats.tags()["pikeclient.client_limited"] == "true" and stats.client_limits
 
 
 def test_closed_loop_limits_stop_the_sending(api_env):
@@ -278,3 +280,21 @@ def test_the_loopback_server_reads_messages_given_as_parts(api_env):
         parts = [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]
         result = client.chat([{"role": "user", "content": parts}])
     assert result.text == "You said: hello there"
+
+
+def test_a_run_says_whether_the_client_limited_it(tmp_path):
+    (tmp_path / "calm").mkdir()
+    (tmp_path / "starved").mkdir()
+    with FakeLLMServer(api_key=API_KEY, latency=0.05, keep_log=False) as server:
+        env = {"OPENAI_API_KEY": API_KEY}
+        calm = run_py("llm=openai", f"llm.base_url={server.url}/v1", "dataset.limit=10", "load.concurrency=2",
+                      cwd=tmp_path / "calm", env=env)
+        # Offered far more than one process can send: the client, not the server, sets the pace.
+        starved = run_py("llm=openai", f"llm.base_url={server.url}/v1", "experiment.repeats=100000",
+                         "experiment.max_duration=3", "load=constant", "load.rate=20000", "tracking=none",
+                         cwd=tmp_path / "starved", env=env)
+    assert calm.returncode == 0 and starved.returncode == 0, calm.stderr + starved.stderr
+    assert re.search(r"client limited\s+no \(it used \d+% of a core\)", calm.stdout)
+    assert re.search(r"client limited\s+yes: ", starved.stdout) and "the client limited this run" in starved.stderr
+    [run] = mlflow_runs(tmp_path / "calm" / "runs")
+    assert run["tags"]["pikeclient.client_limited"] == "false" and "client/cpu_share" in run["metrics"]
