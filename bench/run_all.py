@@ -24,6 +24,8 @@ FULL = [
     ["bench_streaming.py"],                               # 7. TTFT and ITL against known truth, conc. 8 and 64
     ["bench_load.py"],                                    # 8. open-loop accuracy and highest sustained rate
     ["bench_workloads.py"],                               # 9. trace replay vs raw SDK; 1,000 sessions' memory
+    ["bench_first_run.py"],                               # 10. torch threads; README's main command, quiet and busy
+    ["bench_client_cost.py"],                             # 11. CPU per request against nginx vs the raw SDK
 ]
 QUICK = [
     ["bench_throughput.py", "--calls", "200", "--repeats", "1", "--no-append"],
@@ -36,6 +38,8 @@ QUICK = [
     ["bench_streaming.py", "--calls", "50", "--no-append"],
     ["bench_load.py", "--seconds", "2", "--step-seconds", "1", "--max-rate", "200", "--no-append"],
     ["bench_workloads.py", "--seconds", "5", "--rate", "50", "--users", "50", "--turns", "3", "--no-append"],
+    ["bench_first_run.py", "--repeats", "1", "--no-append"],
+    ["bench_client_cost.py", "--requests", "500", "--repeats", "1", "--no-append"],
 ]
 
 
