@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from pikeclient.config.schema import is_secret_name
 from pikeclient.core.errors import PikeError
 from pikeclient.core.folderlock import FolderLock
+from pikeclient.eval.score import verdict
 from pikeclient.run.experiment import RunFailed, run_experiment
 from pikeclient.run.redact import AUTH_HEADERS
 from pikeclient.run.resume import find_job_dir, find_sweep_dir
@@ -200,7 +201,8 @@ def first_answers(records: Path, count: int = 3, width: int = 100) -> str:
                                 key=lambda r: r.get("index", 0))
         for record in first:
             text = " ".join((record.get("response") or f"[{record.get('error_kind')} error]").split())
-            line = f"  {record['id']}: {text}"
+            grade = {"pass": " (right)", "fail": " (wrong)"}.get(verdict(record.get("scores") or {}) or "", "")
+            line = f"  {record['id']}{grade}: {text}"
             lines.append(line if len(line) <= width else line[: width - 3] + "...")
     return "\n".join(lines)
 

@@ -135,6 +135,14 @@ CASES += [
     (("eval=basic", "+eval.scorers.mine=3"), "eval.scorers.mine: give a _target_"),
     (("eval=judge", "eval.judge_sampling.temperature=5"), "eval.judge_sampling.temperature=5 is out of range"),
     (("eval=judge", "eval.judge._target_=null"), "eval.judge must name a backend with _target_"),
+    (("eval=none", "slo.require_correct=true"), "slo.require_correct=true needs scorers to tell right answers"),
+    (("dataset=synthetic", "dataset.count=3", "slo.require_correct=true"),
+     "slo.require_correct=true: no line of the dataset says what a right answer is"),
+    (("slo.require_correct=maybe",), "Value 'maybe' is not a valid bool"),
+    (("experiment.records_file=scores.jsonl",), "experiment.records_file='scores.jsonl': the job's folder keeps"),
+    (("+eval.scorers.Latency={_target_:pikeclient.eval.scorers.contains}",),
+     "scorer name 'Latency' is one of the run's own metric groups"),
+    (("+eval.scorers.mine={_target_:no_such_module.scorer}",), "eval.scorers.mine._target_=no_such_module.scorer"),
 ]
 # issue 21: datasets and arrival shapes
 PROMPTS = "pkg://pikeclient/data/prompts.jsonl"

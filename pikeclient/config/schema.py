@@ -23,6 +23,9 @@ from pikeclient.core.ratelimit import RateLimiter
 from pikeclient.core.retry import RetryPolicy
 from pikeclient.core.types import SamplingParams
 
+# The job's journal of scores not yet in its records (pikeclient.run.quality).
+SCORES_JOURNAL = "scores.jsonl"
+
 
 @dataclass
 class SamplingConfig:
@@ -119,6 +122,7 @@ class SloConfig:
     ttft_s: Optional[float] = None
     tpot_s: Optional[float] = None
     latency_s: Optional[float] = None
+    require_correct: bool = False  # a call meets the SLOs only if it passed its pass/fail scores (eval)
 
 
 @dataclass
@@ -225,7 +229,7 @@ def validate(cfg: DictConfig) -> None:
     if experiment.repeats < 1:
         raise ConfigError(f"experiment.repeats={experiment.repeats} is out of range: allowed >= 1")
     for name, value in OmegaConf.to_container(cfg.slo).items():
-        if value is not None and not value > 0:
+        if name != "require_correct" and value is not None and not value > 0:
             raise ConfigError(f"slo.{name}={value} is out of range: allowed > 0 (seconds) or null")
     if not 0.0 <= experiment.max_error_rate <= 1.0:
         raise ConfigError(f"experiment.max_error_rate={experiment.max_error_rate} is out of range: allowed [0, 1]")
@@ -234,6 +238,8 @@ def validate(cfg: DictConfig) -> None:
     records = str(experiment.records_file)
     if not records.strip() or records in (".", "..") or "/" in records or "\\" in records:
         raise ConfigError(f"experiment.records_file={records!r}: give a file name (it goes in the job's folder)")
+    if records in (SCORES_JOURNAL, "run.json"):
+        raise ConfigError(f"experiment.records_file={records!r}: the job's folder keeps another file of that name")
     if experiment.resume is not None and not str(experiment.resume).strip():
         raise ConfigError("experiment.resume is empty: give a job folder, an MLflow run id, or latest")
     if cfg.tracking.reconnect_timeout < 0:

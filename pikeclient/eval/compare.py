@@ -5,7 +5,8 @@ both runs (far tighter than comparing two means). Per scorer: the mean of the pa
 (B - A) with a paired bootstrap interval and, for pass/fail scores, McNemar's test on the discordant
 pairs (exact binomial below 25 of them, else chi-square with continuity correction). Per timing
 (``latency_s``, ``ttft_s``): the median of the paired differences with a bootstrap interval. A difference
-whose interval covers zero is reported as "no detectable difference".
+whose interval covers zero (or, pass/fail, whose McNemar p-value is 0.05 or more) is reported as "no
+detectable difference".
 
 MLflow 3.17 has no paired comparison to reuse: ``mlflow.genai`` aggregates one run's scores (``<scorer>/mean``)
 and its UI shows evaluation runs side by side, without intervals or tests.
@@ -24,6 +25,7 @@ from pikeclient.eval.score import numeric
 TIMINGS = ("latency_s", "ttft_s")
 NO_DIFFERENCE = "no detectable difference"
 EXACT_BELOW = 25  # discordant pairs under which McNemar's test is the exact binomial one
+ALPHA = 0.05  # McNemar's level, matching the 95% intervals
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,9 @@ class Difference:
 
     @property
     def detectable(self) -> bool:
-        return not self.ci_low <= 0.0 <= self.ci_high
+        """The interval leaves zero out and, for pass/fail scores, McNemar's test agrees (p < 0.05): on few
+        discordant pairs a percentile bootstrap's interval is too narrow, and the exact test says so."""
+        return not self.ci_low <= 0.0 <= self.ci_high and (self.p_value is None or self.p_value < ALPHA)
 
     @property
     def verdict(self) -> str:

@@ -1,8 +1,9 @@
 """Scoring a run's answers: built once from the ``eval`` config group, fed finished calls, summed up.
 
-``eval.scorers`` run as answers arrive, in a worker thread (:class:`ScoringWorker`), never on the event
-loop that times the calls; ``eval.judges`` (LLM judges) run after the measured calls, on the judge's own
-client, ``eval.concurrency`` at a time. Each scorer is named by Hydra's ``_target_``:
+``eval.scorers`` run in a worker thread (:class:`ScoringWorker`), never on the event loop that times the
+calls (a run hands its answers over after the measured calls: ``pikeclient.run.quality``); ``eval.judges``
+(LLM judges) run after the local scores, on the judge's own client, ``eval.concurrency`` at a time. Each
+scorer is named by Hydra's ``_target_``:
 
 - a target that is a scorer function (it takes ``inputs``/``outputs``/``expectations``/``trace``) is the
   scorer itself; its other keys are bound as keyword arguments;
@@ -27,10 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from pikeclient.core.errors import ConfigError, one_line
-from pikeclient.core.statistics import bootstrap_ci
 from pikeclient.core.types import Message
 from pikeclient.eval.expectations import Expectations
-from pikeclient.eval.judge import Judge
+from pikeclient.eval.intervals import mean_ci
+from pikeclient.eval.judge import Correctness, Guidelines, Judge
 from pikeclient.eval.score import CODE, LLM_JUDGE, Score, as_scores, numeric, verdict
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,14 @@ Scorer = Callable[..., Any]
 SCORER_ARGUMENTS = ("inputs", "outputs", "expectations", "trace")
 # MLflow metric names allow these; "/" separates a scorer's name from its statistic.
 _NAME = re.compile(r"^[A-Za-z0-9_.\- ]+$")
-RESERVED = ("quality",)
+# The run's own metric groups (docs/metrics.md): a scorer of the same name would mix its figures in.
+RESERVED = frozenset(("quality", "judge", "compare", "Latency", "TTFT", "ITL", "TPOT", "Throughput", "SLO", "Errors",
+                      "Cost", "calls", "call", "tokens", "client", "run", "sweep", "server", "timeline"))
+# What a worker's on_scores hears: a call's scores from the local scorers ("code"), then from the judges.
+STAGES = ("code", "judges")
+
+
+_EXPECTING = (Correctness, Guidelines)  # judges that grade only against a line's expectations
 
 
 class ScoredPrompt(Protocol):
@@ -90,10 +98,19 @@ class Evaluator:
         """The judges on one finished call: LLM calls, made on the judge's own client."""
         return self._run(self.judges.values(), record, prompt)
 
+    @property
+    def needs_expectations(self) -> bool:
+        """Whether every scorer and judge checks only what a line expects (ours do): on a dataset without
+        expectations they would grade nothing."""
+        return all(b.reads is not None or isinstance(b.fn, _EXPECTING) for b in [*self.scorers.values(),
+                                                                               *self.judges.values()])
+
     def start(self, *, max_pending: int | None = None,
-              on_scores: Callable[[Hashable, dict[str, Score]], None] | None = None) -> ScoringWorker:
+              on_scores: Callable[[Hashable, dict[str, Score], str], None] | None = None,
+              beside_loop: bool = True) -> ScoringWorker:
         """A worker thread that scores calls handed to it with ``submit`` (see :class:`ScoringWorker`)."""
-        return ScoringWorker(self, max_pending=max_pending or self.max_pending, on_scores=on_scores)
+        return ScoringWorker(self, max_pending=max_pending or self.max_pending, on_scores=on_scores,
+                             beside_loop=beside_loop)
 
     def metrics(self, scores: Iterable[Mapping[str, Score | Mapping[str, Any]]], price: Any = None) -> dict[str, float]:
         """Run metrics: :func:`aggregate` of every call's scores, plus the judge's usage (``judge_*``)."""
@@ -148,14 +165,19 @@ class ScoringWorker:
     ``submit(record, prompt)`` copies what scoring needs (``index``, ``response``, ``error``) and returns
     at once while fewer than ``max_pending`` calls wait (beyond that it blocks: backpressure, which the
     local scorers, microseconds a call, never reach). ``finish()`` waits for the local scores, then runs
-    the judges, and returns every call's scores by its record's ``index``. ``on_scores(index, scores)``,
-    if given, is called from the worker's threads with each call's new scores (to log assessments).
+    the judges, and returns every call's scores by its record's ``index``. ``on_scores(index, scores,
+    stage)``, if given, is called from the worker's threads when a call has passed a stage (``code``, then
+    ``judges`` where there are judges), with that stage's scores, also none (to keep them, say, in a
+    journal that a resumed run reads). ``beside_loop`` (the default) hands the GIL back to an event loop
+    after each call; a worker fed after the measured calls (``pikeclient.run.quality``) needs not.
     """
 
     def __init__(self, evaluator: Evaluator, *, max_pending: int = 4096,
-                 on_scores: Callable[[Hashable, dict[str, Score]], None] | None = None) -> None:
+                 on_scores: Callable[[Hashable, dict[str, Score], str], None] | None = None,
+                 beside_loop: bool = True) -> None:
         self.evaluator = evaluator
         self.on_scores = on_scores
+        self.beside_loop = beside_loop
         self.results: dict[Hashable, dict[str, Score]] = {}
         self._answered: list[tuple[Hashable, dict[str, Any], ScoredPrompt]] = []  # for the judges, later
         self._queue: queue.Queue = queue.Queue(max_pending)
@@ -189,26 +211,37 @@ class ScoringWorker:
             self.results[key] = scores
             if record["error"] is None and self.evaluator.judges:
                 self._answered.append(job)
-            self._report(key, scores)
-            time.sleep(0)  # hand the GIL back to the event loop between calls: its timestamps come first
+            self._report(key, scores, "code")
+            if self.beside_loop:
+                time.sleep(0)  # hand the GIL back to the event loop between calls: its timestamps come first
 
     def _judge(self) -> None:
         def one(job: tuple[Hashable, dict[str, Any], ScoredPrompt]) -> None:
             key, record, prompt = job
             scores = self.evaluator.judge_scores(record, prompt)
             self.results[key].update(scores)  # each key is judged by one thread only
-            self._report(key, scores)
+            self._report(key, scores, "judges")
 
+        if not self._answered:
+            return
+        judge = self.evaluator.judge
+        log.info("judging %d answers%s, %d at a time (not measured)", len(self._answered),
+                 f" with {judge.model_id}" if judge is not None else "", self.evaluator.concurrency)
         started = time.perf_counter()
-        with ThreadPoolExecutor(self.evaluator.concurrency, thread_name_prefix="pikeclient-judge") as pool:
+        pool = ThreadPoolExecutor(self.evaluator.concurrency, thread_name_prefix="pikeclient-judge")
+        try:
             list(pool.map(one, self._answered))
+        except BaseException:  # Ctrl-C: no new judge call; those in flight end by their own timeouts
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         log.info("judged %d answers in %.1f s", len(self._answered), time.perf_counter() - started)
 
-    def _report(self, key: Hashable, scores: dict[str, Score]) -> None:
-        if self.on_scores is None or not scores:
+    def _report(self, key: Hashable, scores: dict[str, Score], stage: str) -> None:
+        if self.on_scores is None:
             return
         try:
-            self.on_scores(key, scores)
+            self.on_scores(key, scores, stage)
         except Exception as error:  # noqa: BLE001 - a consumer's failure must not stop the scoring
             log.warning("on_scores failed for call %r: %s", key, one_line(error))
 
@@ -220,7 +253,8 @@ def aggregate(scores: Iterable[Mapping[str, Score | Mapping[str, Any]]], *, resa
     Per scorer: ``<name>/mean`` (of numeric values; pass/fail counts 1/0) with its 95% percentile-bootstrap
     interval ``<name>/ci_low`` and ``<name>/ci_high``, ``<name>/count`` (values in the mean) and
     ``<name>/errors`` (scores that could not be computed: left out of the mean). Over calls:
-    ``quality/pass_rate`` (calls that passed all their pass/fail scores, among the calls with a verdict),
+    ``quality/pass_rate`` (calls that passed all their pass/fail scores, among the calls with a verdict;
+    with its interval ``quality/pass_rate_ci_low`` and ``_ci_high``),
     ``quality/passed``, ``quality/failed``, ``quality/errors`` (calls whose verdict an error left open).
     """
     values: dict[str, list[float]] = {}
@@ -245,13 +279,16 @@ def aggregate(scores: Iterable[Mapping[str, Score | Mapping[str, Any]]], *, resa
         out[f"{name}/errors"] = float(errors[name])
         if found:
             out[f"{name}/mean"] = sum(found) / len(found)
-            out[f"{name}/ci_low"], out[f"{name}/ci_high"] = bootstrap_ci(found, _mean, resamples=resamples, seed=seed)
+            out[f"{name}/ci_low"], out[f"{name}/ci_high"] = mean_ci(found, resamples=resamples, seed=seed)
     graded = outcomes["pass"] + outcomes["fail"]
     if graded or outcomes["error"]:
         out.update({"quality/passed": float(outcomes["pass"]), "quality/failed": float(outcomes["fail"]),
                     "quality/errors": float(outcomes["error"])})
     if graded:
         out["quality/pass_rate"] = outcomes["pass"] / graded
+        right = [1.0] * outcomes["pass"] + [0.0] * outcomes["fail"]
+        out["quality/pass_rate_ci_low"], out["quality/pass_rate_ci_high"] = mean_ci(right, resamples=resamples,
+                                                                                    seed=seed)
     return out
 
 
@@ -262,10 +299,14 @@ def build_scorer(where: str, spec: Any, judge: Judge | None) -> Scorer:
     if not isinstance(spec, Mapping) or "_target_" not in spec:
         raise ConfigError(f"{where}: give a _target_ (a scorer function or class)")
     target = spec["_target_"]
+    hydra_log = logging.getLogger("hydra.utils")
+    hydra_log.disabled = True  # it logs its own ERROR before raising: the user gets our one line instead
     try:
         obj = get_object(target)
     except Exception as error:  # noqa: BLE001 - Hydra raises ImportError or its own errors
         raise ConfigError(f"{where}._target_={target}: cannot import it ({one_line(error)})") from None
+    finally:
+        hydra_log.disabled = False
     if not callable(obj):
         raise ConfigError(f"{where}._target_={target}: a {type(obj).__name__}, not a scorer function or class")
     arguments = {k: v for k, v in spec.items() if not k.startswith("_")}
@@ -288,8 +329,10 @@ def build_scorer(where: str, spec: Any, judge: Judge | None) -> Scorer:
 
 
 def check_name(name: str) -> None:
-    if not _NAME.match(name) or name in RESERVED:
-        raise ConfigError(f"scorer name {name!r}: use letters, digits, '_', '-', '.' or spaces (not 'quality')")
+    if not _NAME.match(name):
+        raise ConfigError(f"scorer name {name!r}: use letters, digits, '_', '-', '.' or spaces")
+    if name in RESERVED:
+        raise ConfigError(f"scorer name {name!r} is one of the run's own metric groups: choose another")
 
 
 def _is_scorer(fn: Any) -> bool:
@@ -301,7 +344,3 @@ def _parameters(obj: Any) -> tuple[str, ...]:
         return tuple(inspect.signature(obj).parameters)
     except (TypeError, ValueError):
         return ()
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)

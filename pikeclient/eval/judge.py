@@ -69,16 +69,27 @@ class JudgeUsage:
         with self.lock:
             self.errors += 1
 
+    def to_dict(self) -> dict[str, int]:
+        return {"calls": self.calls, "errors": self.errors, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "uncounted": self.uncounted}
+
+    def absorb(self, earlier: Mapping[str, Any]) -> None:
+        """Add an earlier attempt's usage (``to_dict``): a resumed run's judge figures cover the whole run."""
+        with self.lock:
+            for name in ("calls", "errors", "prompt_tokens", "completion_tokens", "uncounted"):
+                setattr(self, name, getattr(self, name) + int(earlier.get(name) or 0))
+
     def metrics(self, price: Any = None) -> dict[str, float]:
-        """``judge_calls``, ``judge_errors``, ``judge_tokens`` (and its parts) and, with a ``price`` (anything
+        """``judge/calls``, ``judge/errors``, ``judge/tokens`` (and its parts) and, with a ``price`` (anything
         with ``cost(prompt_tokens, completion_tokens)`` and ``currency``, as ``pikeclient.run.cost.Price``)
-        and every call counted, ``judge_cost_<currency>`` (``judge_cost_usd``)."""
-        out = {"judge_calls": float(self.calls), "judge_errors": float(self.errors),
-               "judge_prompt_tokens": float(self.prompt_tokens),
-               "judge_completion_tokens": float(self.completion_tokens),
-               "judge_tokens": float(self.prompt_tokens + self.completion_tokens)}
+        and every call counted, ``judge/cost_<currency>`` (``judge/cost_usd``). MLflow's chart view shows
+        them in their own section, apart from the run's Latency, tokens and Cost."""
+        out = {"judge/calls": float(self.calls), "judge/errors": float(self.errors),
+               "judge/prompt_tokens": float(self.prompt_tokens),
+               "judge/completion_tokens": float(self.completion_tokens),
+               "judge/tokens": float(self.prompt_tokens + self.completion_tokens)}
         if price is not None and not self.uncounted:
-            out[f"judge_cost_{price.currency.lower()}"] = price.cost(self.prompt_tokens, self.completion_tokens)
+            out[f"judge/cost_{price.currency.lower()}"] = price.cost(self.prompt_tokens, self.completion_tokens)
         return out
 
 

@@ -32,6 +32,7 @@ from pikeclient.run.cost import Price, find_price
 from pikeclient.run.dataset import PromptItem, Repeated
 from pikeclient.run.datasets import DatasetReader
 from pikeclient.run.load import offered_rate
+from pikeclient.run.quality import RunScoring, build_evaluator, chain, earlier_quality, usable_evaluator
 from pikeclient.run.redact import Redactor, secrets_in
 from pikeclient.run.resume import (
     DatasetDigest,
@@ -102,7 +103,9 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
     if items is not None:  # a resume that cannot work fails before the model loads
         digest = dataset_digest(items, base)
         earlier = find_earlier(settings, config, items, digest, output_dir, hydra_info, locks)
+    evaluator = build_evaluator(settings)  # a scorer or judge that cannot be built fails before the model loads
     client = build_client(c.llm, **settings.client_arguments())
+    scoring = None
     try:
         if items is None:  # prompts sized, filtered or measured with the client's own tokenizer
             items = reader.read(client)
@@ -111,6 +114,7 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
         prompts = Repeated(items, experiment.repeats)
         check_prompts_fit(client, items)
         check_slo_measurable(settings, client)
+        evaluator = usable_evaluator(settings, evaluator, items)
         if earlier is not None and earlier.status == "FINISHED":
             return already_complete(earlier, prompts, settings, tracking)
         client.prepare()  # tokenizer tables and the like: never inside a measured call
@@ -124,13 +128,19 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
         records_path = output_dir / experiment.records_file
         write_records(records_path, (earlier.records[i] for i in sorted(earlier.records)) if earlier else ())
         warmup = experiment.warmup if experiment.warmup is not None else client.default_warmup
+        scoring = RunScoring.start(settings, evaluator, prompts, output_dir) if evaluator is not None else None
+        on_record = chain(tracking.add if tracking else None, scoring.submit if scoring else None)
         with contextlib.closing(ResponseCache(c.cache.path, c.cache.mode)) as cache, \
                 records_path.open("a", encoding="utf-8", buffering=1) as sink:  # a line each: a kill loses no answer
             stats = asyncio.run(run_prompts(
                 client, prompts, settings.strategy, sink,
-                on_record=tracking.add if tracking else None, cache=cache, fail_fast=experiment.fail_fast,
+                on_record=on_record, cache=cache, fail_fast=experiment.fail_fast,
                 warmup=warmup, earlier=earlier, on_begin=tracking.begin if tracking else None, redactor=redactor,
                 limits=settings.limits, slo=settings.slo))
+        if scoring is not None:  # the judges run now, after the measured calls
+            assessments = scoring.finish(records_path, stats)
+            if tracking is not None and assessments:  # logged by the tracking process while this one goes on
+                tracking.assess(assessments)
         stats.price = price
         stats.requested_rate = offered_rate(settings.strategy, items)
         stats.max_in_flight = settings.strategy.max_in_flight
@@ -147,8 +157,14 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
                             log_records=c.tracking.log_records, status="FAILED" if verdict else "FINISHED")
             log.info("MLflow: run %s is complete in %s", tracking.run_id, settings.tracking_uri)
         write_job_file(output_dir, status="FAILED" if verdict else "FINISHED")
+        if scoring is not None:
+            scoring.done()
     finally:
         client.close()
+        if scoring is not None:
+            scoring.close()
+        elif evaluator is not None:
+            evaluator.close()
     if stats.token_sources["estimate"]:
         log.warning("%d calls' token counts are estimates (an encoding made for another model): set "
                     "llm.tokenizer to the model's tokenizer for exact counts", stats.token_sources["estimate"])
@@ -170,6 +186,7 @@ def already_complete(earlier: Earlier, prompts: Sequence[PromptItem], settings: 
         stats.add(earlier.records[index])
     stats.wall_s = earlier.wall_s
     stats.segments = list(earlier.segments)
+    stats.quality = earlier_quality(list(earlier.records.values()))
     return stats
 
 

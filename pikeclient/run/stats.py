@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pikeclient.core.statistics import bootstrap_ci, percentile, quantile_ci  # noqa: F401 - also imported here
+from pikeclient.eval.summary import quality_rows
 from pikeclient.run.cost import Price, cost_metrics
 from pikeclient.run.headroom import FIXES, client_limits
 from pikeclient.run.turnstats import TurnStats
@@ -30,17 +31,21 @@ WIDTH = 100  # the summary fits a terminal this wide
 
 @dataclass(frozen=True)
 class Slo:
-    """Service-level objectives (seconds; None: none). A call meets them when it answered within all."""
+    """Service-level objectives (seconds; None: none). A call meets them when it answered within all, and
+    with ``require_correct`` when its answer was also right (settled once it is scored:
+    ``pikeclient.run.quality``)."""
 
     ttft_s: float | None = None
     tpot_s: float | None = None
     latency_s: float | None = None
+    require_correct: bool = False
 
     @property
     def active(self) -> bool:
-        return any(v is not None for v in (self.ttft_s, self.tpot_s, self.latency_s))
+        return self.require_correct or any(v is not None for v in (self.ttft_s, self.tpot_s, self.latency_s))
 
     def met(self, record: dict[str, Any]) -> bool:
+        """The timing part of the verdict (the answer's correctness is added when it is scored)."""
         if record["error"] is not None or record.get("cached"):
             return False
         for limit, value in ((self.ttft_s, record.get("ttft_s")), (self.tpot_s, record.get("tpot_s")),
@@ -92,6 +97,7 @@ class RunStats:
     end_time: float = 0.0
     price: Price | None = None
     turns: TurnStats = field(default_factory=TurnStats)  # multi-turn sessions: by turn and by session
+    quality: dict[str, float] = field(default_factory=dict)  # scores' and judge's metrics (pikeclient.eval)
 
     def slo_verdict(self, record: dict[str, Any]) -> None:
         """Mark whether a call met the SLOs (records carry ``slo_met`` when SLOs are set)."""
@@ -230,6 +236,7 @@ class RunStats:
                 out["Throughput/output_tokens_per_s"] = self.completion_tokens / self.wall_s
             out.update(cost_metrics(self.price, self.prompt_tokens, self.completion_tokens, self.uncounted))
         out.update(self.turns.metrics())
+        out.update(self.quality)
         return out
 
     def series(self) -> dict[str, dict[int, float]]:
@@ -368,6 +375,7 @@ def format_summary(stats: RunStats, title: str) -> str:
         ("output tokens/s", num("Throughput/output_tokens_per_s", "{:.1f}")),
         ("requests/s", num("Throughput/requests_per_s", "{:.2f}") + ci("Throughput/requests_per_s", 2)),
         ("cost", _cost_note(stats, m)),
+        *quality_rows(m),
         ("wall time (s)", f"{stats.wall_s:.2f}"),
     ]
     if stats.empty_answers:

@@ -1,4 +1,4 @@
-"""Pictures of compared runs (``python -m pikeclient.tracking.report --plot / --curve``).
+"""Pictures of compared runs (``python -m pikeclient.tracking.report --plot / --curve / --quality``).
 
 Legends sit beside or below the axes, never on the data; every axis starts at zero, so that two runs
 are compared by their values, not by the fastest one.
@@ -114,6 +114,73 @@ def plot(client: MlflowClient, rows: Sequence[Row], path: Path) -> Path:
     right.set(ylabel="latency per call (s)", title="Latency distribution per run")
     right.set_ylim(bottom=0)
     _legend_below(fig, handles, labels)
+    return _save(fig, path)
+
+
+def quality_points(rows: Sequence[Row]) -> tuple[str, list[tuple[int, Row, float, tuple[float, float] | None]]]:
+    """What the quality picture plots per run: (``#``, row, quality, its 95% interval), and the quality's name:
+    the share of answers right where runs graded pass/fail, else the one scorer's mean all runs have."""
+    if any(r.pass_rate is not None for r in rows):
+        return "answers right (share of graded)", [(i, r, r.pass_rate, r.pass_rate_ci)
+                                                   for i, r in enumerate(rows, 1) if r.pass_rate is not None]
+    common = set.intersection(*(set(r.quality) for r in rows)) if rows else set()
+    if not common:
+        return "", []
+    name = sorted(common)[0]
+    return f"{name} (mean)", [(i, r, r.quality[name], None) for i, r in enumerate(rows, 1)]
+
+
+def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: as cheap (or fast) or cheaper, as good or better, and
+    strictly better in one. In order of x: the front a person chooses from."""
+    front = [i for i, (x, y) in enumerate(points)
+             if not any(ox <= x and oy >= y and (ox, oy) != (x, y) for ox, oy in points)]
+    return sorted(front, key=lambda i: points[i])
+
+
+def quality_picture(rows: Sequence[Row], path: Path) -> Path:
+    """Quality against cost (per 1,000 answers) and against latency p95, one point per run with its 95%
+    interval; the runs no other run beats on both are joined (the Pareto front). ``rows`` are labelled."""
+    plt = _pyplot()
+    name, points = quality_points(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
+    priced = [(i, r, q, ci) for i, r, q, ci in points if r.cost is not None and r.measured]
+    currency = next((r.currency for _, r, _, _ in priced), "")
+    panels = [(axes[0], priced, lambda r: r.cost / r.measured * 1000, f"cost per 1,000 answers ({currency})",
+               "Quality vs cost"),
+              (axes[1], [p for p in points if p[1].p95 is not None], lambda r: r.p95, "latency p95 (s)",
+               "Quality vs latency p95")]
+    handles, labels = {}, {}
+    for axis, found, x_of, xlabel, title in panels:
+        if not found:
+            axis.text(0.5, 0.5, "no run has a price (pricing.*)" if axis is axes[0] else "no latency",
+                      ha="center", va="center", transform=axis.transAxes, color="gray")
+        xy = [(x_of(r), q) for _, r, q, _ in found]
+        names: dict[tuple[float, float], list[str]] = {}  # runs on the same spot share one mark
+        for (index, row, quality, ci), (x, y) in zip(found, xy):
+            error = None if ci is None else [[max(0.0, y - ci[0])], [max(0.0, ci[1] - y)]]
+            handle = axis.errorbar(x, y, yerr=error, fmt="o", capsize=3, color=f"C{(index - 1) % 10}")
+            handles[index], labels[index] = handle, f"#{index} {row.label}"
+            names.setdefault((x, y), []).append(f"#{index}")
+        for (x, y), marks in names.items():
+            axis.annotate(", ".join(marks), (x, y), fontsize=9, xytext=(5, 5), textcoords="offset points")
+        front = [xy[i] for i in pareto(xy)]
+        if len(front) > 1:
+            axis.step([x for x, _ in front], [y for _, y in front], where="post", color="gray", linestyle="--",
+                      alpha=0.6)
+        left_out = [f"#{i}" for i, *_ in points if i not in {j for j, *_ in found}]
+        if found and left_out:
+            axis.text(0.02, 0.97, f"not shown (no {'price' if axis is axes[0] else 'latency'}): {', '.join(left_out)}",
+                      transform=axis.transAxes, va="top", fontsize=8, color="gray")
+        axis.set(xlabel=xlabel, ylabel=name or "quality", title=title)
+        axis.set_xlim(0, max((x for x, _ in xy), default=1.0) * 1.15 or 1.0)  # room for the marks' labels
+        axis.set_ylim(0, 1.05 if all(0 <= q <= 1 for _, _, q, _ in points) else None)
+    notes = [f"#{i} {r.label}" for i, r in enumerate(rows, 1) if i not in labels]
+    order = sorted(labels)
+    entries = [labels[i] for i in order] + ["dashed: runs no other run beats on both (cheaper or faster, and "
+                                            "better)"] + [f"{note} (no quality)" for note in notes]
+    _legend_below(fig, [handles[i] for i in order] + [plt.Line2D([], [], color="gray", linestyle="--")] +
+                  [plt.Line2D([], [], linestyle="none")] * len(notes), entries)
     return _save(fig, path)
 
 

@@ -31,6 +31,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
 from pikeclient.config.schema import artifact_root, is_secret_name, is_server_uri, tracking_uri
 from pikeclient.core.errors import one_line
+from pikeclient.tracking.assessments import AssessmentLogger, call_trace_id, log_call_assessments
 from pikeclient.tracking.job_file import write_job_file
 from pikeclient.tracking.remote import TRACKING_PROCESS_HTTP_ENV
 
@@ -346,7 +347,7 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: str
 
 
 TABLE_COLUMNS = ("index", "id", "prompt", "response", "finish_reason", "latency_s", "ttft_s", "attempts",
-                 "prompt_tokens", "completion_tokens", "cached", "error_kind", "error")
+                 "prompt_tokens", "completion_tokens", "cached", "error_kind", "error", "scores")
 
 
 def write_records_table(records_path: Path, table_path: Path) -> Path:
@@ -417,7 +418,7 @@ class CallLogger:
         self.trace_ids.extend(span.trace_id for span in spans)
 
     def _span(self, record: Mapping[str, Any], messages: Any) -> Span:
-        trace_id = "tr-" + os.urandom(16).hex()
+        trace_id = call_trace_id(self.run.run_id, record["id"], record.get("repeat") or 0, record["start_time"])
         start_ns = int(record["start_time"] * 1e9)
         duration = sum(record.get(name) or 0.0 for name in ("latency_s", "backoff_s", "throttle_s", "send_delay_s"))
         usage = record["usage"]
@@ -506,6 +507,7 @@ def sidecar_main(conn: Any) -> None:
     calls: CallLogger | None = None
     status = "KILLED"  # unless told otherwise: the experiment process died
     buffer: list = []
+    scored: list = []  # the calls' scores, attached to their traces once every trace is written
     inbox: deque = deque()  # messages read while waiting for a tracking server (so the experiment never blocks)
     outage.while_waiting = lambda: _drain(conn, inbox)
     try:
@@ -522,6 +524,13 @@ def sidecar_main(conn: Any) -> None:
                 if len(buffer) >= 500 or not (inbox or conn.poll()):  # write when caught up, or in 500s
                     calls.write(buffer)
                     buffer = []
+            elif message[0] == "assessments":
+                scored.extend(message[1])
+                if run is not None:  # every call is written first: its trace is there for its scores
+                    calls.write(buffer)
+                    buffer = []
+                    _assess(run, calls, setup, scored)
+                    scored = []
             elif message[0] == "finish":
                 if run is None:  # no measured part (every prompt was answered before): still one run
                     run, calls = _begin(client, experiment_id, setup, outage, start_time_ms=message[3])
@@ -529,6 +538,7 @@ def sidecar_main(conn: Any) -> None:
                 calls.write(buffer)
                 buffer = []
                 calls.close()
+                _assess(run, calls, setup, scored)
                 _, metrics, tags, end_time_ms, records_path, output_dir, log_records, status = message
                 run.log_tags(tags)
                 run.log_results(metrics, Path(records_path), Path(output_dir), log_records=log_records)
@@ -550,6 +560,15 @@ def sidecar_main(conn: Any) -> None:
                 calls.write(buffer)  # what arrived before a failure or a kill is still logged
                 calls.close()
             run.end(status)
+
+
+def _assess(run: MlflowRun, calls: CallLogger, setup: Mapping[str, Any], scored: list) -> None:
+    """Attach the calls' scores and expectations to their traces (written before)."""
+    if scored and calls.traces and not calls.traces_failed:
+        source = str((setup.get("dataset") or {}).get("name") or "dataset")
+        logger = AssessmentLogger(run.client, run.experiment_id, run_id=run.run_id, expectations_source=source,
+                                  store=calls.store)
+        log_call_assessments(logger, run.run_id, scored)
 
 
 def ask_server_version(client: Any) -> None:

@@ -3,9 +3,11 @@
 Reads the runs of an experiment (or of one sweep) from the tracking store and prints one row per run:
 what tells the run apart (the sweep's own overrides first, then other settings that differ), backend,
 model, calls, errors, latency p50 (with its 95% interval) and p95, TTFT/ITL/TPOT when streamed, requested
-and completed rate, SLO attainment and goodput, tokens and who counted them, tokens/s, cost; ranked by
-goodput when SLOs were set. ``--format csv|json`` prints the same rows for other tools; ``--plot`` and
-``--curve`` draw them (``pikeclient.tracking.plots``).
+and completed rate, SLO attainment and goodput, tokens and who counted them, tokens/s, cost, and the
+answers' quality (answers right, each scorer's mean); ranked by goodput when SLOs were set.
+``--format csv|json`` prints the same rows for other tools; ``--plot``, ``--curve`` and ``--quality`` draw
+them (``pikeclient.tracking.plots``); ``--compare A B`` compares two runs call by call
+(``pikeclient.tracking.compare_runs``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from pikeclient.config.schema import default_tracking_uri, is_server_uri
 from pikeclient.core.errors import ConfigError
+from pikeclient.eval.summary import scorer_names
 from pikeclient.tracking.remote import check_reachable
 
 
@@ -57,6 +60,12 @@ class Row:
     params: dict[str, str] = field(default_factory=dict, compare=False)
     choices: dict[str, str] = field(default_factory=dict, compare=False)  # Hydra group choices (llm=openai)
     label: str = ""  # what tells this run from the others (see label_rows)
+    measured: int = 0  # answered, measured calls (what the cost paid for)
+    quality: dict[str, float] = field(default_factory=dict, compare=False)  # scorer -> mean
+    pass_rate: float | None = None  # answers right among those graded pass/fail
+    pass_rate_ci: tuple[float, float] | None = None
+    passed: int | None = None
+    graded: int | None = None
 
 
 WIDTH = 100  # the table fits a terminal of this many columns
@@ -106,6 +115,13 @@ def to_row(run: Run) -> Row:
         swept=tuple(k for k in t.get("pikeclient.swept", "").split(",") if k),
         params=dict(p), choices={k.removeprefix("pikeclient.choice."): v for k, v in t.items()
                                  if k.startswith("pikeclient.choice.")},
+        measured=int(m.get("calls/measured", 0)),
+        quality={name: m[f"{name}/mean"] for name in scorer_names(m) if f"{name}/mean" in m},
+        pass_rate=m.get("quality/pass_rate"),
+        pass_rate_ci=((m["quality/pass_rate_ci_low"], m["quality/pass_rate_ci_high"])
+                      if "quality/pass_rate_ci_low" in m else None),
+        passed=int(m["quality/passed"]) if "quality/passed" in m else None,
+        graded=int(m["quality/passed"] + m["quality/failed"]) if "quality/passed" in m else None,
     )
 
 
@@ -196,7 +212,41 @@ def format_table(rows: Sequence[Row], width: int = WIDTH) -> str:
     if present:
         tables.append(_grid(["#", *(h for h, _ in present)],
                             [[str(i), *(cell(r) for _, cell in present)] for i, r in enumerate(rows, start=1)], width))
+    tables += quality_tables(rows, width)
     return "\n\n".join(tables)
+
+
+def quality_tables(rows: Sequence[Row], width: int = WIDTH) -> list[str]:
+    """The answers' quality, keyed by ``#``: answers right (of those graded pass/fail) with the pass rate's
+    95% interval, then each scorer's mean; as many tables as the scorers need to stay within ``width``."""
+    scorers = sorted({name for r in rows for name in r.quality})
+    if not scorers and all(r.pass_rate is None for r in rows):
+        return []
+
+    def right(r: Row) -> str:
+        return "-" if r.graded is None else f"{r.passed}/{r.graded}"
+
+    def rate(r: Row) -> str:
+        if r.pass_rate is None:
+            return "-"
+        interval = f" [{r.pass_rate_ci[0]:.0%}, {r.pass_rate_ci[1]:.0%}]" if r.pass_rate_ci else ""
+        return f"{r.pass_rate:.0%}{interval}"
+
+    lead = [("right", right), ("pass rate 95% CI", rate)]
+    columns = [(name, lambda r, name=name: "-" if name not in r.quality else f"{r.quality[name]:.3f}")
+               for name in scorers]
+    budget = width - len(str(len(rows))) - 1  # what the "#" column leaves
+    parts: list[list] = [[]]
+    used = 0
+    for header, cell in [*lead, *columns]:  # a new table when the next column would not fit
+        size = max(len(header), *(len(cell(r)) for r in rows)) + 1
+        if parts[-1] and used + size > budget:
+            parts.append([])
+            used = 0
+        parts[-1].append((header, cell))
+        used += size
+    return [_grid(["#", *(h for h, _ in part)], [[str(i), *(c(r) for _, c in part)] for i, r in enumerate(rows, 1)],
+                  width) for part in parts]
 
 
 def _grid(headers: Sequence[str], body: Sequence[Sequence[str]], width: int) -> str:
@@ -215,21 +265,27 @@ def rank_by_goodput(rows: Sequence[Row]) -> list[Row]:
 
 EXPORT_FIELDS = ("run_id", "name", "label", "backend", "model", "calls", "errors", "p50", "p95", "p99", "tokens",
                  "tokens_per_s", "cost", "currency", "token_basis", "ttft", "itl_ms", "tpot_ms", "requested_rate",
-                 "sent_rate", "completed_rate", "slo_attainment", "goodput")
+                 "sent_rate", "completed_rate", "slo_attainment", "goodput", "pass_rate", "passed", "graded")
 
 
 def export(rows: Sequence[Row], kind: str) -> str:
-    """The rows as CSV or JSON (seconds for latencies, milliseconds where the name says ``_ms``)."""
-    data = [{k: v for k, v in asdict(r).items() if k in EXPORT_FIELDS} for r in label_rows(rows)]
-    for item, row in zip(data, label_rows(rows)):
+    """The rows as CSV or JSON (seconds for latencies, milliseconds where the name says ``_ms``); quality as
+    ``pass_rate`` (with ``pass_rate_ci``), ``passed``, ``graded`` and ``<scorer>/mean`` per scorer."""
+    labelled = label_rows(rows)
+    scorers = sorted({name for r in labelled for name in r.quality})
+    data = [{k: v for k, v in asdict(r).items() if k in EXPORT_FIELDS} for r in labelled]
+    for item, row in zip(data, labelled):
         item["p50_ci"] = list(row.p50_ci) if row.p50_ci else None
+        item["pass_rate_ci"] = list(row.pass_rate_ci) if row.pass_rate_ci else None
+        item.update({f"{name}/mean": row.quality.get(name) for name in scorers})
     if kind == "json":
         return json.dumps(data, indent=2)
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=[*EXPORT_FIELDS, "p50_ci"], lineterminator="\n")
+    fields = [*EXPORT_FIELDS, "p50_ci", "pass_rate_ci", *(f"{name}/mean" for name in scorers)]
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
-    writer.writerows({**item, "p50_ci": "" if item["p50_ci"] is None else "{} {}".format(*item["p50_ci"])}
-                     for item in data)
+    writer.writerows({**item, **{k: "" if item[k] is None else "{} {}".format(*item[k])
+                                 for k in ("p50_ci", "pass_rate_ci")}} for item in data)
     return out.getvalue()
 
 
@@ -242,7 +298,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="table for people (default), csv or json for other tools")
     parser.add_argument("--plot", type=Path, help="write the PNG here (e.g. runs/report.png)")
     parser.add_argument("--curve", type=Path, help="a saturation sweep's curve (load.rate=...): write it here")
+    parser.add_argument("--quality", type=Path, help="quality vs cost and vs latency p95, one point per run: "
+                                                     "write the PNG here")
+    parser.add_argument("--compare", nargs="+", metavar="RUN", help="two runs (ids or job folders) compared call by "
+                        "call, B against A; or one sweep (parent run id, folder, latest): each job against --baseline")
+    parser.add_argument("--baseline", help="with --compare SWEEP: the job the others are compared with (run id, job "
+                                           "number or folder; default: the first job)")
     args = parser.parse_args(argv)
+    if args.compare is not None and len(args.compare) > 2:
+        parser.error("--compare takes two runs, or one sweep")
     uri = args.tracking_uri or default_tracking_uri("runs")
     try:
         if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
@@ -250,18 +314,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if is_server_uri(uri):
             check_reachable(uri)  # seconds, not MLflow's minutes of HTTP retries
         client = MlflowClient(tracking_uri=uri)
+        if args.compare:
+            from pikeclient.tracking.compare_runs import main_compare
+
+            print(main_compare(client, args.compare, args.experiment, args.baseline))
+            return 0
+        if args.baseline:
+            raise ConfigError("--baseline goes with --compare SWEEP")
         rows = rank_by_goodput([to_row(run) for run in find_runs(client, args.experiment, args.sweep)])
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(format_table(rows) if args.format == "table" else export(rows, args.format))
-    if args.plot or args.curve:
-        from pikeclient.tracking.plots import plot, saturation_curve
+    if args.plot or args.curve or args.quality:
+        from pikeclient.tracking.plots import plot, quality_picture, saturation_curve
 
         if args.plot:
             print(f"plot: {plot(client, label_rows(rows), args.plot)}", file=sys.stderr)
         if args.curve:
             print(f"saturation curve: {saturation_curve(rows, args.curve)}", file=sys.stderr)
+        if args.quality:
+            print(f"quality picture: {quality_picture(label_rows(rows), args.quality)}", file=sys.stderr)
     return 0
 
 

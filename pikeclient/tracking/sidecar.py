@@ -73,6 +73,12 @@ class TrackingSidecar:
         if self.run_id is None and self.conn.poll():
             self._expect("run")
 
+    def assess(self, calls: list[tuple[Any, ...]]) -> None:
+        """The calls' scores and expectations, to attach to their traces when the run finishes
+        (``pikeclient.run.quality``: prompt id, repeat, start time, scores, expectations)."""
+        self._flush()
+        self._send(("assessments", calls))
+
     def finish(self, metrics: Mapping[str, float], tags: Mapping[str, str], end_time: float, records_path: Path,
                output_dir: Path, *, log_records: bool, status: str = "FINISHED") -> str:
         """Log the run's results and end it (FINISHED, or FAILED for a run with too many errors)."""

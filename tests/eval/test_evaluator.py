@@ -54,7 +54,7 @@ def evaluate(scorers, record, prompt):
 
 
 def test_eval_none_builds_nothing_and_basic_builds_the_seven_scorers():
-    assert Evaluator.from_config(OmegaConf.to_container(compose([]).eval)) is None
+    assert Evaluator.from_config(OmegaConf.to_container(compose(["eval=none"]).eval)) is None
     basic = Evaluator.from_config(OmegaConf.to_container(compose(["eval=basic"]).eval))
     assert list(basic.scorers) == ["exact_match", "contains", "regex_match", "is_json", "numeric_match",
                                    "choice_match", "response_length"]
@@ -115,7 +115,7 @@ def test_a_bad_scorer_entry_is_one_line(spec, message):
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("name", ["quality", "a/b", ""])
+@pytest.mark.parametrize("name", ["quality", "a/b", "", "Latency", "judge"])
 def test_scorer_names_must_make_metric_names(name):
     with pytest.raises(ConfigError, match="scorer name"):
         Evaluator({name: not_empty})
@@ -152,11 +152,11 @@ def test_mlflows_judges_plug_in_by_target_against_a_judge_endpoint(monkeypatch):
 def test_the_worker_scores_in_its_own_thread_and_reports_each_call():
     reported = []
     evaluator = Evaluator({"not_empty": not_empty})
-    worker = evaluator.start(max_pending=1, on_scores=lambda key, scores: reported.append(key))
+    worker = evaluator.start(max_pending=1, on_scores=lambda key, scores, stage: reported.append((key, stage)))
     for index in range(50):  # a queue of one: submit waits for room, never deadlocks
         worker.submit({"index": index, "response": "x" if index % 2 else " ", "error": None}, item())
     scores = worker.finish()
-    assert sorted(reported) == list(range(50)) and len(scores) == 50
+    assert sorted(reported) == [(i, "code") for i in range(50)] and len(scores) == 50
     assert sum(s["not_empty"].value for s in scores.values()) == 25
     assert "pikeclient-scoring" in SEEN_THREADS
     with pytest.raises(RuntimeError):
@@ -164,7 +164,7 @@ def test_the_worker_scores_in_its_own_thread_and_reports_each_call():
 
 
 def test_a_failing_consumer_does_not_stop_the_scoring(caplog):
-    def explode(key, scores):
+    def explode(key, scores, stage):
         raise OSError("disk full")
 
     worker = Evaluator({"not_empty": not_empty}).start(on_scores=explode)

@@ -84,13 +84,13 @@ def test_a_judge_with_fixed_verdicts_one_malformed(judge_server, api_env):
     # Per call: a failed score fails the call; the malformed verdict leaves the third one open.
     assert metrics["quality/passed"] == 1 and metrics["quality/failed"] == 1 and metrics["quality/errors"] == 1
     assert metrics["quality/pass_rate"] == 0.5
-    assert metrics["judge_calls"] == 3 and metrics["judge_errors"] == 1
+    assert metrics["judge/calls"] == 3 and metrics["judge/errors"] == 1
     judge_requests = [r for r in judge_server.log if r.body.get("model") == "judge-model"]
     assert len(judge_requests) == 3
     words = sum(len(VERDICTS[k].split()) for k in list(VERDICTS)[:3])
-    assert metrics["judge_completion_tokens"] == words
-    assert metrics["judge_tokens"] == metrics["judge_prompt_tokens"] + words
-    assert "judge_cost_usd" not in metrics  # no price given
+    assert metrics["judge/completion_tokens"] == words
+    assert metrics["judge/tokens"] == metrics["judge/prompt_tokens"] + words
+    assert "judge/cost_usd" not in metrics  # no price given
 
 
 def test_judge_cost_from_a_price(judge_server, api_env):
@@ -105,7 +105,7 @@ def test_judge_cost_from_a_price(judge_server, api_env):
                        expectations=PARIS.mapping)
     usage = judge.usage
     metrics = usage.metrics(Price())
-    assert metrics["judge_cost_usd"] == pytest.approx(usage.prompt_tokens * 1e-6 + usage.completion_tokens * 2e-6)
+    assert metrics["judge/cost_usd"] == pytest.approx(usage.prompt_tokens * 1e-6 + usage.completion_tokens * 2e-6)
 
 
 def test_a_failed_judge_call_is_an_error_on_the_score(api_env):
@@ -114,8 +114,8 @@ def test_a_failed_judge_call_is_an_error_on_the_score(api_env):
         score = Guidelines(judge)(inputs={"messages": [{"role": "user", "content": "Hi"}]}, outputs="Hello",
                                   expectations={"guidelines": ["Be polite"]})
     assert score.value is None and score.error.startswith("judge call failed (server): HTTP 500")
-    assert judge.usage.metrics() == {"judge_calls": 1.0, "judge_errors": 1.0, "judge_prompt_tokens": 0.0,
-                                     "judge_completion_tokens": 0.0, "judge_tokens": 0.0}
+    assert judge.usage.metrics() == {"judge/calls": 1.0, "judge/errors": 1.0, "judge/prompt_tokens": 0.0,
+                                     "judge/completion_tokens": 0.0, "judge/tokens": 0.0}
 
 
 def test_judges_say_nothing_without_their_expectations(judge_server, api_env):
@@ -163,7 +163,7 @@ def test_judge_calls_never_count_in_the_measured_run(judge_server, api_env):
     assert stats.completion_tokens == sum(len(r["response"].split()) for r in records) == 4 + 4 + 6
     assert stats.prompt_tokens == 3 * 4  # the server counts words: "Qn: capital of France?"
     assert len(stats.latencies) == 3
-    assert evaluator.metrics(scores.values())["judge_calls"] == 3
+    assert evaluator.metrics(scores.values())["judge/calls"] == 3
     assert [scores[r["index"]]["correctness"].value for r in sorted(records, key=lambda r: r["index"])] == \
         [True, False, None]
 

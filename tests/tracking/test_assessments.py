@@ -93,3 +93,28 @@ def test_to_feedback_from_a_records_dict():
     feedback = to_feedback("contains", {"value": False, "rationale": "missing", "source": "CODE",
                                         "source_id": "contains", "error": None})
     assert feedback.value is False and feedback.source.source_id == "contains"
+
+
+@pytest.mark.parametrize("which", ["feedback", "error", "number", "expectation"])
+def test_the_bulk_row_is_mlflows_own_row(which):
+    """The rows written in one transaction fill the assessments table as MLflow's own conversion of the
+    same Feedback or Expectation does (ids and times aside)."""
+    from mlflow.store.tracking.dbmodels.models import SqlAssessments
+
+    from pikeclient.tracking.assessments import expectation_row, feedback_row, to_expectations
+
+    run = "r" * 32
+    score = {"feedback": Score(True, "why", CODE, "em"), "number": Score(0.25, None, CODE, None),
+             "error": Score.failed("judge down", source=LLM_JUDGE, source_id="openai:/m")}.get(which)
+    if score is not None:
+        ours, entity = feedback_row("em", score, run), to_feedback("em", score, trace_id="tr-1", run_id=run)
+    else:
+        ours = expectation_row("answers", ["Paris"], "qa.jsonl")
+        entity = to_expectations({"answers": ["Paris"]}, trace_id="tr-1", source_id="qa.jsonl")[0]
+    theirs = SqlAssessments.from_mlflow_entity(entity)
+    columns = {c.name for c in SqlAssessments.__table__.columns}
+    where = {"trace_id", "experiment_id", "trace_timestamp_ms", "created_timestamp", "last_updated_timestamp"}
+    assert set(ours) == columns - where
+    for column in sorted(columns - where - {"assessment_id"}):
+        assert ours[column] == getattr(theirs, column), column
+    assert ours["assessment_id"].startswith("a-")

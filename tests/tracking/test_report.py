@@ -10,6 +10,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pikeclient.cli import first_answers
+from pikeclient.eval.compare import compare
+from pikeclient.eval.evaluator import aggregate
+from pikeclient.eval.judge import JudgeUsage
+from pikeclient.eval.score import Score
+from pikeclient.run.cost import Price
 from pikeclient.run.stats import RunStats, format_summary
 from pikeclient.testing.server import FakeLLMServer
 from pikeclient.tracking.plots import curve_points
@@ -131,8 +136,17 @@ def test_every_metric_a_run_logs_is_documented():
     for turn in (1, 2):  # a multi-turn session
         stats.add({**_record(turn, 0.1), "session_id": "s", "turn": turn, "turns": 2, "ttft_s": 0.01})
     stats.wall_s, stats.requested_rate, stats.loop_lags = 20.0, 10.0, [0.001]
-    documented = set(re.findall(r"`([A-Za-z]+/[a-z0-9_<>]+)`", DOCS.read_text()))
-    for name in [*stats.metrics(), *stats.series()]:
+    usage = JudgeUsage(calls=3, errors=1, prompt_tokens=30, completion_tokens=9)
+    stats.quality = {**aggregate([{"exact_match": Score(True), "correctness": Score.failed("judge down")},
+                                  {"exact_match": Score(False), "correctness": Score(True)}]),
+                     **usage.metrics(Price("m", 1.0, 2.0, "USD"))}
+    comparison = compare([{"id": "a", "latency_s": 0.1, "error": None, "scores": {"exact_match": Score(True)}}],
+                         [{"id": "a", "latency_s": 0.2, "error": None, "scores": {"exact_match": Score(False)}}])
+    documented = set(re.findall(r"`([A-Za-z<>]+(?:/[A-Za-z0-9_<>]+)+)`", DOCS.read_text()))
+    for name in [*stats.metrics(), *stats.series(), *comparison.metrics()]:
         generic = re.sub(r"^(Errors/)(timeout)$", r"\1<kind>", re.sub(r"^(tokens/source_)\w+$", r"\1<source>", name))
-        generic = re.sub(r"(mean|max|p\d\d)$", "<stat>", generic)
+        generic = re.sub(r"^(exact_match|correctness)/", "<scorer>/", generic)
+        generic = re.sub(r"^compare/(exact_match|latency_s)/", "compare/<name>/", generic)
+        generic = re.sub(r"^judge/cost_usd$", "judge/cost_<currency>", generic)
+        generic = re.sub(r"(mean|max|p\d\d)$", "<stat>", generic) if not generic.startswith("<scorer>") else generic
         assert name in documented or generic in documented, name
