@@ -23,7 +23,8 @@ if __name__ == "__main__":
     sys.argv[1:] = resume_in_place(sys.argv[1:])  # a resumed run completes in its own folder
     try:
         main()
-    except KeyboardInterrupt:  # between a sweep's jobs (inside a job, the job says what it left)
-        print("interrupted between jobs: resume the sweep with the same command and experiment.resume=latest",
-              file=sys.stderr)
+    except KeyboardInterrupt:  # between a sweep's jobs, or in a launcher's workers (a job says what it left)
+        from pikeclient.tracking.sweep import interrupted_sweep_note
+
+        print(interrupted_sweep_note(), file=sys.stderr)
         sys.exit(130)

@@ -50,30 +50,34 @@ def job_finished(folder: Path) -> bool:
 
 
 # Where the sweep is stopped: during its first job (Ctrl-C), right after its first job (everything
-# killed), and before any job ran (everything killed as soon as the sweep had its parent run).
+# killed), before any job ran (everything killed as soon as the sweep had its parent run), and during
+# both jobs at once in joblib's worker processes (Ctrl-C reaches the whole process group).
+JOBLIB = ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
 POINTS = {
-    "during a job": ("sigint", lambda root, server: len(server.log) >= 20),
-    "between jobs": ("sigkill", lambda root, server: any(job_finished(d / "0") for d in sweep_dirs(root))),
+    "during a job": ("sigint", lambda root, server: len(server.log) >= 20, ()),
+    "between jobs": ("sigkill", lambda root, server: any(job_finished(d / "0") for d in sweep_dirs(root)), ()),
     "before any job": ("sigkill", lambda root, server: any((d / "mlflow_parent_run.json").exists()
-                                                           for d in sweep_dirs(root))),
+                                                           for d in sweep_dirs(root)), ()),
+    "during jobs in joblib workers": ("sigint", lambda root, server: len(server.log) >= 20, JOBLIB),
 }
 
 
 @pytest.mark.parametrize("point", list(POINTS))
 def test_a_sweep_interrupted_anywhere_resumes_with_latest_and_calls_only_what_is_missing(tmp_path, point):
-    how, reached = POINTS[point]
+    how, reached, launcher = POINTS[point]
     dataset = write_dataset(tmp_path / "prompts.jsonl", 40)
     with FakeLLMServer(api_key=API_KEY, latency=0.03) as server:
-        first = _popen(sweep_args(server, dataset), tmp_path)
+        first = _popen(sweep_args(server, dataset, *launcher), tmp_path)
         _wait_for(lambda: reached(tmp_path, server) or first.poll() is not None)
         _, stderr = interrupt(first, how)
         [folder] = sweep_dirs(tmp_path)
         if how == "sigint":
             assert first.returncode == 130 and "Traceback" not in stderr
             assert f"experiment.resume={folder.relative_to(tmp_path)}\n" in stderr  # the sweep's folder, not a job's
+            assert not [r for r in mlflow_runs(tmp_path / "runs") if r["status"] == "RUNNING"]  # none left RUNNING
         before = {num: {r["prompt"] for r in job_records(folder / str(num)) if r["error"] is None} for num in (0, 1)}
         mark = len(server.log)
-        again = run_py(*sweep_args(server, dataset), "experiment.resume=latest", cwd=tmp_path, env=ENV)
+        again = run_py(*sweep_args(server, dataset, *launcher), "experiment.resume=latest", cwd=tmp_path, env=ENV)
         second = server.log[mark:]
     assert again.returncode == 0, again.stderr
     assert sweep_dirs(tmp_path) == [folder]  # completed in its own folder

@@ -300,6 +300,7 @@ def start_tracking(tracking: TrackingSidecar, settings: RunSettings, config: Map
         "traces": track.traces,
         "output_dir": str(output_dir),
         "resume_run_id": earlier.run_id if earlier else None,
+        "resuming": settings.config.experiment.resume is not None,
         "reconnect_timeout": track.reconnect_timeout,
         "dataset": dict(dataset or {}),
     })

@@ -85,17 +85,28 @@ def owner_tags(pid: int | None = None) -> dict[str, str]:
     return {"pikeclient.host": socket.gethostname(), "pikeclient.pid": str(pid or os.getpid())}
 
 
-def end_orphaned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+def end_orphaned_runs(client: MlflowClient, experiment_id: str, parent_run_id: str | None = None,
+                      wait_s: float = 0.0) -> list[str]:
     """Mark KILLED the RUNNING runs whose process (on this host) no longer exists.
 
     A SIGKILL to a whole process group, or a machine that lost power, leaves runs RUNNING forever:
-    nobody is left to end them. The next process that uses the store ends them instead.
+    nobody is left to end them. The next process that uses the store ends them instead. With
+    ``parent_run_id``, only that sweep's jobs, each given up to ``wait_s`` for its process to end (a
+    launcher's workers killed by Ctrl-C are still exiting when the sweep's own process ends).
     """
     host, ended = socket.gethostname(), []
-    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000):
+    query = "attributes.status = 'RUNNING'"
+    if parent_run_id is not None:
+        query += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
+    deadline = time.monotonic() + wait_s
+    for run in client.search_runs([experiment_id], query, max_results=5000):
         tags = run.data.tags
         pid = tags.get("pikeclient.pid", "")
-        if tags.get("pikeclient.host") == host and pid.isdigit() and not _process_alive(int(pid)):
+        if tags.get("pikeclient.host") != host or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        while _process_alive(int(pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not _process_alive(int(pid)):
             client.set_terminated(run.info.run_id, "KILLED")
             ended.append(run.info.run_id)
     if ended:
@@ -141,6 +152,8 @@ def close_parent_run(parent: Mapping[str, str], status: str | None = None, *, on
     client = MlflowClient(tracking_uri=parent["tracking_uri"])
     if only_if_running and client.get_run(parent["run_id"]).info.status != "RUNNING":
         return
+    if status == "KILLED":  # jobs whose worker process was killed with the sweep (joblib on Ctrl-C)
+        end_orphaned_runs(client, parent["experiment_id"], parent["run_id"], wait_s=10.0)
     children = client.search_runs([parent["experiment_id"]], f"tags.mlflow.parentRunId = '{parent['run_id']}'")
     failed = [c for c in children if c.info.status != "FINISHED"]
     client.log_batch(parent["run_id"], metrics=[
@@ -595,19 +608,39 @@ def _begin(client: MlflowClient, experiment_id: str, setup: Mapping[str, Any], o
     """Create the run (or reopen the one being resumed) and record its id in the job's run.json."""
     resume = setup.get("resume_run_id")
     owner = owner_tags(os.getppid())  # the experiment process: when it is gone, the run is over
+    adopted = None if resume or not setup.get("resuming") else _unrecorded_run(client, experiment_id, setup)
     if resume:
         run = MlflowRun.reopen(client, experiment_id, resume, owner, outage)
+    elif adopted:
+        run = MlflowRun.reopen(client, experiment_id, adopted, owner, outage)
     else:
         run = MlflowRun.create(client, experiment_id, run_name=setup["run_name"], tags={**setup["tags"], **owner},
                                start_time_ms=start_time_ms, outage=outage)
-        run.log_params({**flatten(setup["config"]), **flatten({"client": setup["client"]})})
-        if setup.get("dataset"):
+    write_job_file(setup["output_dir"], run_id=run.run_id, tracking_uri=setup["tracking_uri"])
+    if not resume:  # an adopted run may have been stopped before its params were logged: those it lacks
+        params = {**flatten(setup["config"]), **flatten({"client": setup["client"]})}
+        if adopted:
+            logged = client.get_run(adopted).data
+            params = {k: v for k, v in params.items() if k not in logged.params}
+        run.log_params(params)
+        if setup.get("dataset") and not (adopted and client.get_run(adopted).inputs.dataset_inputs):
             run.log_dataset(setup["dataset"])
     calls = CallLogger(run, setup["client"], traces=setup["traces"])
-    if resume:
+    if resume or adopted:
         calls.logged = run.logged_steps(SERIES_LATENCY)
-    write_job_file(setup["output_dir"], run_id=run.run_id, tracking_uri=setup["tracking_uri"])
     return run, calls
+
+
+def _unrecorded_run(client: MlflowClient, experiment_id: str, setup: Mapping[str, Any]) -> str | None:
+    """A run made for this job folder by an attempt stopped before it wrote the run's id to run.json (a
+    launcher's worker killed in between): resumed, the job completes that run instead of leaving it
+    KILLED beside a second one under the sweep's parent."""
+    folder = setup["tags"].get("pikeclient.output_dir", "")
+    if not folder or "'" in folder:
+        return None
+    runs = client.search_runs([experiment_id], f"tags.`pikeclient.output_dir` = '{folder}' and "
+                              "attributes.status != 'FINISHED'", max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def _answer(conn: Any, kind: str, value: Any) -> None:

@@ -71,6 +71,21 @@ def search_parent(tracking_uri: str, experiment_name: str, sweep: str) -> dict[s
     return {"run_id": runs[0]["info"]["run_id"], "experiment_id": experiment, "tracking_uri": tracking_uri}
 
 
+ACTIVE_SWEEP_DIR: Path | None = None  # the sweep this process launches, for its Ctrl-C message
+
+
+def interrupted_sweep_note() -> str:
+    """What ``run.py`` says when Ctrl-C ends a sweep outside a job (between jobs, or while a launcher's
+    worker processes ran them)."""
+    if ACTIVE_SWEEP_DIR is None:
+        return "interrupted: resume the sweep with the same command and experiment.resume=latest"
+    folder = ACTIVE_SWEEP_DIR
+    with contextlib.suppress(ValueError):
+        folder = folder.resolve().relative_to(Path.cwd().resolve())
+    return (f"interrupted: the sweep {folder} is unfinished: complete it with the same "
+            f"command and experiment.resume={folder}")
+
+
 class MlflowSweepCallback(Callback):
     """Registered in ``conf/config.yaml`` under ``hydra.callbacks``.
 
@@ -85,6 +100,8 @@ class MlflowSweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        global ACTIVE_SWEEP_DIR
+        ACTIVE_SWEEP_DIR = sweep_dir
         try:
             self.lock = FolderLock(sweep_dir, "sweep folder").acquire()
         except ConfigError as error:
