@@ -151,6 +151,11 @@ class ExperimentConfig:
     max_duration: Optional[float] = None
     repeats: int = 1
     resume_grown: bool = False
+    stop_when_saturated: bool = False  # the over-saturation stop (pikeclient.run.saturation)
+    saturation_min_s: float = 5.0
+    saturation_window_s: float = 5.0
+    saturation_min_calls: int = 10
+    timeline_interval_s: int = 1  # the run over time: timeline/* series, one point per this many seconds
 
 
 @dataclass
@@ -233,6 +238,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"slo.{name}={value} is out of range: allowed > 0 (seconds) or null")
     if not 0.0 <= experiment.max_error_rate <= 1.0:
         raise ConfigError(f"experiment.max_error_rate={experiment.max_error_rate} is out of range: allowed [0, 1]")
+    if experiment.timeline_interval_s < 1:
+        raise ConfigError(f"experiment.timeline_interval_s={experiment.timeline_interval_s} is out of range: allowed "
+                          ">= 1 (whole seconds: MLflow's steps are integers)")
     if experiment.warmup is not None and experiment.warmup < 0:
         raise ConfigError(f"experiment.warmup={experiment.warmup} is out of range: allowed >= 0 (null: automatic)")
     records = str(experiment.records_file)

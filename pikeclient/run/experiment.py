@@ -142,6 +142,7 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
             if tracking is not None and assessments:  # logged by the tracking process while this one goes on
                 tracking.assess(assessments)
         stats.price = price
+        stats.timeline.interval_s = experiment.timeline_interval_s
         stats.requested_rate = offered_rate(settings.strategy, items)
         stats.max_in_flight = settings.strategy.max_in_flight
         stats.warn_about_the_client()
@@ -156,7 +157,9 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
             tracking.finish(metrics, stats.tags(), stats.end_time, records_path, output_dir,
                             log_records=c.tracking.log_records, status="FAILED" if verdict else "FINISHED")
             log.info("MLflow: run %s is complete in %s", tracking.run_id, settings.tracking_uri)
-        write_job_file(output_dir, status="FAILED" if verdict else "FINISHED")
+        # The headline figures too: what a sweeper choosing the next job reads (hydra_plugins.pikeclient_capacity).
+        write_job_file(output_dir, status="FAILED" if verdict else "FINISHED", metrics=stats.metrics(),
+                       saturated=stats.saturated)
         if scoring is not None:
             scoring.done()
     finally:

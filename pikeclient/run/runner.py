@@ -115,9 +115,13 @@ async def run_prompts(
             stats.client_cpu_share = cpu.share()
             if calls.in_flight is not None:
                 stats.in_flight_lowest, stats.client_held_s = calls.in_flight.lowest, calls.in_flight.held_s
+            stats.saturated = next((limit.reason for limit in limits if getattr(limit, "reason", None)), None)
             calls.progress.close()
     finally:
         await client.aclose()
+    if stats.saturated:
+        log.warning("the run stopped sending early, %s; it is marked saturated (calls in flight were finished)",
+                    stats.saturated)
     if calls.interrupted is not None:
         raise Interrupted(calls.interrupted)
     if calls.stop:
@@ -136,6 +140,7 @@ class _Calls:
         self.identity = client.describe()
         self.stop: list[str] = []
         self.sent = 0
+        self.ended = 0  # calls of this run that have ended (the rest of ``sent`` are in flight)
         self.start = 0.0  # perf_counter when the measured calls began
         self.tasks: set[asyncio.Task] = set()  # the calls' tasks, cancelled on Ctrl-C or SIGTERM
         self.interrupted: int | None = None
@@ -208,6 +213,10 @@ class _Calls:
                 record["latency_from_schedule_s"] = time.perf_counter() - due
         self.stats.slo_verdict(record)
         self.emit(record, replace(item, messages=(*history, *item.messages)) if history else item)
+        self.ended += 1
+        elapsed = time.perf_counter() - self.start
+        for limit in self.limits:  # the over-saturation stop watches the calls end
+            limit.observe(record, elapsed, self.sent - self.ended)
         self.progress.update(1)
         kind = record["error_kind"]
         if kind == "auth" or (self.fail_fast and kind in NON_RETRYABLE):
