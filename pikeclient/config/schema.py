@@ -159,6 +159,15 @@ class ExperimentConfig:
 
 
 @dataclass
+class ServerMetricsConfig:
+    """The server's Prometheus endpoint, scraped during the run (pikeclient.tracking.server_metrics)."""
+
+    url: Optional[str] = None  # null: not scraped
+    flavour: str = "auto"  # auto | vllm | sglang | tgi | llamacpp
+    timeout_s: float = 2.0
+
+
+@dataclass
 class PathsConfig:
     runs_dir: str = MISSING
 
@@ -181,13 +190,14 @@ class Config:
     slo: SloConfig = field(default_factory=SloConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
+    server_metrics: ServerMetricsConfig = field(default_factory=ServerMetricsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 _SCHEMAS = {"sampling": SamplingConfig, "retry": RetryConfig, "rate_limit": RateLimitConfig, "cache": CacheConfig,
             "tracking": TrackingConfig, "experiment": ExperimentConfig,
             "load": LoadConfig, "slo": SloConfig, "eval": EvalConfig,
-            "pricing": PricingConfig, "paths": PathsConfig}
+            "pricing": PricingConfig, "server_metrics": ServerMetricsConfig, "paths": PathsConfig}
 
 
 def register_configs() -> None:

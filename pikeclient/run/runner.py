@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from pikeclient.core.client import BaseLLMClient
 from pikeclient.core.errors import LLMError, PikeError
+from pikeclient.core.request_id import request_id
 from pikeclient.core.types import ChatResult, Message
 from pikeclient.run.cache import ResponseCache, cache_key, request_digest
 from pikeclient.run.dataset import PromptItem
@@ -298,7 +300,9 @@ async def call_one(client: BaseLLMClient, index: int, item: PromptItem, cache: R
                    identity: Mapping[str, Any] | None = None, history: Sequence[Message] = ()) -> dict[str, Any]:
     """One prompt's record: the answer with its measurements, or the error with its class. ``history`` (a
     conversation's earlier turns with their answers) is sent before the item's own messages."""
-    record: dict[str, Any] = {"index": index, "id": item.id, "prompt": item.prompt, "start_time": time.time()}
+    # The id the call's HTTP requests carry (X-Request-Id): the call in the server's logs.
+    record: dict[str, Any] = {"index": index, "id": item.id, "prompt": item.prompt, "start_time": time.time(),
+                              "request_id": uuid.uuid4().hex}
     if item.repeat:
         record["repeat"] = item.repeat
     # A synthetic prompt asks for an exact output length: max_tokens, and min_tokens where enforced.
@@ -314,7 +318,8 @@ async def call_one(client: BaseLLMClient, index: int, item: PromptItem, cache: R
     try:
         result = cache.get(key) if use_cache else None
         if result is None:
-            result = await client.achat(messages, **overrides)
+            with request_id(record["request_id"]):
+                result = await client.achat(messages, **overrides)
             if use_cache:
                 cache.put(key, result)
     except LLMError as error:

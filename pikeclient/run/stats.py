@@ -102,6 +102,7 @@ class RunStats:
     timeline: Timeline = field(default_factory=Timeline)  # the run over time (timeline/* series)
     saturated: str | None = None  # why the over-saturation stop ended the run early (pikeclient.run.saturation)
     server_series: dict[str, dict[int, float]] = field(default_factory=dict)  # server/* (tracking.server_metrics)
+    server_totals: dict[str, float] = field(default_factory=dict)  # the server's token counters over the run
 
     def slo_verdict(self, record: dict[str, Any]) -> None:
         """Mark whether a call met the SLOs (records carry ``slo_met`` when SLOs are set)."""
@@ -242,6 +243,7 @@ class RunStats:
                 out["Throughput/output_tokens_per_s"] = self.completion_tokens / self.wall_s
             out.update(cost_metrics(self.price, self.prompt_tokens, self.completion_tokens, self.uncounted))
         out.update(self.turns.metrics())
+        out.update(self.server_totals)
         out.update(self.quality)
         return out
 
