@@ -248,6 +248,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"slo.{name}={value} is out of range: allowed > 0 (seconds) or null")
     if not 0.0 <= experiment.max_error_rate <= 1.0:
         raise ConfigError(f"experiment.max_error_rate={experiment.max_error_rate} is out of range: allowed [0, 1]")
+    flavours = ("auto", "vllm", "sglang", "tgi", "llamacpp")  # pikeclient.tracking.server_metrics.FLAVOURS
+    if cfg.server_metrics.flavour not in flavours:
+        raise ConfigError(f"server_metrics.flavour={cfg.server_metrics.flavour!r}: allowed {', '.join(flavours)}")
     if experiment.timeline_interval_s < 1:
         raise ConfigError(f"experiment.timeline_interval_s={experiment.timeline_interval_s} is out of range: allowed "
                           ">= 1 (whole seconds: MLflow's steps are integers)")
