@@ -36,7 +36,8 @@ class Timeline:
 
     def series(self, start_time: float) -> dict[str, dict[int, float]]:
         """``timeline/<name>`` -> {step (seconds since ``start_time``): value}, for every interval up to the
-        last call's end (an interval with nothing sent or ended has zeros, not a gap)."""
+        last call's end (an interval with nothing sent or ended has zeros, not a gap). ``in_flight`` is the
+        count at the step's own time (the interval's start)."""
         if not self.calls or start_time <= 0:
             return {}
         width = self.interval_s
@@ -55,7 +56,7 @@ class Timeline:
             done = ended.get(index, [])
             latencies = [lat for lat, _, failed, _ in done if not failed and lat is not None]
             ttfts = [ttft for _, ttft, failed, _ in done if not failed and ttft is not None]
-            edge = start_time + (index + 1) * width
+            edge = start_time + step  # at the step's own time, as a server's gauges are stamped when scraped
             out["sent"][step] = sent.get(index, 0)
             out["completed"][step] = len(latencies)
             out["in_flight"][step] = bisect_right(starts, edge) - bisect_right(ends, edge)
