@@ -5,17 +5,20 @@
 A capacity search (``hydra/sweeper=capacity``) on a server that works on 4 requests at once, 0.1 s each
 (40 requests/s), whose curve is ``docs/capacity_example.png``; then one overloaded run (60 requests/s)
 with the over-saturation stop and the server's Prometheus endpoint scraped, whose ``timeline/*`` and
-``server/*`` series, read back from MLflow, are drawn on one time axis in ``docs/timeline_example.png``.
+``server/*`` series, read back from MLflow, are drawn on one time axis in ``docs/timeline_example.png``,
+and shown by MLflow's own metric page in ``docs/timeline_mlflow.png`` (headless Chromium).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._common import loopback_server  # noqa: E402
+from pikeclient.testing.server import free_port  # noqa: E402
+from pikeclient.tracking.ui_check import find_chromium, mlflow_ui, screenshot  # noqa: E402
 
 ENV = {**os.environ, "OPENAI_API_KEY": "sk-bench", "PYTHONPATH": str(REPO)}
 
@@ -57,7 +62,28 @@ def main() -> None:
     experiment = client.get_experiment_by_name("pikeclient").experiment_id
     [run] = client.search_runs([experiment], "attributes.run_name = 'overloaded'")
     timeline_picture(client, run.info.run_id, args.out / "timeline_example.png")
+    timeline_screenshot(f"sqlite:///{root / 'runs' / 'mlflow.db'}", experiment, run.info.run_id,
+                        args.out / "timeline_mlflow.png")
     print(f"pictures in {args.out}; runs in {root}")
+
+
+def timeline_screenshot(uri: str, experiment: str, run_id: str, path: Path) -> None:
+    """MLflow's own chart of the run's timeline and server series against the step (its metric page)."""
+    chromium = find_chromium()
+    if chromium is None:
+        print("no Chromium: no screenshot of MLflow")
+        return
+    keys = ["timeline/achieved_rate", "timeline/completed_rate", "timeline/in_flight", "server/requests_waiting",
+            "server/requests_running"]
+
+    def encoded(value: Any) -> str:
+        return urllib.parse.quote(json.dumps(value, separators=(",", ":")), safe="")
+
+    with mlflow_ui(uri, free_port()) as base:
+        screenshot(f"{base}/#/metric/?runs={json.dumps([run_id])}&metric={encoded(keys[0])}"
+                   f"&experiments={json.dumps([experiment])}&plot_metric_keys={encoded(keys)}&plot_layout={{}}"
+                   "&x_axis=step&y_axis_scale=linear&line_smoothness=1&show_point=true&deselected_curves=[]"
+                   "&last_linear_y_axis_range=[]", path, chromium)
 
 
 def timeline_picture(client: Any, run_id: str, path: Path) -> None:

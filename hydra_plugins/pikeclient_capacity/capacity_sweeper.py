@@ -43,7 +43,7 @@ _SEARCH_KEYS = ("load", "experiment.max_duration", "experiment.max_requests", "e
 class CapacitySweeperConf:
     _target_: str = "hydra_plugins.pikeclient_capacity.capacity_sweeper.CapacitySweeper"
     max_probes: int = 8  # probes per backend, the synchronous and the closed-loop one included
-    max_time: Optional[float] = None  # seconds per backend: no probe starts that would end later
+    max_time: Optional[float] = None  # noqa: UP045 - OmegaConf 2.3 reads only Optional; seconds per backend
     probe_s: float = 10.0  # seconds each probe sends for
     concurrency: int = 64  # the closed-loop probe's requests in flight
     arrivals: str = "constant"  # the rate probes: constant (evenly spaced) or poisson
@@ -80,8 +80,11 @@ class CapacitySweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> list[Capacity]:
         assert self.config is not None
         parsed = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(arguments)
-        fixed = [f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in parsed if not o.is_sweep_override()
-                 and not o.get_key_element().lstrip("+~").startswith(_SEARCH_KEYS)]
+        fixed = [f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in parsed if not o.is_sweep_override()]
+        ignored = [o for o in fixed if o.lstrip("+~").startswith(_SEARCH_KEYS)]
+        if ignored:
+            log.warning("the capacity search sets each probe's load and length: %s left out", ", ".join(ignored))
+            fixed = [o for o in fixed if o not in ignored]
         swept = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
                  for o in parsed if o.is_sweep_override()]
         slo_active = any(self.config.slo.get(k) is not None for k in ("ttft_s", "tpot_s", "latency_s")) or bool(
@@ -105,7 +108,10 @@ class CapacitySweeper(Sweeper):
             ret = self.launcher.launch([[*overrides, *self._probe(kind, rate)]], initial_job_idx=self.job_index)[0]
             self.job_index += 1
             if ret.status == JobStatus.FAILED:
-                raise SystemExit(f"error: capacity probe {self.job_index - 1} failed: {ret._return_value}")
+                try:
+                    ret.return_value  # noqa: B018 - raises the probe's exception
+                except Exception as error:  # noqa: BLE001 - one line for the user, the sweep ends
+                    raise SystemExit(f"error: capacity probe {self.job_index - 1} failed: {error}") from None
             job = read_job_file(ret.hydra_cfg.hydra.runtime.output_dir) or {}
             probe = search.add(Probe(kind, rate, dict(job.get("metrics") or {}), job.get("saturated"),
                                      time.monotonic() - began, label, self.job_index - 1))

@@ -1,7 +1,6 @@
 """The capacity search (hydra/sweeper=capacity) against the loopback server with a known capacity."""
 
 import json
-import sqlite3
 
 import pytest
 
