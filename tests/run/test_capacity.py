@@ -82,3 +82,15 @@ def test_bad_search_input_is_one_line(tmp_path, override, message):
                   "tracking=none", cwd=tmp_path, env=ENV, timeout=60)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_the_budget_ends_the_search():
+    search = CapacitySearch(CapacitySettings(max_probes=3), slo_active=False)
+    search.add(probe("synchronous", None, 0.1))
+    search.add(probe("throughput", None, 0.2, rps=39.0))
+    assert search.next_probe() == ("rate", 39.0)
+    search.add(probe("rate", 39.0, 0.1))
+    assert search.next_probe() is None  # 3 probes spent
+    timed = CapacitySearch(CapacitySettings(max_time=10), slo_active=False)
+    timed.add(Probe("synchronous", None, {"Latency/p50": 0.1}, seconds=6.0))
+    assert timed.next_probe(elapsed=6.0) is None  # another 6 s probe would end after 10 s
