@@ -50,6 +50,7 @@ class CapacitySweeperConf:
     attainment: float = 0.95  # with SLOs: the share of calls that must meet them
     knee_factor: float = 2.0  # without: latency p90 at most this many unloaded medians
     tolerance: float = 0.05  # the search ends when the bracket is this narrow (relative)
+    warmup: int = 4  # calls each probe makes and discards first (connections, caches), unless experiment.warmup is given
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="capacity", node=CapacitySweeperConf, provider="pikeclient")
@@ -65,6 +66,7 @@ class CapacitySweeper(Sweeper):
         self.launcher: Any = None
         self.hydra_context: HydraContext | None = None
         self.job_index = 0
+        self.warmup_given = False  # experiment.warmup on the command line: the user's, for every probe
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
@@ -81,6 +83,7 @@ class CapacitySweeper(Sweeper):
         assert self.config is not None
         parsed = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(arguments)
         fixed = [f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in parsed if not o.is_sweep_override()]
+        self.warmup_given = any(o.lstrip("+~").startswith("experiment.warmup=") for o in fixed)
         ignored = [o for o in fixed if o.lstrip("+~").startswith(_SEARCH_KEYS)]
         if ignored:
             log.warning("the capacity search sets each probe's load and length: %s left out", ", ".join(ignored))
@@ -126,6 +129,8 @@ class CapacitySweeper(Sweeper):
         s = self.settings
         common = [f"experiment.max_duration={s.probe_s:g}", "experiment.repeats=1000000",
                   "experiment.max_error_rate=1"]  # a probe's failed calls are the search's verdict, not a failed job
+        if not self.warmup_given:  # a new client per probe: its first calls would pay for the connections
+            common.append(f"experiment.warmup={s.warmup}")
         if kind == "synchronous":
             return ["load=synchronous", *common]
         if kind == "throughput":

@@ -51,6 +51,7 @@ class CapacitySettings:
     attainment: float = 0.95  # with SLOs: the share of calls that must meet them
     knee_factor: float = 2.0  # without: the latency p90 a rate may reach, in unloaded medians
     tolerance: float = 0.05  # stop when the bracket's ends are this close (relative)
+    warmup: int = 4  # calls each probe makes and discards first (a new client: its connections)
 
     def check(self) -> CapacitySettings:
         def bad(key: str, value: Any, allowed: str) -> ConfigError:
@@ -72,6 +73,8 @@ class CapacitySettings:
             raise bad("knee_factor", self.knee_factor, "> 1")
         if not 0 < self.tolerance < 1:
             raise bad("tolerance", self.tolerance, "(0, 1)")
+        if self.warmup < 0:
+            raise bad("warmup", self.warmup, ">= 0")
         return self
 
 
