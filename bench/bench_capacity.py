@@ -10,7 +10,8 @@ truth and the total wall time of the command, start-up included.
 - pikeclient: ``python run.py -m hydra/sweeper=capacity llm=openai ...`` with ``hydra.sweeper.probe_s``;
   its answer is a request rate.
 - GuideLLM: ``guidellm run --profile kind=knee`` (a closed-loop sweep over concurrency, 6 points from 1
-  to 16, each ``--probe-s`` seconds, no adaptive refinement), in its own virtual environment
+  to 16, each ``--probe-s`` seconds, then its one adaptive refinement around the knee; ``--adaptive no``
+  leaves it out), in its own virtual environment
   (``bench/.venv-guidellm``, made here on first use with ``-c bench/guidellm-constraints.txt``: the CPU
   torch 2.13.0 this machine has). Its answer is a concurrency (the knee of output tokens/s against
   streams); the rate it stands for is the requests/s measured there (interpolated between the two
@@ -62,7 +63,7 @@ def pikeclient_search(url: str, root: Path, probe_s: float) -> tuple[float, str,
     return float(re.search(r": ([\d.]+) requests/s", line).group(1)), line, wall
 
 
-def guidellm_knee(url: str, root: Path, probe_s: float) -> tuple[float, float, float, int]:
+def guidellm_knee(url: str, root: Path, probe_s: float, adaptive: bool) -> tuple[float, float, float, int]:
     """(knee concurrency, requests/s there, wall seconds, benchmarks run) of GuideLLM's knee profile."""
     binary = guidellm_venv()
     from pikeclient.backends.smoke_llama import build_tiny_llama
@@ -72,7 +73,7 @@ def guidellm_knee(url: str, root: Path, probe_s: float) -> tuple[float, float, f
     command = [str(binary), "run",
                "--backend", f"kind=openai_http,target={url.removesuffix('/v1')},model=fake-model,"
                             "request_format=/v1/chat/completions,validate_backend=false",
-               "--profile", "kind=knee,min_streams=1,max_streams=16,count=6",
+               "--profile", f"kind=knee,min_streams=1,max_streams=16,count=6,adaptive={str(adaptive).lower()}",
                "--constraint", f"kind=max_duration,seconds={probe_s:g}",
                "--tokenizer", f"kind=huggingface_auto,model={tokenizer}",
                "--data", "kind=synthetic_text,prompt_tokens=32,output_tokens=16",
@@ -90,6 +91,11 @@ def guidellm_knee(url: str, root: Path, probe_s: float) -> tuple[float, float, f
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float:
+    """y at ``x`` on the line through ``points`` (one y per x: a repeated x keeps its mean)."""
+    by_x: dict[float, list[float]] = {}
+    for px, py in points:
+        by_x.setdefault(px, []).append(py)
+    points = sorted((px, sum(ys) / len(ys)) for px, ys in by_x.items())
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
         if x0 <= x <= x1:
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
@@ -97,7 +103,7 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float:
 
 
 def main() -> None:
-    args = command_line(__doc__, capacity=4, latency=0.1, probe_s=4.0).parse_args()
+    args = command_line(__doc__, capacity=4, latency=0.1, probe_s=4.0, adaptive="yes").parse_args()
     truth = args.capacity / args.latency
     root = Path(tempfile.mkdtemp(prefix="bench-capacity-"))
     rows = [("server", f"loopback, {args.capacity} requests at once, {args.latency:g} s each: true capacity "
@@ -110,11 +116,12 @@ def main() -> None:
                  ("pikeclient: total time (s)", f"{wall:.1f}")]
         print("\n".join(f"{k}: {v}" for k, v in rows), flush=True)
         try:
-            knee, knee_rate, g_wall, benchmarks = guidellm_knee(url, root, args.probe_s)
+            knee, knee_rate, g_wall, benchmarks = guidellm_knee(url, root, args.probe_s, args.adaptive == "yes")
         except (SystemExit, subprocess.CalledProcessError, OSError) as error:
             rows.append(("GuideLLM 0.8.1", f"could not be run: {str(error)[:300]}"))
         else:
-            rows += [("GuideLLM: knee (concurrency)", f"{knee:.2f} streams (truth {args.capacity}: "
+            rows += [("GuideLLM: profile", f"knee, streams 1 to 16 in 6 points, adaptive refinement {args.adaptive}"),
+                     ("GuideLLM: knee (concurrency)", f"{knee:.2f} streams (truth {args.capacity}: "
                                                       f"{(knee - args.capacity) / args.capacity:+.1%})"),
                      ("GuideLLM: requests/s at the knee", f"{knee_rate:.2f} ({(knee_rate - truth) / truth:+.1%} vs "
                                                           "truth)"),
