@@ -33,6 +33,22 @@ def test_the_flavours_are_told_apart_by_their_names():
         ServerScraper("http://127.0.0.1:1/metrics", flavour="triton")
 
 
+def test_counters_become_rates_and_a_token_mismatch_is_one_warning(caplog):
+    scraper = ServerScraper("http://127.0.0.1:1/metrics")
+    scraper.scrapes = [(0.0, {"requests_running": 1, "prompt_tokens": 100, "generation_tokens": 10}),
+                       (1.0, {"requests_running": 3, "prompt_tokens": 160, "generation_tokens": 40}),
+                       (2.0, {"requests_running": 2, "prompt_tokens": 200, "generation_tokens": 70})]
+    series = scraper.series()
+    assert series["server/requests_running"] == {0: 1, 1: 3, 2: 2}
+    assert series["server/prompt_tokens_per_s"] == {1: 60.0, 2: 40.0}
+    assert scraper.totals() == {"server/prompt_tokens_total": 100, "server/generation_tokens_total": 60}
+    scraper.compare({"tokens/prompt_total": 100, "tokens/completion_total": 60})
+    assert not caplog.records
+    scraper.compare({"tokens/prompt_total": 80, "tokens/completion_total": 30})
+    [warning] = caplog.records
+    assert "prompt_tokens 100 by the server, 80 by pikeclient; generation_tokens 60" in warning.getMessage()
+
+
 def test_timeline_and_server_series_share_the_time_axis(tmp_path):
     with FakeLLMServer(api_key=API_KEY, latency=0.05, capacity=2) as server:  # 40/s at most, asked for 20/s
         proc = run_py("llm=openai", f"llm.base_url={server.url}/v1", f"server_metrics.url={server.url}/metrics",
