@@ -21,6 +21,8 @@ from pikeclient.core.errors import (
     ServerError,
     error_for_status,
 )
+from pikeclient.core.request_id import HEADER as REQUEST_ID_HEADER
+from pikeclient.core.request_id import current_request_id
 from pikeclient.core.retry import parse_retry_after
 
 S = TypeVar("S")
@@ -50,6 +52,7 @@ def wire_clock() -> Iterator[list[float]]:
 
 
 def _on_request(request: httpx2.Request) -> None:
+    _tag(request)
     sent = _SENT.get()
     if sent is None:
         return
@@ -63,6 +66,7 @@ def _on_request(request: httpx2.Request) -> None:
 
 
 async def _aon_request(request: httpx2.Request) -> None:
+    _tag(request)
     sent = _SENT.get()
     if sent is None:
         return
@@ -73,6 +77,13 @@ async def _aon_request(request: httpx2.Request) -> None:
             request.extensions.pop("trace", None)
 
     request.extensions["trace"] = trace
+
+
+def _tag(request: httpx2.Request) -> None:
+    """The call's id on each of its requests (``pikeclient.core.request_id``), unless one is set already."""
+    value = current_request_id()
+    if value is not None and REQUEST_ID_HEADER not in request.headers:
+        request.headers[REQUEST_ID_HEADER] = value
 
 
 # ``event_hooks=`` for an httpx client (the SDKs' included) that reads the wire clock and holds every

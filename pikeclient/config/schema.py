@@ -151,6 +151,20 @@ class ExperimentConfig:
     max_duration: Optional[float] = None
     repeats: int = 1
     resume_grown: bool = False
+    stop_when_saturated: bool = False  # the over-saturation stop (pikeclient.run.saturation)
+    saturation_min_s: float = 5.0
+    saturation_window_s: float = 5.0
+    saturation_min_calls: int = 10
+    timeline_interval_s: int = 1  # the run over time: timeline/* series, one point per this many seconds
+
+
+@dataclass
+class ServerMetricsConfig:
+    """The server's Prometheus endpoint, scraped during the run (pikeclient.tracking.server_metrics)."""
+
+    url: Optional[str] = None  # null: not scraped
+    flavour: str = "auto"  # auto | vllm | sglang | tgi | llamacpp
+    timeout_s: float = 2.0
 
 
 @dataclass
@@ -176,13 +190,14 @@ class Config:
     slo: SloConfig = field(default_factory=SloConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
+    server_metrics: ServerMetricsConfig = field(default_factory=ServerMetricsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 _SCHEMAS = {"sampling": SamplingConfig, "retry": RetryConfig, "rate_limit": RateLimitConfig, "cache": CacheConfig,
             "tracking": TrackingConfig, "experiment": ExperimentConfig,
             "load": LoadConfig, "slo": SloConfig, "eval": EvalConfig,
-            "pricing": PricingConfig, "paths": PathsConfig}
+            "pricing": PricingConfig, "server_metrics": ServerMetricsConfig, "paths": PathsConfig}
 
 
 def register_configs() -> None:
@@ -233,6 +248,12 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"slo.{name}={value} is out of range: allowed > 0 (seconds) or null")
     if not 0.0 <= experiment.max_error_rate <= 1.0:
         raise ConfigError(f"experiment.max_error_rate={experiment.max_error_rate} is out of range: allowed [0, 1]")
+    flavours = ("auto", "vllm", "sglang", "tgi", "llamacpp")  # pikeclient.tracking.server_metrics.FLAVOURS
+    if cfg.server_metrics.flavour not in flavours:
+        raise ConfigError(f"server_metrics.flavour={cfg.server_metrics.flavour!r}: allowed {', '.join(flavours)}")
+    if experiment.timeline_interval_s < 1:
+        raise ConfigError(f"experiment.timeline_interval_s={experiment.timeline_interval_s} is out of range: allowed "
+                          ">= 1 (whole seconds: MLflow's steps are integers)")
     if experiment.warmup is not None and experiment.warmup < 0:
         raise ConfigError(f"experiment.warmup={experiment.warmup} is out of range: allowed >= 0 (null: automatic)")
     records = str(experiment.records_file)

@@ -46,6 +46,7 @@ from pikeclient.run.runner import RunStopped, run_prompts
 from pikeclient.run.settings import RunSettings
 from pikeclient.run.stats import RunStats
 from pikeclient.tracking.job_file import JOB_FILE, read_job_file, write_job_file
+from pikeclient.tracking.server_metrics import ServerScraper
 from pikeclient.tracking.sidecar import TrackingSidecar
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
         digest = dataset_digest(items, base)
         earlier = find_earlier(settings, config, items, digest, output_dir, hydra_info, locks)
     evaluator = build_evaluator(settings)  # a scorer or judge that cannot be built fails before the model loads
+    scraper = server_scraper(settings)
     client = build_client(c.llm, **settings.client_arguments())
     scoring = None
     try:
@@ -130,18 +132,25 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
         warmup = experiment.warmup if experiment.warmup is not None else client.default_warmup
         scoring = RunScoring.start(settings, evaluator, prompts, output_dir) if evaluator is not None else None
         on_record = chain(tracking.add if tracking else None, scoring.submit if scoring else None)
+        on_begin = begin_all(tracking.begin if tracking else None, scraper.begin if scraper else None)
         with contextlib.closing(ResponseCache(c.cache.path, c.cache.mode)) as cache, \
                 records_path.open("a", encoding="utf-8", buffering=1) as sink:  # a line each: a kill loses no answer
             stats = asyncio.run(run_prompts(
                 client, prompts, settings.strategy, sink,
                 on_record=on_record, cache=cache, fail_fast=experiment.fail_fast,
-                warmup=warmup, earlier=earlier, on_begin=tracking.begin if tracking else None, redactor=redactor,
+                warmup=warmup, earlier=earlier, on_begin=on_begin, redactor=redactor,
                 limits=settings.limits, slo=settings.slo))
+        if scraper is not None:  # the counters' last values, then the server's series on the run's time axis
+            scraper.stop()
+            stats.server_series = scraper.series()
+            stats.server_totals = scraper.totals()
+            scraper.compare(stats.metrics())
         if scoring is not None:  # the judges run now, after the measured calls
             assessments = scoring.finish(records_path, stats)
             if tracking is not None and assessments:  # logged by the tracking process while this one goes on
                 tracking.assess(assessments)
         stats.price = price
+        stats.timeline.interval_s = experiment.timeline_interval_s
         stats.requested_rate = offered_rate(settings.strategy, items)
         stats.max_in_flight = settings.strategy.max_in_flight
         stats.warn_about_the_client()
@@ -156,11 +165,15 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
             tracking.finish(metrics, stats.tags(), stats.end_time, records_path, output_dir,
                             log_records=c.tracking.log_records, status="FAILED" if verdict else "FINISHED")
             log.info("MLflow: run %s is complete in %s", tracking.run_id, settings.tracking_uri)
-        write_job_file(output_dir, status="FAILED" if verdict else "FINISHED")
+        # The headline figures too: what a sweeper choosing the next job reads (hydra_plugins.pikeclient_capacity).
+        write_job_file(output_dir, status="FAILED" if verdict else "FINISHED", metrics=stats.metrics(),
+                       saturated=stats.saturated)
         if scoring is not None:
             scoring.done()
     finally:
         client.close()
+        if scraper is not None:
+            scraper.stop()
         if scoring is not None:
             scoring.close()
         elif evaluator is not None:
@@ -171,6 +184,28 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
     if verdict:
         raise RunFailed(verdict, stats)
     return stats
+
+
+def server_scraper(settings: RunSettings) -> ServerScraper | None:
+    """The scraper of ``server_metrics.url`` (None without one), checked before any call."""
+    c = settings.config
+    if not c.server_metrics.url:
+        return None
+    return ServerScraper(c.server_metrics.url, c.experiment.timeline_interval_s, c.server_metrics.flavour,
+                         c.server_metrics.timeout_s)
+
+
+def begin_all(*callbacks: Callable[[float], None] | None) -> Callable[[float], None] | None:
+    """One ``on_begin`` calling each given callback with the measured start."""
+    given = [callback for callback in callbacks if callback is not None]
+    if not given:
+        return None
+
+    def begin(start_time: float) -> None:
+        for callback in given:
+            callback(start_time)
+
+    return begin
 
 
 def already_complete(earlier: Earlier, prompts: Sequence[PromptItem], settings: RunSettings,

@@ -10,7 +10,8 @@ Each strategy is one small class behind one interface, after GuideLLM's ``schedu
 - ``replay`` (open loop, :mod:`pikeclient.run.shapes.replay`): a trace's requests at the trace's times;
 - ``sessions`` (:mod:`pikeclient.run.shapes.sessions`): simulated users playing conversations turn by turn.
 
-Limits (``max_requests``, ``max_duration``) are separate small objects that combine with any strategy.
+Limits (``max_requests``, ``max_duration``, and the over-saturation stop of :mod:`pikeclient.run.saturation`)
+are separate small objects that combine with any strategy.
 The timing itself (sleeping until a request is due, recording how late it really went) lives in the
 runner (``pikeclient.run.experiment``), not here.
 """
@@ -25,6 +26,7 @@ from typing import Any, ClassVar, TypeVar
 
 from pikeclient.core.errors import ConfigError
 from pikeclient.run.dataset import PromptItem
+from pikeclient.run.saturation import OverSaturation
 from pikeclient.run.shapes.ramp import Ramp, time_at
 from pikeclient.run.shapes.replay import Replay
 from pikeclient.run.shapes.sessions import Sessions
@@ -201,6 +203,9 @@ class MaxRequests:
     def allows(self, sent: int, elapsed: float) -> bool:
         return sent < self.count
 
+    def observe(self, record: dict[str, Any], elapsed: float, in_flight: int) -> None:
+        """A call ended (the over-saturation stop watches these; this limit needs nothing from them)."""
+
     def most(self, todo: int) -> int:
         """At most how many of ``todo`` requests this limit lets go."""
         return min(todo, self.count)
@@ -215,11 +220,14 @@ class MaxDuration:
     def allows(self, sent: int, elapsed: float) -> bool:
         return elapsed < self.seconds
 
+    def observe(self, record: dict[str, Any], elapsed: float, in_flight: int) -> None:
+        """A call ended: nothing to learn from it."""
+
     def most(self, todo: int) -> int:
         return todo  # unknown before the run: as many as fit in the time
 
 
-Limit = MaxRequests | MaxDuration
+Limit = MaxRequests | MaxDuration | OverSaturation
 
 
 def build_limits(max_requests: int | None, max_duration: float | None) -> list[Limit]:

@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from pikeclient.core.client import BaseLLMClient
 from pikeclient.core.errors import LLMError, PikeError
+from pikeclient.core.request_id import request_id
 from pikeclient.core.types import ChatResult, Message
 from pikeclient.run.cache import ResponseCache, cache_key, request_digest
 from pikeclient.run.dataset import PromptItem
@@ -115,9 +117,13 @@ async def run_prompts(
             stats.client_cpu_share = cpu.share()
             if calls.in_flight is not None:
                 stats.in_flight_lowest, stats.client_held_s = calls.in_flight.lowest, calls.in_flight.held_s
+            stats.saturated = next((limit.reason for limit in limits if getattr(limit, "reason", None)), None)
             calls.progress.close()
     finally:
         await client.aclose()
+    if stats.saturated:
+        log.warning("the run stopped sending early, %s; it is marked saturated (calls in flight were finished)",
+                    stats.saturated)
     if calls.interrupted is not None:
         raise Interrupted(calls.interrupted)
     if calls.stop:
@@ -136,6 +142,7 @@ class _Calls:
         self.identity = client.describe()
         self.stop: list[str] = []
         self.sent = 0
+        self.ended = 0  # calls of this run that have ended (the rest of ``sent`` are in flight)
         self.start = 0.0  # perf_counter when the measured calls began
         self.tasks: set[asyncio.Task] = set()  # the calls' tasks, cancelled on Ctrl-C or SIGTERM
         self.interrupted: int | None = None
@@ -208,6 +215,10 @@ class _Calls:
                 record["latency_from_schedule_s"] = time.perf_counter() - due
         self.stats.slo_verdict(record)
         self.emit(record, replace(item, messages=(*history, *item.messages)) if history else item)
+        self.ended += 1
+        elapsed = time.perf_counter() - self.start
+        for limit in self.limits:  # the over-saturation stop watches the calls end
+            limit.observe(record, elapsed, self.sent - self.ended)
         self.progress.update(1)
         kind = record["error_kind"]
         if kind == "auth" or (self.fail_fast and kind in NON_RETRYABLE):
@@ -289,7 +300,9 @@ async def call_one(client: BaseLLMClient, index: int, item: PromptItem, cache: R
                    identity: Mapping[str, Any] | None = None, history: Sequence[Message] = ()) -> dict[str, Any]:
     """One prompt's record: the answer with its measurements, or the error with its class. ``history`` (a
     conversation's earlier turns with their answers) is sent before the item's own messages."""
-    record: dict[str, Any] = {"index": index, "id": item.id, "prompt": item.prompt, "start_time": time.time()}
+    # The id the call's HTTP requests carry (X-Request-Id): the call in the server's logs.
+    record: dict[str, Any] = {"index": index, "id": item.id, "prompt": item.prompt, "start_time": time.time(),
+                              "request_id": uuid.uuid4().hex}
     if item.repeat:
         record["repeat"] = item.repeat
     # A synthetic prompt asks for an exact output length: max_tokens, and min_tokens where enforced.
@@ -305,7 +318,8 @@ async def call_one(client: BaseLLMClient, index: int, item: PromptItem, cache: R
     try:
         result = cache.get(key) if use_cache else None
         if result is None:
-            result = await client.achat(messages, **overrides)
+            with request_id(record["request_id"]):
+                result = await client.achat(messages, **overrides)
             if use_cache:
                 cache.put(key, result)
     except LLMError as error:

@@ -14,10 +14,11 @@ from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
-from pikeclient.config.schema import Config, artifact_root, tracking_uri, validate
+from pikeclient.config.schema import Config, ExperimentConfig, artifact_root, tracking_uri, validate
 from pikeclient.core.errors import ConfigError
 from pikeclient.run.datasets import DatasetReader, build_dataset
 from pikeclient.run.load import Limit, Strategy, build_limits, build_strategy
+from pikeclient.run.saturation import build_over_saturation
 from pikeclient.run.stats import Slo
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class RunSettings:
             resolved=cast(dict, OmegaConf.to_container(cfg, resolve=True)),
             dataset=dataset,
             strategy=strategy,
-            limits=tuple(build_limits(experiment.max_requests, experiment.max_duration)),
+            limits=tuple(build_limits(experiment.max_requests, experiment.max_duration)) + saturation(experiment, strategy),
             slo=Slo(**asdict(config.slo)),
             tracking_uri=tracking_uri(config),
             artifact_root=artifact_root(config),
@@ -67,3 +68,12 @@ class RunSettings:
         """The groups a client is built from besides ``llm`` (see ``pikeclient.config.factory.build_client``)."""
         c = self.config
         return {"sampling": asdict(c.sampling), "retry": asdict(c.retry), "rate_limit": asdict(c.rate_limit)}
+
+
+def saturation(experiment: ExperimentConfig, strategy: Strategy) -> tuple[Limit, ...]:
+    """The over-saturation stop, when ``experiment.stop_when_saturated`` asks for it (an open loop's rate is
+    what answers must keep up with; a replayed trace has none)."""
+    stop = build_over_saturation(experiment.stop_when_saturated, getattr(strategy, "rate", None),
+                                 experiment.saturation_min_s, experiment.saturation_window_s,
+                                 experiment.saturation_min_calls)
+    return () if stop is None else (stop,)

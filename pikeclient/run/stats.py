@@ -17,6 +17,7 @@ from pikeclient.core.statistics import bootstrap_ci, percentile, quantile_ci  # 
 from pikeclient.eval.summary import quality_rows
 from pikeclient.run.cost import Price, cost_metrics
 from pikeclient.run.headroom import FIXES, client_limits
+from pikeclient.run.timeline import Timeline
 from pikeclient.run.turnstats import TurnStats
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,10 @@ class RunStats:
     price: Price | None = None
     turns: TurnStats = field(default_factory=TurnStats)  # multi-turn sessions: by turn and by session
     quality: dict[str, float] = field(default_factory=dict)  # scores' and judge's metrics (pikeclient.eval)
+    timeline: Timeline = field(default_factory=Timeline)  # the run over time (timeline/* series)
+    saturated: str | None = None  # why the over-saturation stop ended the run early (pikeclient.run.saturation)
+    server_series: dict[str, dict[int, float]] = field(default_factory=dict)  # server/* (tracking.server_metrics)
+    server_totals: dict[str, float] = field(default_factory=dict)  # the server's token counters over the run
 
     def slo_verdict(self, record: dict[str, Any]) -> None:
         """Mark whether a call met the SLOs (records carry ``slo_met`` when SLOs are set)."""
@@ -106,6 +111,7 @@ class RunStats:
 
     def add(self, record: dict[str, Any]) -> None:
         self.calls += 1
+        self.timeline.add(record)
         if record.get("turn") is not None:
             self.turns.add(record)
         if record.get("cached"):  # read back from the response cache: not a measurement of this run
@@ -189,6 +195,7 @@ class RunStats:
             "Errors/backoff_s_total": self.backoff_s,
             "run/wall_s": self.wall_s,
             "tokens/server_usage_errors": self.usage_errors,
+            "run/saturated": float(self.saturated is not None),
         }
         out.update({f"Errors/{kind}": count for kind, count in self.errors.items()})
         out.update({f"tokens/source_{source}": count for source, count in self.token_sources.items()})
@@ -236,12 +243,14 @@ class RunStats:
                 out["Throughput/output_tokens_per_s"] = self.completion_tokens / self.wall_s
             out.update(cost_metrics(self.price, self.prompt_tokens, self.completion_tokens, self.uncounted))
         out.update(self.turns.metrics())
+        out.update(self.server_totals)
         out.update(self.quality)
         return out
 
     def series(self) -> dict[str, dict[int, float]]:
-        """Metrics logged as series (name -> {step: value}): by turn index for multi-turn sessions."""
-        return self.turns.series()
+        """Metrics logged as series (name -> {step: value}): by turn index for multi-turn sessions; by
+        seconds since the start for the run over time (``timeline/*``, and the server's ``server/*``)."""
+        return {**self.turns.series(), **self.timeline.series(self.start_time), **self.server_series}
 
     def _intervals(self) -> dict[str, float]:
         """95% intervals for latency p50/p95 and TTFT p50 (order statistics), and for requests/s (a
@@ -313,7 +322,8 @@ class RunStats:
     def tags(self) -> dict[str, str]:
         """Provenance of the run's figures, as MLflow tags."""
         tags = {"pikeclient.token_basis": self.token_basis,
-                "pikeclient.client_limited": "true" if self.client_limits else "false"}
+                "pikeclient.client_limited": "true" if self.client_limits else "false",
+                "pikeclient.saturated": "true" if self.saturated else "false"}
         if any(k.startswith("Cost/") for k in self.metrics()):
             tags["pikeclient.cost_basis"] = "estimate" if self.token_sources["estimate"] else "exact"
         return tags
@@ -361,6 +371,8 @@ def format_summary(stats: RunStats, title: str) -> str:
         reasons = stats.client_limits
         rows.append(("client limited", f"yes: {'; '.join(reasons)}" if reasons else
                      f"no (it used {stats.client_cpu_share:.0%} of a core)"))
+    if stats.saturated:  # the over-saturation stop ended the sending early
+        rows.append(("saturated", f"yes, stopped early: {stats.saturated}"))
     if "client/send_delay_p50" in m:  # the client's own time, left out of latency and TTFT
         rows.append(("client send delay p50 / p99 (ms)", f"{ms('client/send_delay_p50')} / "
                                                          f"{ms('client/send_delay_p99')}"))

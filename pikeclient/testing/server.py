@@ -14,7 +14,8 @@ Routes: ``/v1/chat/completions`` (OpenAI, ``Authorization: Bearer``),
 ``/chat/completions`` and ``/models/chat/completions`` (Azure AI model inference), and ``/score``
 (Azure ML managed online endpoint: ``input_data`` in, ``{"output": ...}`` back, no usage). For checks made
 on the server's side: ``GET /_timings`` (each stream's own clock readings) and ``GET /_received`` (when
-each request arrived, by prompt).
+each request arrived, by prompt). ``GET /metrics``: a Prometheus endpoint in vLLM's metric names
+(requests served and waiting, token counters), as ``server_metrics.url`` scrapes.
 """
 
 from __future__ import annotations
@@ -144,6 +145,11 @@ class FakeLLMServer:
         self._semaphore: asyncio.Semaphore | None = None
         self.log: list[RequestRecord] = []
         self.request_count = 0
+        # What GET /metrics reports, in vLLM's names: requests being served and waiting for a slot, tokens.
+        self.running = 0
+        self.waiting = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
         self._thread: threading.Thread | None = None
@@ -223,9 +229,37 @@ class FakeLLMServer:
         if method == "GET" and url.path == "/_received":  # when each logged request arrived (epoch s), and forgets
             log, self.log = self.log, []
             return await self._send_json(writer, 200, [{"time": r.time, "prompt": r.prompt} for r in log])
+        if method == "GET" and url.path == "/metrics":
+            return await self._send_raw(writer, 200, self.prometheus_text().encode(), "text/plain; version=0.0.4")
         route = route_of(method, url.path)
         if route is None:
             return await self._send_json(writer, 404, {"error": {"message": f"no route {method} {url.path}"}})
+        self.running += 1
+        try:
+            return await self._answer(writer, route, url, headers, body, received)
+        finally:
+            self.running -= 1
+
+    def prometheus_text(self) -> str:
+        """The server's state as a Prometheus endpoint shows it, in vLLM's metric names (so a client's
+        scraper is tested on the names it meets): requests served and waiting, KV-cache usage (requests
+        served over capacity), token counters, prefix-cache queries and hits (none: this server has no cache)."""
+        cache = (self.running - self.waiting) / self.capacity if self.capacity else 0.0
+        lines = []
+        for name, kind, value, what in (
+                ("vllm:num_requests_running", "gauge", self.running - self.waiting, "requests being served"),
+                ("vllm:num_requests_waiting", "gauge", self.waiting, "requests waiting for a slot"),
+                ("vllm:kv_cache_usage_perc", "gauge", cache, "share of the slots in use"),
+                ("vllm:prompt_tokens_total", "counter", self.prompt_tokens, "prompt tokens of the answers"),
+                ("vllm:generation_tokens_total", "counter", self.generation_tokens, "tokens generated"),
+                ("vllm:prefix_cache_queries_total", "counter", self.prompt_tokens, "prompt tokens looked up"),
+                ("vllm:prefix_cache_hits_total", "counter", 0, "prompt tokens found in the prefix cache")):
+            lines += [f"# HELP {name} {what} (loopback test server)", f"# TYPE {name} {kind}",
+                      f'{name}{{model_name="fake-model"}} {float(value)}']
+        return "\n".join(lines) + "\n"
+
+    async def _answer(self, writer: asyncio.StreamWriter, route: str, url: Any, headers: dict, body: bytes,
+                      received: float) -> bool:
         try:
             payload = json.loads(body or b"{}")
         except json.JSONDecodeError:
@@ -238,8 +272,15 @@ class FakeLLMServer:
                                           payload if isinstance(payload, dict) else {}))
         if self.latency:
             if self.capacity:  # a server that works on `capacity` requests at once queues the rest
-                async with self._slots():
-                    await asyncio.sleep(self.latency)
+                self.waiting += 1
+                queued = True
+                try:
+                    async with self._slots():
+                        self.waiting, queued = self.waiting - 1, False
+                        await asyncio.sleep(self.latency)
+                finally:
+                    if queued:  # the client went away while it waited
+                        self.waiting -= 1
             else:  # from the request's arrival, whatever parsing it took
                 await _sleep_until(received + self.latency)
         if fault == "drop":
@@ -264,6 +305,8 @@ class FakeLLMServer:
                 body["choices"][0]["message"]["content"] = None
             return await self._send_json(writer, 200, body)
         answer = Answer.build(route, payload, self.count, self.answers)
+        self.prompt_tokens += answer.prompt_tokens
+        self.generation_tokens += answer.completion_tokens
         if route == "aml_score":
             return await self._send_json(writer, 200, {"output": answer.text})
         if payload.get("stream"):

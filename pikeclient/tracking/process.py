@@ -448,6 +448,8 @@ class CallLogger:
             "pikeclient.prompt_id": record["id"],
             "pikeclient.prompt_index": record["index"],
         }
+        if record.get("request_id"):  # what the server's logs know the call by (X-Request-Id)
+            attributes["pikeclient.request_id"] = record["request_id"]
         if record.get("resumed"):
             attributes["pikeclient.resumed"] = True
         if record.get("session_id") is not None:
