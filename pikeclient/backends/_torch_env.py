@@ -30,6 +30,15 @@ def configure() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
 
 
+def default_threads() -> int:
+    """torch's threads when ``llm.threads`` is not given: half the cores this process may use, at least one.
+
+    The rest are left to the experiment's own processes (its event loop, the tracking process) and to
+    whatever else runs: on 2 cores, one thread generated 83 tokens/s idle and 67 with a core busy, every
+    core 66 and 44 (bench/bench_first_run.py, RESULTS.md "First run", 2026-12-02)."""
+    return max(1, available_cores() // 2)
+
+
 def available_cores() -> int:
     """Cores this process may run on (a cpuset or ``taskset`` counts, unlike ``os.cpu_count``)."""
     try:

@@ -104,7 +104,8 @@ class HFLocalClient(BaseLLMClient):
         tokenizer: tokenizer folder or id when it differs from ``model``.
         gguf_file: a GGUF file's name inside ``model`` (a folder or hub id); transformers dequantizes
             it on every load (slow): convert once with :func:`pikeclient.backends.smollm2.convert_gguf` to reuse.
-        threads: torch's CPU threads (process-wide); None: the cores this process may run on.
+        threads: torch's CPU threads (process-wide); None: half the cores this process may run on, at
+            least one (the rest are left to the event loop, the tracking process and other work).
     """
 
     provider = "hf_local"
@@ -128,9 +129,9 @@ class HFLocalClient(BaseLLMClient):
         if batch_size < 1:
             raise ConfigError(f"llm.batch_size={batch_size} is out of range: allowed >= 1")
         if threads is not None and threads < 1:
-            raise ConfigError(f"llm.threads={threads} is out of range: allowed >= 1 (null: every available core)")
+            raise ConfigError(f"llm.threads={threads} is out of range: allowed >= 1 (null: half the available cores)")
         # torch's default is the machine's physical cores, which a cpuset or taskset may not allow.
-        torch.set_num_threads(threads or _torch_env.available_cores())
+        torch.set_num_threads(threads or _torch_env.default_threads())
         self.batch_size = batch_size
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
