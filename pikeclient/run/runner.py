@@ -115,6 +115,7 @@ async def run_prompts(
             watcher.cancel()
             stats.loop_lags = lag.samples
             stats.client_cpu_share = cpu.share()
+            stats.local_model = client.computes_locally
             if calls.in_flight is not None:
                 stats.in_flight_lowest, stats.client_held_s = calls.in_flight.lowest, calls.in_flight.held_s
             stats.saturated = next((limit.reason for limit in limits if getattr(limit, "reason", None)), None)

@@ -88,6 +88,7 @@ class RunStats:
     segments: list[tuple[float, float]] = field(default_factory=list)  # earlier processes' measured spans (resume)
     max_in_flight: int | None = None
     client_cpu_share: float | None = None  # of one core, this process, over the measured span
+    local_model: bool = False  # the calls computed in this process: its CPU is the model's, no verdict
     in_flight_lowest: int | None = None  # an open loop's lowest own in-flight limit
     client_held_s: float = 0.0  # time the sending waited under that lowered limit
     slo: Slo | None = None
@@ -300,7 +301,10 @@ class RunStats:
 
     @property
     def client_limits(self) -> list[str]:
-        """Why the client limited this run (empty: it did not); see ``pikeclient.run.headroom``."""
+        """Why the client limited this run (empty: it did not, or the model ran in this process, where the
+        client's CPU and event loop are the model's work); see ``pikeclient.run.headroom``."""
+        if self.local_model:
+            return []
         return client_limits(self.metrics(), self.client_cpu_share, self.in_flight_lowest, self.max_in_flight)
 
     def warn_about_the_client(self) -> None:
@@ -367,7 +371,7 @@ def format_summary(stats: RunStats, title: str) -> str:
     if "Latency/from_schedule_p50" in m:  # what a user arriving on schedule waited (coordinated omission)
         rows.append(("latency from schedule p50 / p99 (s)", f"{num('Latency/from_schedule_p50')} / "
                                                             f"{num('Latency/from_schedule_p99')}"))
-    if stats.client_cpu_share is not None:  # did the client, not the server, set the pace?
+    if stats.client_cpu_share is not None and not stats.local_model:  # the client, not the server, set the pace?
         reasons = stats.client_limits
         rows.append(("client limited", f"yes: {'; '.join(reasons)}" if reasons else
                      f"no (it used {stats.client_cpu_share:.0%} of a core)"))

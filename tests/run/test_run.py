@@ -43,6 +43,9 @@ def test_default_run_needs_no_key_and_no_network(tmp_path, smollm2):
     [run] = mlflow_runs(tmp_path / "runs")
     assert run["status"] == "FINISHED" and run["metrics"]["calls/total"] == 4 and run["metrics"]["Errors/count"] == 0
     assert run["tags"]["pikeclient.provider"] == "hf_local" and "SmolLM2" in run["tags"]["pikeclient.model"]
+    # the model computes in the client's process: its CPU is the model's work, no "client limited" verdict
+    assert "client limited" not in proc.stdout and "the client limited this run" not in proc.stderr
+    assert run["tags"]["pikeclient.client_limited"] == "false"
 
 
 def test_multirun_gives_one_run_per_job_in_one_experiment(server, tmp_path):
