@@ -285,7 +285,9 @@ def test_the_loopback_server_reads_messages_given_as_parts(api_env):
 def test_a_run_says_whether_the_client_limited_it(tmp_path):
     (tmp_path / "calm").mkdir()
     (tmp_path / "starved").mkdir()
-    with FakeLLMServer(api_key=API_KEY, latency=0.05, keep_log=False) as server:
+    # 0.3 s answers: the calm run's verdict holds on a loaded machine (its event loop would have to lag
+    # 30 ms, a tenth of the latency, to count), the starved one is limited by its CPU whatever the latency.
+    with FakeLLMServer(api_key=API_KEY, latency=0.3, keep_log=False) as server:
         env = {"OPENAI_API_KEY": API_KEY}
         calm = run_py("llm=openai", f"llm.base_url={server.url}/v1", "dataset.limit=10", "load.concurrency=2",
                       cwd=tmp_path / "calm", env=env)
