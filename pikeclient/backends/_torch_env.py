@@ -2,9 +2,9 @@
 
 torch's OpenMP threads spin-wait for each other between parallel regions by default. On cores that
 other work also uses (a laptop with a browser open, a CI machine, the tracking process), a spinning
-thread steals the core its partner needs: SmolLM2 generated 9 tokens/s for a batch of 8 with one of 2
-cores busy, 44 with ``OMP_WAIT_POLICY=PASSIVE`` (bench/bench_local_threads.py; RESULTS.md has both
-idle and busy figures). OpenMP reads the variable once, when torch loads its runtime, so it has to be
+thread steals the core its partner needs: SmolLM2 generated 22 tokens/s for a batch of 8 with one of 2
+cores busy, 44 with ``OMP_WAIT_POLICY=PASSIVE`` and 67 with one thread (bench/bench_first_run.py;
+RESULTS.md "First run" has both idle and busy figures). OpenMP reads the variable once, when torch loads its runtime, so it has to be
 in the environment before ``import torch``: the ``backends`` package imports this module before any of
 its modules (the only ones that import torch) runs. A value the user set is kept.
 """
