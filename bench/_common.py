@@ -57,6 +57,27 @@ def loopback_server(latency: float = 0.0, *extra: str, cpus: set[int] | None = N
         process.wait(10)
 
 
+
+def llama_server(gguf: Path, log: Path, *extra: str) -> tuple[str, subprocess.Popen]:
+    """llama.cpp's server (llama-cpp-python) on a free loopback port, serving ``gguf`` as ``smollm2``:
+    its /v1 URL and process, once it answers (the caller terminates it)."""
+    import urllib.request
+
+    port = free_port()
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "smollm2",
+               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2", *extra]
+    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/models", timeout=2):
+                return url, process
+        except OSError:
+            time.sleep(0.2)
+    process.terminate()
+    raise SystemExit(f"llama.cpp server did not start: {log.read_text()[-2000:]}")
+
 def write_prompts(path: Path, n: int) -> Path:
     """``n`` distinct short prompts (a benchmark measures the client, not the prompt)."""
     with path.open("w") as f:

@@ -18,33 +18,15 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench._common import llama_server  # noqa: E402
 from pikeclient.backends.smollm2 import SMOLLM2, ensure_gguf  # noqa: E402
 from pikeclient.testing.server import free_port  # noqa: E402
 from pikeclient.tracking.ui_check import find_chromium, mlflow_ui, screenshot  # noqa: E402
-
-
-def llama_server(gguf: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "smollm2",
-               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2"]
-    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/models", timeout=2):
-                return process, url
-        except OSError:
-            time.sleep(0.2)
-    process.terminate()
-    raise SystemExit(f"llama.cpp server did not start: {log.read_text()[-2000:]}")
 
 
 def report(root: Path, *args: str) -> str:
@@ -103,7 +85,7 @@ def main() -> None:
     if not (root / "runs" / "models").exists():
         os.symlink(args.models.resolve(), root / "runs" / "models")  # one converted copy of the model
     gguf = ensure_gguf(SMOLLM2, args.models)
-    server, url = llama_server(gguf, root / "llama.log")
+    url, server = llama_server(gguf, root / "llama.log")
     try:
         price = f"pricing.endpoints=[{{url:'{url.removesuffix('/v1')}',input:0.05,output:0.1}}]"
         env = {**os.environ, "OPENAI_API_KEY": os.environ.get("OPENAI_API_KEY", "no-key")}  # llama.cpp takes any

@@ -17,14 +17,12 @@ import random
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pikeclient.testing.server import free_port  # noqa: E402
+from bench._common import llama_server as common_llama_server  # noqa: E402
 
 WORDS = ("time person year way day thing world life hand part child eye place work week case point company number "
          "group problem fact river mountain city table window garden music story light water paper voice market "
@@ -45,21 +43,8 @@ def conversations(path: Path, count: int, turns: int, words: int) -> Path:
 
 
 def llama_server(gguf: Path, log: Path, *extra: str) -> tuple[str, subprocess.Popen]:
-    port = free_port()
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "smollm2",
-               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2",
-               "--interrupt_requests", "False", *extra]
-    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/models", timeout=2):
-                return url, process
-        except OSError:
-            time.sleep(0.2)
-    process.terminate()
-    raise SystemExit(f"llama.cpp server did not start: {log.read_text()[-1000:]}")
+    """A whole answer for every request of a conversation, even when the client moves on."""
+    return common_llama_server(gguf, log, "--interrupt_requests", "False", *extra)
 
 
 def plot(store: Path, urls: dict[str, str], out: Path) -> None:
