@@ -621,11 +621,11 @@ def _begin(client: MlflowClient, experiment_id: str, setup: Mapping[str, Any], o
     write_job_file(setup["output_dir"], run_id=run.run_id, tracking_uri=setup["tracking_uri"])
     if not resume:  # an adopted run may have been stopped before its params were logged: those it lacks
         params = {**flatten(setup["config"]), **flatten({"client": setup["client"]})}
-        if adopted:
-            logged = client.get_run(adopted).data
-            params = {k: v for k, v in params.items() if k not in logged.params}
+        earlier = client.get_run(adopted) if adopted else None
+        if earlier is not None:
+            params = {k: v for k, v in params.items() if k not in earlier.data.params}
         run.log_params(params)
-        if setup.get("dataset") and not (adopted and client.get_run(adopted).inputs.dataset_inputs):
+        if setup.get("dataset") and not (earlier is not None and earlier.inputs.dataset_inputs):
             run.log_dataset(setup["dataset"])
     calls = CallLogger(run, setup["client"], traces=setup["traces"])
     if resume or adopted:
