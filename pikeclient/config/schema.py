@@ -113,6 +113,11 @@ class LoadConfig:
     users: Optional[int] = None  # sessions
     think_time_s: Optional[float] = None
     think_time_dist: Optional[str] = None
+    # Any strategy: the calls are made in this many worker processes under one schedule (null: what the
+    # machine and the load need; 1: in the run's own process), here or as Ray actors (pikeclient.run.workers).
+    workers: Optional[int] = None
+    backend: str = "processes"  # processes | ray
+    ray_address: Optional[str] = None  # backend=ray: the cluster (null: RAY_ADDRESS, else the running one)
 
 
 @dataclass

@@ -45,6 +45,7 @@ from pikeclient.run.resume import (
 from pikeclient.run.runner import RunStopped, run_prompts
 from pikeclient.run.settings import RunSettings
 from pikeclient.run.stats import RunStats
+from pikeclient.run.workers import WorkerPlan, choose_workers
 from pikeclient.tracking.job_file import JOB_FILE, read_job_file, write_job_file
 from pikeclient.tracking.server_metrics import ServerScraper
 from pikeclient.tracking.sidecar import TrackingSidecar
@@ -139,7 +140,7 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
                 client, prompts, settings.strategy, sink,
                 on_record=on_record, cache=cache, fail_fast=experiment.fail_fast,
                 warmup=warmup, earlier=earlier, on_begin=on_begin, redactor=redactor,
-                limits=settings.limits, slo=settings.slo))
+                limits=settings.limits, slo=settings.slo, workers=worker_plan(settings, client)))
         if scraper is not None:  # the counters' last values, then the server's series on the run's time axis
             scraper.stop()
             stats.server_series = scraper.series()
@@ -184,6 +185,16 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
     if verdict:
         raise RunFailed(verdict, stats)
     return stats
+
+
+def worker_plan(settings: RunSettings, client: BaseLLMClient) -> WorkerPlan | None:
+    """The workers that make the calls (``load.workers``, ``load.backend``); None: this process makes them."""
+    c = settings.config
+    count = choose_workers(c.load.workers, c.load.backend, settings.strategy, client.computes_locally)
+    if count == 1 and c.load.backend != "ray":
+        return None
+    return WorkerPlan(count, llm=dict(c.llm), client_arguments=settings.client_arguments(), cache_path=str(c.cache.path),
+                      cache_mode=c.cache.mode, backend=c.load.backend, ray_address=c.load.ray_address)
 
 
 def server_scraper(settings: RunSettings) -> ServerScraper | None:

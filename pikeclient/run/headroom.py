@@ -126,17 +126,19 @@ class CpuMeter:
 CPU_SATURATED = 0.9  # of one core: the event loop has no time left over
 LOOP_LAG_S = 0.005  # event-loop lag (p90: lasting, not a blip) above which the client's timing is in doubt...
 LAG_SHARE = 0.1  # ...when it is also this share of the median latency (TTFT when streaming) it would blur
-FIXES = ("lower the rate or concurrency, turn traces off (tracking.traces=false), or run fewer things on "
-         "this machine")
+FIXES = ("give it more workers (load.workers=N, up to the cores; load.backend=ray for more machines), turn traces "
+         "off (tracking.traces=false), lower the rate or concurrency, or run fewer things on this machine")
 
 
 def client_limits(metrics: dict[str, float], cpu_share: float | None, lowest: int | None,
-                  most: int | None) -> list[str]:
-    """Why the client, not the server, limited a run (empty: it did not): its CPU, its event loop, its
-    own lowered in-flight limit. A run that says so reports latencies that include the client's time."""
+                  most: int | None, workers: int = 1) -> list[str]:
+    """Why the client, not the server, limited a run (empty: it did not): its CPU (with workers: the
+    busiest one's), its event loop, its own lowered in-flight limit. A run that says so reports
+    latencies that include the client's time."""
     reasons = []
     if cpu_share is not None and cpu_share >= CPU_SATURATED:
-        reasons.append(f"it used {cpu_share:.0%} of a core")
+        who = f"the busiest of its {workers} workers" if workers > 1 else "it"
+        reasons.append(f"{who} used {cpu_share:.0%} of a core")
     lag = metrics.get("client/loop_lag_p90", 0.0)
     timing = metrics.get("TTFT/p50") or metrics.get("Latency/p50") or 0.0
     if lag > LOOP_LAG_S and lag > LAG_SHARE * timing:

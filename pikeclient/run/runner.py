@@ -16,9 +16,9 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from tqdm import tqdm
 
@@ -35,7 +35,11 @@ from pikeclient.run.resume import Earlier
 from pikeclient.run.sessions import play_sessions
 from pikeclient.run.stats import RunStats, Slo
 
+if TYPE_CHECKING:
+    from pikeclient.run.workers import WorkerPlan
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 NON_RETRYABLE = ("auth", "bad_request", "context_window", "model", "protocol")
 
@@ -66,18 +70,28 @@ async def run_prompts(
     redactor: Redactor | None = None,
     limits: Sequence[Limit] = (),
     slo: Slo | None = None,
+    workers: WorkerPlan | None = None,
 ) -> RunStats:
     """Call ``client`` once per prompt under the ``load`` strategy; stream records to ``sink``.
 
     ``load`` is a strategy from ``pikeclient.run.load`` (an int means that many workers in a closed loop).
     ``warmup`` calls go first and are discarded. Prompts answered in ``earlier`` are not called again;
     ``limits`` end the sending early. An authentication error stops the run (every further call would
-    fail the same way), and so does any error retrying cannot fix when ``fail_fast`` is set.
+    fail the same way), and so does any error retrying cannot fix when ``fail_fast`` is set. With
+    ``workers`` (more than one), the calls are made in worker processes under this one's schedule
+    (``pikeclient.run.workers``); records, statistics and limits stay here.
     """
     strategy = Concurrency(load) if isinstance(load, int) else load
     stats = RunStats(slo=slo)
+    pool = None
     try:
-        stats.warmup_calls = await warm_up(client, prompts, warmup, strategy.max_in_flight)
+        if workers is not None:
+            from pikeclient.run.workers import WorkerPool
+
+            pool = await WorkerPool.start(workers, prompts, strategy, cache, fail_fast, limits)
+            stats.warmup_calls = await pool.warm_up(warmup)
+        else:
+            stats.warmup_calls = await warm_up(client, prompts, warmup, strategy.max_in_flight)
         stats.start_time = time.time()
         if on_begin is not None:
             on_begin(stats.start_time)
@@ -91,20 +105,23 @@ async def run_prompts(
         if earlier is not None:
             stats.segments = list(earlier.segments)
         todo = ((i, prompts[i]) for i in range(len(prompts)) if i not in done)  # made as they are sent
-        log.info("measuring: %d calls, %s", total, strategy.describe())
-        calls.in_flight = InFlight(strategy.max_in_flight) if strategy.open_loop else None
+        log.info("measuring: %d calls, %s%s", total, strategy.describe(),
+                 f", {pool.describe()}" if pool is not None else "")
+        calls.in_flight = InFlight(strategy.max_in_flight) if strategy.open_loop and pool is None else None
         lag = LoopLag(calls.in_flight)
         watcher = asyncio.create_task(lag.watch())
         cpu = CpuMeter()
         start = calls.start = time.perf_counter()
         calls.catch_signals()
         try:
-            if getattr(strategy, "sessions", False):  # conversations, turn by turn (pikeclient.run.sessions)
+            if pool is not None:
+                await pool.run(calls, todo, strategy, start, stats.start_time)
+            elif getattr(strategy, "sessions", False):  # conversations, turn by turn (pikeclient.run.sessions)
                 await play_sessions(calls, prompts, done, strategy, start)
             elif strategy.open_loop:
-                await calls.open_loop(todo, strategy, start)
+                await calls.open_loop(scheduled(strategy.schedule(todo)), strategy.max_in_flight, start)
             else:
-                await calls.closed_loop(todo, strategy.max_in_flight, start, total)
+                await calls.closed_loop(taking(todo), min(strategy.max_in_flight, total), start)
         except asyncio.CancelledError:
             if calls.interrupted is None:
                 raise
@@ -118,9 +135,13 @@ async def run_prompts(
             stats.local_model = client.computes_locally
             if calls.in_flight is not None:
                 stats.in_flight_lowest, stats.client_held_s = calls.in_flight.lowest, calls.in_flight.held_s
+            if pool is not None:  # the workers' event loops and CPU are the ones that timed the calls
+                pool.report_into(stats)
             stats.saturated = next((limit.reason for limit in limits if getattr(limit, "reason", None)), None)
             calls.progress.close()
     finally:
+        if pool is not None:
+            await pool.close()
         await client.aclose()
     if stats.saturated:
         log.warning("the run stopped sending early, %s; it is marked saturated (calls in flight were finished)",
@@ -137,10 +158,11 @@ class _Calls:
 
     def __init__(self, client: BaseLLMClient, stats: RunStats, sink: IO[str] | None,
                  on_record: Callable[[dict[str, Any], PromptItem], None] | None, cache: ResponseCache | None,
-                 fail_fast: bool, redactor: Redactor | None, limits: Sequence[Limit], total: int) -> None:
+                 fail_fast: bool, redactor: Redactor | None, limits: Sequence[Limit], total: int,
+                 progress: bool = True) -> None:
         self.client, self.stats, self.sink, self.on_record, self.cache = client, stats, sink, on_record, cache
         self.fail_fast, self.redactor, self.limits = fail_fast, redactor, limits
-        self.identity = client.describe()
+        self.identity = client.describe() if client is not None else {}
         self.stop: list[str] = []
         self.sent = 0
         self.ended = 0  # calls of this run that have ended (the rest of ``sent`` are in flight)
@@ -148,7 +170,9 @@ class _Calls:
         self.tasks: set[asyncio.Task] = set()  # the calls' tasks, cancelled on Ctrl-C or SIGTERM
         self.interrupted: int | None = None
         self.in_flight: InFlight | None = None  # an open loop's slots (see pikeclient.run.headroom)
-        self.progress = tqdm(total=total, desc="calls", unit="call", file=sys.stderr, disable=None, mininterval=0.5)
+        self.on_interrupt: Callable[[], None] | None = None  # workers (pikeclient.run.workers) are told apart
+        self.progress = tqdm(total=total, desc="calls", unit="call", file=sys.stderr,
+                             disable=None if progress else True, mininterval=0.5)
 
     def catch_signals(self) -> None:
         """Ctrl-C and SIGTERM stop the sending and cancel the calls in flight.
@@ -174,6 +198,8 @@ class _Calls:
             self.stop.append(signal.Signals(signum).name)
         for task in list(self.tasks):
             task.cancel()
+        if self.on_interrupt is not None:
+            self.on_interrupt()
 
     def track(self, coroutine: Any) -> asyncio.Task:
         task = asyncio.create_task(coroutine)
@@ -206,7 +232,6 @@ class _Calls:
         self.sent += 1
         late = None if due is None else time.perf_counter() - due
         record = await call_one(self.client, index, item, self.cache, self.identity, history)
-        record["session"] = self.stats.start_time
         record.update(extra or {})
         if late is not None:
             record["scheduled_s"] = round(due - self.start, 6)  # seconds after the start it was due
@@ -214,35 +239,47 @@ class _Calls:
             record["slot_wait_s"] = slot_wait
             if record["error"] is None and not record.get("cached"):
                 record["latency_from_schedule_s"] = time.perf_counter() - due
+        self.ended_call(record, replace(item, messages=(*history, *item.messages)) if history else item)
+        return record
+
+    def ended_call(self, record: dict[str, Any], item: PromptItem) -> None:
+        """A call's record, made here or by a worker process (``pikeclient.run.workers``): judged against
+        the SLOs, written, counted, watched by the limits; an error no retry can fix may stop the run."""
+        record["session"] = self.stats.start_time
         self.stats.slo_verdict(record)
-        self.emit(record, replace(item, messages=(*history, *item.messages)) if history else item)
+        self.emit(record, item)
         self.ended += 1
         elapsed = time.perf_counter() - self.start
         for limit in self.limits:  # the over-saturation stop watches the calls end
             limit.observe(record, elapsed, self.sent - self.ended)
         self.progress.update(1)
+        self.check_stop(record, item)
+
+    def check_stop(self, record: dict[str, Any], item: PromptItem) -> None:
         kind = record["error_kind"]
         if kind == "auth" or (self.fail_fast and kind in NON_RETRYABLE):
             self.stop.append(f"{kind} error on prompt {item.id!r}: {record['error']}")
-        return record
 
-    async def closed_loop(self, todo: Iterator[tuple[int, PromptItem]], workers: int, start: float,
-                          total: int) -> None:
-        """A fixed pool of workers pulls prompts from one iterator: no task per prompt, and a call's
-        latency starts when the call starts, not while it waits for a free worker."""
+    async def closed_loop(self, take: Callable[[], Awaitable[tuple[int, PromptItem] | None]], workers: int,
+                          start: float) -> None:
+        """A fixed pool of workers takes prompts from one source (``take``: the next, or None at the end):
+        no task per prompt, and a call's latency starts when the call starts, not while it waits for a
+        free worker."""
 
         async def worker() -> None:
-            for index, item in todo:
+            while (entry := await take()) is not None:
                 if not self.allowed(start):
                     return
-                await self.one(index, item)
+                await self.one(*entry)
 
-        await asyncio.gather(*(self.track(worker()) for _ in range(min(workers, total))))
+        await asyncio.gather(*(self.track(worker()) for _ in range(workers)))
 
-    async def open_loop(self, todo: Iterator[tuple[int, PromptItem]], strategy: Strategy, start: float) -> None:
-        """Requests go when they are due, whether or not earlier ones returned; ``max_in_flight`` caps
-        them, and a request held back by the cap (or by a busy loop) records how late it went."""
-        slots = self.in_flight or InFlight(strategy.max_in_flight)
+    async def open_loop(self, schedule: AsyncIterator[tuple[tuple[int, PromptItem], float]], most: int,
+                        start: float) -> None:
+        """Requests go when they are due (``schedule``: each with its seconds after the start), whether or
+        not earlier ones returned; ``most`` caps them in flight, and a request held back by the cap (or by
+        a busy loop) records how late it went."""
+        slots = self.in_flight or InFlight(most)
 
         async def send(index: int, item: PromptItem, due: float, slot_wait: float) -> None:
             try:
@@ -251,7 +288,7 @@ class _Calls:
                 slots.release()
 
         held: deque[tuple[float, float]] = deque()  # when the cap held the sending back (perf_counter spans)
-        for (index, item), offset in strategy.schedule(todo):
+        async for (index, item), offset in schedule:
             due = start + offset
             wait = due - time.perf_counter()
             if wait > 0:
@@ -270,7 +307,21 @@ class _Calls:
             await asyncio.gather(*self.tasks)
 
 
-async def warm_up(client: BaseLLMClient, prompts: Sequence[PromptItem], count: int, concurrency: int) -> int:
+def taking(todo: Iterator[T]) -> Callable[[], Awaitable[T | None]]:
+    """``todo``'s items one by one as a closed loop takes them (None at the end)."""
+    async def take() -> T | None:
+        return next(todo, None)
+    return take
+
+
+async def scheduled(pairs: Iterable[T]) -> AsyncIterator[T]:
+    """A strategy's schedule (made as it is read) as an open loop reads it."""
+    for pair in pairs:
+        yield pair
+
+
+async def warm_up(client: BaseLLMClient, prompts: Sequence[PromptItem], count: int, concurrency: int,
+                  progress_bar: bool = True) -> int:
     """``count`` calls on the first prompts, as the run will make them, whose results are discarded.
 
     They pay for what only the first calls pay (connection set-up, a local model's first batch),
@@ -281,7 +332,8 @@ async def warm_up(client: BaseLLMClient, prompts: Sequence[PromptItem], count: i
     started = time.perf_counter()
     slots = asyncio.Semaphore(concurrency)
     log.info("warm-up: %d calls, not measured", count)
-    progress = tqdm(total=count, desc="warm-up", unit="call", file=sys.stderr, disable=None, mininterval=0.5)
+    progress = tqdm(total=count, desc="warm-up", unit="call", file=sys.stderr,
+                    disable=None if progress_bar else True, mininterval=0.5)
 
     async def one(item: PromptItem) -> None:
         async with slots:

@@ -20,6 +20,7 @@ from pikeclient.run.datasets import DatasetReader, build_dataset
 from pikeclient.run.load import Limit, Strategy, build_limits, build_strategy
 from pikeclient.run.saturation import build_over_saturation
 from pikeclient.run.stats import Slo
+from pikeclient.run.workers import WORKER_SETTINGS, check_workers
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,14 @@ class RunSettings:
         validate(cfg)
         config = cast(Config, OmegaConf.to_object(cfg))
         experiment = config.experiment
-        load = {k: v for k, v in asdict(config.load).items() if k != "kind"}
+        load = {k: v for k, v in asdict(config.load).items() if k not in ("kind", *WORKER_SETTINGS)}
         if experiment.concurrency is not None:
             log.warning("experiment.concurrency is deprecated: use load.concurrency (load=concurrency)")
             load["concurrency"] = experiment.concurrency
         strategy = build_strategy(config.load.kind, **load)
         trace = getattr(strategy, "prompts", None)  # a replayed trace is the run's prompts too
         dataset = trace() if trace else build_dataset(config.dataset)
+        check_workers(config.load, strategy)
         if getattr(dataset, "conversations", False) and not getattr(strategy, "sessions", False):
             raise ConfigError(f"dataset.conversations=true needs load=sessions (turn k goes after the real answers to "
                               f"turns 1..k-1), not load={config.load.kind}")

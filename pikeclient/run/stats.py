@@ -87,7 +87,8 @@ class RunStats:
     spans: list[tuple[float, float, float]] = field(default_factory=list)  # (start, end, session), measured calls
     segments: list[tuple[float, float]] = field(default_factory=list)  # earlier processes' measured spans (resume)
     max_in_flight: int | None = None
-    client_cpu_share: float | None = None  # of one core, this process, over the measured span
+    client_cpu_share: float | None = None  # of one core, this process (the busiest worker), over the measured span
+    workers: int = 1  # processes or Ray actors that made the calls (load.workers)
     local_model: bool = False  # the calls computed in this process: its CPU is the model's, no verdict
     in_flight_lowest: int | None = None  # an open loop's lowest own in-flight limit
     client_held_s: float = 0.0  # time the sending waited under that lowered limit
@@ -305,7 +306,8 @@ class RunStats:
         client's CPU and event loop are the model's work); see ``pikeclient.run.headroom``."""
         if self.local_model:
             return []
-        return client_limits(self.metrics(), self.client_cpu_share, self.in_flight_lowest, self.max_in_flight)
+        return client_limits(self.metrics(), self.client_cpu_share, self.in_flight_lowest, self.max_in_flight,
+                             self.workers)
 
     def warn_about_the_client(self) -> None:
         """Say once, when it matters, whether the client or the server held the calls back, and what to do."""
@@ -327,10 +329,15 @@ class RunStats:
         """Provenance of the run's figures, as MLflow tags."""
         tags = {"pikeclient.token_basis": self.token_basis,
                 "pikeclient.client_limited": "true" if self.client_limits else "false",
-                "pikeclient.saturated": "true" if self.saturated else "false"}
+                "pikeclient.saturated": "true" if self.saturated else "false",
+                "pikeclient.workers": str(self.workers)}
         if any(k.startswith("Cost/") for k in self.metrics()):
             tags["pikeclient.cost_basis"] = "estimate" if self.token_sources["estimate"] else "exact"
         return tags
+
+
+def _who(stats: RunStats) -> str:
+    return f"the busiest of its {stats.workers} workers" if stats.workers > 1 else "it"
 
 
 def _distribution(prefix: str, values: list[float], quantiles: tuple[int, ...]) -> dict[str, float]:
@@ -374,7 +381,7 @@ def format_summary(stats: RunStats, title: str) -> str:
     if stats.client_cpu_share is not None and not stats.local_model:  # the client, not the server, set the pace?
         reasons = stats.client_limits
         rows.append(("client limited", f"yes: {'; '.join(reasons)}" if reasons else
-                     f"no (it used {stats.client_cpu_share:.0%} of a core)"))
+                     f"no ({_who(stats)} used {stats.client_cpu_share:.0%} of a core)"))
     if stats.saturated:  # the over-saturation stop ended the sending early
         rows.append(("saturated", f"yes, stopped early: {stats.saturated}"))
     if "client/send_delay_p50" in m:  # the client's own time, left out of latency and TTFT
