@@ -157,6 +157,7 @@ class ExperimentConfig:
     repeats: int = 1
     resume_grown: bool = False
     stop_when_saturated: bool = False  # the over-saturation stop (pikeclient.run.saturation)
+    stop_when_behind: bool = True  # an open loop whose client fell hopelessly behind its schedule stops early
     saturation_min_s: float = 5.0
     saturation_window_s: float = 5.0
     saturation_min_calls: int = 10

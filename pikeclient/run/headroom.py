@@ -111,6 +111,31 @@ class InFlight:
             self._freed.notify_all()
 
 
+class Behind:
+    """Whether an open loop's client has fallen hopelessly behind its schedule: a request goes more than
+    ``LEAST_S`` and more than ``SHARE`` of the time since the start after it was due, not because
+    ``max_in_flight`` calls were out (that is the server's doing), ``AFTER_S`` or more into the run.
+
+    Late by half the elapsed time means sending at under two thirds of the asked rate; going on would
+    take minutes to send what was asked in seconds, at the client's own pace, measuring the client.
+    The run stops sending (calls in flight finish) and says so (``experiment.stop_when_behind=false``:
+    it goes on to the end)."""
+
+    AFTER_S = 5.0
+    LEAST_S = 5.0
+    SHARE = 0.5
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    def judge(self, late: float, elapsed: float, capped: bool) -> str | None:
+        """Why the sending must stop (a request ``late`` seconds late, ``elapsed`` into the run; ``capped``:
+        it waited because ``max_in_flight`` calls were out), or None."""
+        if not self.enabled or capped or elapsed < self.AFTER_S or late <= max(self.LEAST_S, self.SHARE * elapsed):
+            return None
+        return f"the client fell {late:.1f} s behind its schedule {elapsed:.0f} s into the run"
+
+
 class CpuMeter:
     """Share of one core this process used over a span (a client at ~100% is the bottleneck)."""
 
@@ -131,11 +156,11 @@ FIXES = ("give it more workers (load.workers=N, up to the cores; load.backend=ra
 
 
 def client_limits(metrics: dict[str, float], cpu_share: float | None, lowest: int | None,
-                  most: int | None, workers: int = 1) -> list[str]:
+                  most: int | None, workers: int = 1, behind: str | None = None) -> list[str]:
     """Why the client, not the server, limited a run (empty: it did not): its CPU (with workers: the
     busiest one's), its event loop, its own lowered in-flight limit. A run that says so reports
     latencies that include the client's time."""
-    reasons = []
+    reasons = [behind] if behind else []
     if cpu_share is not None and cpu_share >= CPU_SATURATED:
         who = f"the busiest of its {workers} workers" if workers > 1 else "it"
         reasons.append(f"{who} used {cpu_share:.0%} of a core")

@@ -28,7 +28,7 @@ from pikeclient.core.request_id import request_id
 from pikeclient.core.types import ChatResult, Message
 from pikeclient.run.cache import ResponseCache, cache_key, request_digest
 from pikeclient.run.dataset import PromptItem
-from pikeclient.run.headroom import CpuMeter, InFlight, LoopLag
+from pikeclient.run.headroom import Behind, CpuMeter, InFlight, LoopLag
 from pikeclient.run.load import Concurrency, Limit, Strategy
 from pikeclient.run.redact import Redactor
 from pikeclient.run.resume import Earlier
@@ -71,6 +71,7 @@ async def run_prompts(
     limits: Sequence[Limit] = (),
     slo: Slo | None = None,
     workers: WorkerPlan | None = None,
+    stop_when_behind: bool = True,
 ) -> RunStats:
     """Call ``client`` once per prompt under the ``load`` strategy; stream records to ``sink``.
 
@@ -88,7 +89,7 @@ async def run_prompts(
         if workers is not None:
             from pikeclient.run.workers import WorkerPool
 
-            pool = await WorkerPool.start(workers, prompts, strategy, cache, fail_fast, limits)
+            pool = await WorkerPool.start(workers, prompts, strategy, cache, fail_fast, limits, stop_when_behind)
             stats.warmup_calls = await pool.warm_up(warmup)
         else:
             stats.warmup_calls = await warm_up(client, prompts, warmup, strategy.max_in_flight)
@@ -100,6 +101,7 @@ async def run_prompts(
         for limit in limits:
             total = limit.most(total)
         calls = _Calls(client, stats, sink, on_record, cache, fail_fast, redactor, limits, total)
+        calls.behind_judge = Behind(stop_when_behind)
         for index, record in sorted(done.items()):  # already in the records file: counted, not written again
             calls.emit(record, prompts[index], write=False)
         if earlier is not None:
@@ -138,6 +140,7 @@ async def run_prompts(
             if pool is not None:  # the workers' event loops and CPU are the ones that timed the calls
                 pool.report_into(stats)
             stats.saturated = next((limit.reason for limit in limits if getattr(limit, "reason", None)), None)
+            stats.behind = calls.behind
             calls.progress.close()
     finally:
         if pool is not None:
@@ -171,6 +174,9 @@ class _Calls:
         self.interrupted: int | None = None
         self.in_flight: InFlight | None = None  # an open loop's slots (see pikeclient.run.headroom)
         self.on_interrupt: Callable[[], None] | None = None  # workers (pikeclient.run.workers) are told apart
+        self.behind: str | None = None  # why an open loop stopped: its client fell hopelessly behind
+        self.behind_judge = Behind(False)
+        self.on_behind: Callable[[str], None] | None = None  # a worker tells its parent
         self.progress = tqdm(total=total, desc="calls", unit="call", file=sys.stderr,
                              disable=None if progress else True, mininterval=0.5)
 
@@ -210,7 +216,14 @@ class _Calls:
     def allowed(self, start: float) -> bool:
         """No stop asked for, and every limit still allows another request."""
         elapsed = time.perf_counter() - start
-        return not self.stop and all(limit.allows(self.sent, elapsed) for limit in self.limits)
+        return not self.stop and self.behind is None and all(limit.allows(self.sent, elapsed) for limit in self.limits)
+
+    def fall_behind(self, reason: str) -> None:
+        """The schedule is hopeless: send nothing more (the calls in flight finish)."""
+        if self.behind is None:
+            self.behind = reason
+            if self.on_behind is not None:
+                self.on_behind(reason)
 
     def emit(self, record: dict[str, Any], item: PromptItem, write: bool = True) -> None:
         if self.redactor and record["error"] is not None:  # a server may echo the key in its error body
@@ -296,8 +309,15 @@ class _Calls:
             if not self.allowed(start):
                 break
             waiting = time.perf_counter()
+            capped = slots.count >= slots.most  # every slot max_in_flight allows is taken: the server's doing
             await slots.acquire()  # a slot under max_in_flight, and under the client's own limit while it lags
-            held.append((waiting, time.perf_counter()))
+            now = time.perf_counter()
+            behind = self.behind_judge.judge(now - due, now - start, capped)
+            if behind is not None:
+                slots.release()
+                self.fall_behind(behind)
+                break
+            held.append((waiting, now))
             while held and held[0][1] <= due:
                 held.popleft()
             # The part of this request's lateness during which the sending waited for a free slot, for it

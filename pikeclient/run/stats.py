@@ -103,6 +103,7 @@ class RunStats:
     quality: dict[str, float] = field(default_factory=dict)  # scores' and judge's metrics (pikeclient.eval)
     timeline: Timeline = field(default_factory=Timeline)  # the run over time (timeline/* series)
     saturated: str | None = None  # why the over-saturation stop ended the run early (pikeclient.run.saturation)
+    behind: str | None = None  # why an open loop stopped early: its client fell hopelessly behind (headroom.Behind)
     server_series: dict[str, dict[int, float]] = field(default_factory=dict)  # server/* (tracking.server_metrics)
     server_totals: dict[str, float] = field(default_factory=dict)  # the server's token counters over the run
 
@@ -198,6 +199,7 @@ class RunStats:
             "run/wall_s": self.wall_s,
             "tokens/server_usage_errors": self.usage_errors,
             "run/saturated": float(self.saturated is not None),
+            "run/stopped_behind": float(self.behind is not None),
         }
         out.update({f"Errors/{kind}": count for kind, count in self.errors.items()})
         out.update({f"tokens/source_{source}": count for source, count in self.token_sources.items()})
@@ -307,12 +309,19 @@ class RunStats:
         if self.local_model:
             return []
         return client_limits(self.metrics(), self.client_cpu_share, self.in_flight_lowest, self.max_in_flight,
-                             self.workers)
+                             self.workers, self.behind)
 
     def warn_about_the_client(self) -> None:
         """Say once, when it matters, whether the client or the server held the calls back, and what to do."""
         m = self.metrics()
         reasons = self.client_limits
+        if self.behind:
+            log.warning("the run stopped sending early: %s (achieved %.0f of %g requests/s asked; %s); the calls in "
+                        "flight were finished. Give it more workers (load.workers=N, up to the cores; load.backend=ray "
+                        "for more machines) or ask for less (experiment.stop_when_behind=false sends everything, "
+                        "however late)", self.behind, m.get("Throughput/achieved_rate", 0.0), self.requested_rate or 0,
+                        "; ".join(reasons[1:]) or "the client's own limits")
+            return
         if reasons:
             log.warning("the client limited this run: %s; its latencies include the client's own delays: %s",
                         "; ".join(reasons), FIXES)
@@ -384,6 +393,8 @@ def format_summary(stats: RunStats, title: str) -> str:
                      f"no ({_who(stats)} used {stats.client_cpu_share:.0%} of a core)"))
     if stats.saturated:  # the over-saturation stop ended the sending early
         rows.append(("saturated", f"yes, stopped early: {stats.saturated}"))
+    if stats.behind:  # the client could not keep to the schedule: the run stopped rather than measure itself
+        rows.append(("stopped early", f"{stats.behind}: give it more workers (load.workers)"))
     if "client/send_delay_p50" in m:  # the client's own time, left out of latency and TTFT
         rows.append(("client send delay p50 / p99 (ms)", f"{ms('client/send_delay_p50')} / "
                                                          f"{ms('client/send_delay_p99')}"))
@@ -391,7 +402,8 @@ def format_summary(stats: RunStats, title: str) -> str:
         rows.append(("SLO met / goodput (/s)", f"{m['SLO/attainment']:.1%} / {num('SLO/goodput', '{:.2f}')}"))
     for name, values in (("TTFT", stats.ttfts), ("ITL", stats.itls), ("TPOT", stats.tpots)):
         if values:  # a local model has TTFT and TPOT, no chunks to time ITL by
-            rows.append((f"{name} p50 / p90 / p99 (s)", " / ".join(num(f"{name}/p{q}") for q in STREAM_PERCENTILES)))
+            # Milliseconds to the hundredth: an ITL of 10.04 ms is not "0.010 s" (chunk gaps are sub-millisecond apart).
+            rows.append((f"{name} p50 / p90 / p99 (ms)", " / ".join(ms(f"{name}/p{q}") for q in STREAM_PERCENTILES)))
     rows += [
         ("tokens in / out", f"{num('tokens/prompt_total', '{:.0f}')} / {num('tokens/completion_total', '{:.0f}')}"
                             f" ({_sources_note(stats)})"),

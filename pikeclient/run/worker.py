@@ -53,6 +53,7 @@ class WorkerSetup:
     slots: int  # closed loop: this worker's share of the concurrency; open loop: of max_in_flight
     max_duration: float | None  # no request is sent later than this after the start
     fail_fast: bool
+    stop_when_behind: bool
     cache_path: str
     cache_mode: str
     log_levels: dict[str, int] = field(default_factory=dict)  # the run's: logger name ("" the root) -> level
@@ -63,6 +64,8 @@ class WorkerSetup:
 
 class Worker:
     """Serves one parent over one connection, from ``setup`` to ``done``."""
+
+    LINGER_S = 30.0  # after ``done``, how long to wait for the parent to close the connection
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
@@ -83,7 +86,7 @@ class Worker:
         from pikeclient.config.factory import build_client
         from pikeclient.core.errors import PikeError
         from pikeclient.run.cache import ResponseCache
-        from pikeclient.run.headroom import CpuMeter, InFlight, LoopLag
+        from pikeclient.run.headroom import Behind, CpuMeter, InFlight, LoopLag
         from pikeclient.run.load import MaxDuration
         from pikeclient.run.runner import warm_up
         from pikeclient.run.stats import RunStats
@@ -111,6 +114,8 @@ class Worker:
                                               0, progress=False)
             calls.outbox = self
             calls.start = start
+            calls.behind_judge = Behind(setup.stop_when_behind)
+            calls.on_behind = lambda reason: self.writer.write(frame(("behind", reason)))
             calls.in_flight = InFlight(setup.slots) if setup.open_loop else None
             lag = LoopLag(calls.in_flight)
             watcher = asyncio.create_task(lag.watch())
@@ -130,6 +135,10 @@ class Worker:
             if calls.in_flight is not None:
                 report.update(lowest=calls.in_flight.lowest, held_s=calls.in_flight.held_s)
             await send(self.writer, ("done", report))
+            # The parent closes the connection once it has read that: closing it here first could cut off
+            # what it is still writing (a stop, more work) and, with it, its reading of this report.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.listening), self.LINGER_S)
         finally:
             if self.listening is not None:
                 self.listening.cancel()

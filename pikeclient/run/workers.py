@@ -169,7 +169,8 @@ class WorkerPool:
 
     @classmethod
     async def start(cls, plan: WorkerPlan, prompts: Sequence[PromptItem], strategy: Strategy,
-                    cache: ResponseCache | None, fail_fast: bool, limits: Sequence[Limit]) -> WorkerPool:
+                    cache: ResponseCache | None, fail_fast: bool, limits: Sequence[Limit],
+                    stop_when_behind: bool = True) -> WorkerPool:
         """``plan.count`` workers, each set up with the run's prompts and its share of the slots, ready."""
         from pikeclient.run.load import MaxDuration
         from pikeclient.run.worker import WorkerSetup
@@ -192,6 +193,7 @@ class WorkerPool:
                 link.post(("setup", WorkerSetup(
                     number=link.number, llm=plan.llm, client_arguments=plan.client_arguments, prompts=portable,
                     open_loop=strategy.open_loop, slots=link.slots, max_duration=max_duration, fail_fast=fail_fast,
+                    stop_when_behind=stop_when_behind,
                     cache_path=plan.cache_path, cache_mode=plan.cache_mode,
                     log_levels=log_levels(), environment=key_variables(plan.llm))))
             for link in links:
@@ -297,14 +299,21 @@ class WorkerPool:
                     self._stop_all(self._stopping())
                 elif not self.open_loop:
                     self._top_up(link)
+            elif message[0] == "behind":  # a worker could not keep to the schedule: none of them can
+                if calls.behind is None:
+                    calls.behind = message[1]
+                self._stop_all(message[1])
             elif message[0] == "done":
                 link.report = message[1]
+                link.writer.close()  # the worker waits for this to exit
                 return
 
     def _stopping(self) -> str | None:
         """Why the sending must stop (an error no retry fixes, Ctrl-C, the over-saturation stop), or None."""
         if self.calls.stop:
             return self.calls.stop[0]
+        if self.calls.behind:
+            return self.calls.behind
         return next((limit.reason for limit in self.limits if getattr(limit, "reason", None)), None)
 
     def _stop_all(self, reason: str) -> None:

@@ -300,3 +300,20 @@ def test_a_run_says_whether_the_client_limited_it(tmp_path):
     assert re.search(r"client limited\s+yes: ", starved.stdout) and "the client limited this run" in starved.stderr
     [run] = mlflow_runs(tmp_path / "calm" / "runs")
     assert run["tags"]["pikeclient.client_limited"] == "false" and "client/cpu_share" in run["metrics"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_client_hopelessly_behind_its_schedule_stops_early_and_says_why(tmp_path, workers):
+    with FakeLLMServer(api_key=API_KEY, keep_log=False) as server:
+        # 20,000/s for up to 60 s: far beyond what this machine's client sends, whatever its workers.
+        proc = run_py("llm=openai", f"llm.base_url={server.url}/v1", "experiment.repeats=100000",
+                      "experiment.max_duration=60", "load=constant", "load.rate=20000", f"load.workers={workers}",
+                      "tracking.traces=false", cwd=tmp_path, env={"OPENAI_API_KEY": API_KEY}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"stopped early\s+the client fell [\d.]+ s behind its schedule", proc.stdout), proc.stdout
+    assert "the run stopped sending early: the client fell" in proc.stderr and "load.workers=N" in proc.stderr
+    [run] = mlflow_runs(tmp_path / "runs")
+    assert run["status"] == "FINISHED" and run["tags"]["pikeclient.client_limited"] == "true"
+    assert run["metrics"]["run/stopped_behind"] == 1.0
+    assert run["metrics"]["run/wall_s"] < 40  # it stopped sending after seconds, not at the 60 s limit
+    assert run["tags"]["pikeclient.workers"] == str(workers)
