@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import sys
@@ -20,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from dataclasses import replace
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
+import orjson
 from tqdm import tqdm
 
 from pikeclient.core.client import BaseLLMClient
@@ -230,7 +230,7 @@ class _Calls:
             record["error"] = self.redactor.text(record["error"])
         self.stats.add(record)
         if write and self.sink is not None:
-            self.sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.sink.write(orjson.dumps(record, option=orjson.OPT_NON_STR_KEYS).decode() + "\n")
         if self.on_record is not None:
             self.on_record(record, item)
 
