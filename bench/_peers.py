@@ -139,8 +139,9 @@ def aiperf_prompts(path: Path, n: int) -> Path:
 # --- pikeclient and the raw SDK -------------------------------------------------------------------
 
 def read_records(runs_dir: Path) -> list[Call]:
-    """The calls without error of the one job under ``runs_dir`` (its ``records.jsonl``)."""
-    found = sorted(runs_dir.rglob("records.jsonl"))
+    """The calls without error of the one job under ``runs_dir`` (its ``outputs/<date>/<time>/records.jsonl``;
+    MLflow's artifact store holds a copy elsewhere under ``runs_dir``)."""
+    found = sorted((runs_dir / "outputs").rglob("records.jsonl"))
     if len(found) != 1:
         raise RuntimeError(f"expected one records.jsonl under {runs_dir}, found {len(found)}")
     calls = []
@@ -153,8 +154,10 @@ def read_records(runs_dir: Path) -> list[Call]:
 
 
 def read_raw(out: Path) -> list[Call]:
-    """bench/_raw_sdk.py's output: one JSON list per call (start, end, ttft_s, itl_s, dispatch_s)."""
-    return [Call(*json.loads(line)) for line in out.read_text().splitlines()]
+    """The calls without error in bench/_raw_sdk.py's output: one JSON list per call (start, end, ttft_s,
+    itl_s, dispatch_s, error)."""
+    rows = (json.loads(line) for line in out.read_text().splitlines())
+    return [Call(*row[:5]) for row in rows if row[5] is None]
 
 
 # --- what the calls say -----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ WRAPPER = r"""
 import ctypes, json, os, signal, subprocess, sys, time
 ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 report, linger, log = sys.argv[1], float(sys.argv[2]), open(sys.argv[3], "ab")
-start = time.perf_counter()
+started_at, start = time.time(), time.perf_counter()
 code = subprocess.call(sys.argv[4:], stdout=log, stderr=subprocess.STDOUT)
 command_s = time.perf_counter() - start
 killed = []
@@ -45,13 +45,15 @@ while True:  # orphans of the command are ours now: wait for each to end
         deadline = float("inf")
     time.sleep(0.01)
 tree_s = time.perf_counter() - start
-json.dump({"code": code, "command_s": command_s, "tree_s": tree_s, "killed": killed}, open(report, "w"))
+json.dump({"code": code, "started_at": started_at, "command_s": command_s, "tree_s": tree_s, "killed": killed},
+          open(report, "w"))
 """
 
 
 @dataclass(frozen=True)
 class TreeRun:
     cpu_s: float  # user + system of the whole tree
+    started_at: float  # epoch seconds, when the command was started
     command_s: float  # until the command itself returned
     tree_s: float  # until its last descendant ended
     killed: tuple[str, ...]  # descendants still running ``linger`` seconds after the command returned
@@ -84,7 +86,7 @@ def run_tree(command: list[str], env: dict[str, str], cwd: Path, *, linger: floa
         if result["code"]:
             raise CommandFailed(f"exit code {result['code']}: {tail(log)}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return TreeRun(cpu, result["command_s"], result["tree_s"], tuple(result["killed"]))
+    return TreeRun(cpu, result["started_at"], result["command_s"], result["tree_s"], tuple(result["killed"]))
 
 
 def tail(log: Path, chars: int = 1500) -> str:
