@@ -13,8 +13,8 @@ Median of --repeats, interleaved (every other round in reverse order). Contender
 concurrency 64:
 
 - raw ``AsyncOpenAI`` + a semaphore (the baseline);
-- pikeclient ``run.py`` with ``tracking=none``, and with default tracking (traces on); each also with
-  ``load.workers=2`` (a row that cannot run, e.g. before ``load.workers`` exists, says why);
+- pikeclient ``run.py`` with ``tracking=none``, and with default tracking (traces on); each in one
+  process (``load.workers=1``) and with ``load.workers=2`` (a row that cannot run says why);
 - with ``--peers``: AIPerf 0.13 (``--concurrency 64 --request-count N``) and GuideLLM 0.8.1
   (``--profile kind=concurrent,streams=64 --constraint kind=max_requests,count=N``), each in its own
   virtual environment, on the same prompts (bench/_peers.py: their command lines, what is turned off).
@@ -105,8 +105,8 @@ def contenders(url: str, stream: bool, folder: Path, peers: bool) -> dict[str, R
         return run
 
     runs = {"raw AsyncOpenAI + semaphore": raw,
-            "pikeclient tracking=none": pikeclient("tracking=none"),
-            "pikeclient default tracking (traces on)": pikeclient(),
+            "pikeclient tracking=none, 1 worker": pikeclient("tracking=none", "load.workers=1"),
+            "pikeclient default tracking (traces on), 1 worker": pikeclient("load.workers=1"),
             "pikeclient tracking=none, 2 workers": pikeclient("tracking=none", "load.workers=2"),
             "pikeclient default tracking, 2 workers": pikeclient("load.workers=2")}
     if peers:
@@ -140,7 +140,7 @@ def main() -> None:
                     print(f"{kind}, round {round_number + 1}: {name}", flush=True)
                     try:
                         samples[name].append(marginal(run, args.requests))
-                    except CommandFailed as error:  # e.g. load.workers before it exists: its row says why
+                    except CommandFailed as error:  # its row says why
                         failed[name] = str(error)
             base = statistics.median(c for c, _ in samples[next(iter(runs))])
             for name, values in samples.items():
