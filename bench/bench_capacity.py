@@ -11,12 +11,11 @@ truth and the total wall time of the command, start-up included.
   its answer is a request rate.
 - GuideLLM: ``guidellm run --profile kind=knee`` (a closed-loop sweep over concurrency, 6 points from 1
   to 16, each ``--probe-s`` seconds, then its one adaptive refinement around the knee; ``--adaptive no``
-  leaves it out), in its own virtual environment
-  (``bench/.venv-guidellm``, made here on first use with ``-c bench/guidellm-constraints.txt``: the CPU
-  torch 2.13.0 this machine has). Its answer is a concurrency (the knee of output tokens/s against
-  streams); the rate it stands for is the requests/s measured there (interpolated between the two
-  benchmarks around it). GuideLLM needs a tokenizer: a tiny one is trained here, offline
-  (``pikeclient.backends.smoke_llama``); the prompts are its synthetic ones (32 tokens in, 16 out).
+  leaves it out), in its own virtual environment (``bench/.venv-guidellm``, made on first use by
+  bench/_peers.py). Its answer is a concurrency (the knee of output tokens/s against streams); the rate
+  it stands for is the requests/s measured there (interpolated between the two benchmarks around it).
+  GuideLLM needs a tokenizer: a tiny one is trained here, offline (bench/_peers.py); the prompts are its
+  synthetic ones (32 tokens in, 16 out).
 """
 
 from __future__ import annotations
@@ -33,21 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import API_KEY, REPO, loopback_server  # noqa: E402
+from bench._peers import peer_binary, tiny_tokenizer  # noqa: E402
 from bench._report import append, command_line  # noqa: E402
-
-GUIDELLM = "guidellm==0.8.1"
-VENV = REPO / "bench" / ".venv-guidellm"
-CONSTRAINTS = REPO / "bench" / "guidellm-constraints.txt"
-
-
-def guidellm_venv() -> Path:
-    """GuideLLM's own virtual environment (kept apart: it pins its own httpx, pydantic, transformers)."""
-    binary = VENV / "bin" / "guidellm"
-    if not binary.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", "-c", str(CONSTRAINTS), GUIDELLM], check=True)
-    return binary
-
 
 def pikeclient_search(url: str, root: Path, probe_s: float) -> tuple[float, str, float]:
     """(rate found, the answer line, wall seconds) of the one-command search."""
@@ -65,10 +51,8 @@ def pikeclient_search(url: str, root: Path, probe_s: float) -> tuple[float, str,
 
 def guidellm_knee(url: str, root: Path, probe_s: float, adaptive: bool) -> tuple[float, float, float, int]:
     """(knee concurrency, requests/s there, wall seconds, benchmarks run) of GuideLLM's knee profile."""
-    binary = guidellm_venv()
-    from pikeclient.backends.smoke_llama import build_tiny_llama
-
-    tokenizer = build_tiny_llama(root / "tokenizer")
+    binary = peer_binary("guidellm")
+    tokenizer = tiny_tokenizer(root / "tokenizer")
     out = root / "guidellm.json"
     command = [str(binary), "run",
                "--backend", f"kind=openai_http,target={url.removesuffix('/v1')},model=fake-model,"

@@ -4,34 +4,42 @@
 
 nginx (Debian's, started and stopped here) answers every request with a fixed answer at almost no CPU,
 so what is measured is the client. Each contender runs as its own process tree (run.py's tracking
-process included) twice, with --requests and with a fifth of them; the marginal CPU per request is the
-difference of the two CPU totals (user + system, children included) over the difference of requests,
-so start-up (imports, MLflow's store) is left out. Median of --repeats, interleaved. Contenders:
+process, a load tool's worker processes included) twice, with --requests and with a fifth of them; the
+marginal CPU per request is the difference of the two CPU totals (user + system, children included)
+over the difference of requests, so start-up (imports, MLflow's store, a tool's services) is left out;
+requests/s likewise: the difference of requests over the difference of the commands' wall times. The
+tree is measured by bench/_proctree.py: a process that outlives the command is waited for and counted.
+Median of --repeats, interleaved (every other round in reverse order). Contenders, closed loop at
+concurrency 64:
 
 - raw ``AsyncOpenAI`` + a semaphore (the baseline);
-- pikeclient ``run.py`` with ``tracking=none``, and with default tracking (traces on);
-- with ``--peers``: AIPerf and GuideLLM, each installed in its own virtual environment under
-  ``runs/bench-peers/`` (torch pinned to the local CPU wheel by a constraints file).
+- pikeclient ``run.py`` with ``tracking=none``, and with default tracking (traces on); each in one
+  process (``load.workers=1``) and with ``load.workers=2`` (a row that cannot run says why);
+- with ``--peers``: AIPerf 0.13 (``--concurrency 64 --request-count N``) and GuideLLM 0.8.1
+  (``--profile kind=concurrent,streams=64 --constraint kind=max_requests,count=N``), each in its own
+  virtual environment, on the same prompts (bench/_peers.py: their command lines, what is turned off).
 
-Both plain JSON answers and streamed ones (12 chunks). Concurrency 64.
+Both plain JSON answers (``/v1``) and streamed ones (``/stream/v1``, 12 chunks).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import REPO, write_prompts  # noqa: E402
 from bench._nginx import nginx_server  # noqa: E402
+from bench._peers import (aiperf_command, aiperf_prompts, guidellm_command, read_aiperf,  # noqa: E402
+                          read_guidellm, tiny_tokenizer)
+from bench._proctree import CommandFailed, run_tree  # noqa: E402
 from bench._report import command_line, emit  # noqa: E402
 
 CONCURRENCY = 64
@@ -56,39 +64,58 @@ async def main():
 asyncio.run(main())
 """ % CONCURRENCY
 
-
-def cpu_of(command: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
-    """(CPU seconds of the process tree, wall seconds) of one command run to its end."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    subprocess.run(command, env=env, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
+Run = Callable[[int], tuple[float, float]]  # n requests -> (CPU seconds of the tree, wall seconds of the command)
 
 
-def contenders(url: str, stream: bool, folder: Path) -> dict[str, callable]:
+def contenders(url: str, stream: bool, folder: Path, peers: bool) -> dict[str, Run]:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["OPENAI_API_KEY"] = "sk-bench"
-    base = f"{url}/stream/v1" if stream else f"{url}/v1"
+    prefix = "/stream" if stream else ""
+    base = f"{url}{prefix}/v1"
+
+    def measured(command: list[str]) -> tuple[float, float]:
+        tree = run_tree(command, env, folder)
+        return tree.cpu_s, tree.command_s
 
     def raw(n: int) -> tuple[float, float]:
-        return cpu_of([sys.executable, "-c", RAW, base, str(n), "1" if stream else "0"], env, folder)
+        return measured([sys.executable, "-c", RAW, base, str(n), "1" if stream else "0"])
 
-    def pikeclient(tracking: str):
+    def pikeclient(*overrides: str) -> Run:
         def run(n: int) -> tuple[float, float]:
             prompts = write_prompts(folder / f"prompts-{n}.jsonl", n)
-            command = [sys.executable, str(REPO / "run.py"), "llm=openai", f"llm.base_url={base}",
-                       f"llm.stream={str(stream).lower()}", f"dataset.path={prompts}", f"load.concurrency={CONCURRENCY}",
-                       "experiment.warmup=0", f"paths.runs_dir={folder / 'runs'}", *tracking.split()]
-            return cpu_of(command, env, folder)
+            return measured([sys.executable, str(REPO / "run.py"), "llm=openai", f"llm.base_url={base}",
+                             f"llm.stream={str(stream).lower()}", f"dataset.path={prompts}",
+                             f"load.concurrency={CONCURRENCY}", "experiment.warmup=0",
+                             f"paths.runs_dir={folder / 'runs'}", *overrides])
         return run
 
-    return {"raw AsyncOpenAI + semaphore": raw, "pikeclient tracking=none": pikeclient("tracking=none"),
-            "pikeclient default tracking (traces on)": pikeclient("")}
+    def peer(name: str, command: Callable[..., list[str]], read: Callable[[Path], list]) -> Run:
+        def run(n: int) -> tuple[float, float]:
+            out = folder / f"{name}-out"
+            out.mkdir()
+            prompts = (aiperf_prompts(folder / f"aiperf-prompts-{n}.jsonl", n) if name == "aiperf"
+                       else write_prompts(folder / f"prompts-{n}.jsonl", n))
+            result = measured(command(url, prefix, stream=stream, prompts=prompts, out=out, requests=n,
+                                      tokenizer=tiny_tokenizer(folder / "tokenizer"), concurrency=CONCURRENCY))
+            answered = len(read(out))
+            shutil.rmtree(out)
+            if answered != n:
+                raise CommandFailed(f"{answered} of {n} requests answered")
+            return result
+        return run
+
+    runs = {"raw AsyncOpenAI + semaphore": raw,
+            "pikeclient tracking=none, 1 worker": pikeclient("tracking=none", "load.workers=1"),
+            "pikeclient default tracking (traces on), 1 worker": pikeclient("load.workers=1"),
+            "pikeclient tracking=none, 2 workers": pikeclient("tracking=none", "load.workers=2"),
+            "pikeclient default tracking, 2 workers": pikeclient("load.workers=2")}
+    if peers:
+        runs["AIPerf 0.13"] = peer("aiperf", aiperf_command, read_aiperf)
+        runs["GuideLLM 0.8.1"] = peer("guidellm", guidellm_command, read_guidellm)
+    return runs
 
 
-def marginal(run, requests: int) -> tuple[float, float]:
+def marginal(run: Run, requests: int) -> tuple[float, float]:
     """(CPU ms per request, requests/s), both beyond start-up: the long run less the short one."""
     small_cpu, small_wall = run(requests // 5)
     cpu, wall = run(requests)
@@ -97,22 +124,33 @@ def marginal(run, requests: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    args = command_line(__doc__, requests=5000, repeats=3).parse_args()
+    parser = command_line(__doc__, requests=5000, repeats=3)
+    parser.add_argument("--peers", action="store_true", help="also AIPerf and GuideLLM")
+    args = parser.parse_args()
     rows = []
     with nginx_server() as url, tempfile.TemporaryDirectory() as tmp:
         for stream in (False, True):
-            runs = contenders(url, stream, Path(tmp))
+            kind = "streaming" if stream else "plain JSON"
+            runs = contenders(url, stream, Path(tmp), args.peers)
             samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+            failed: dict[str, str] = {}
             for round_number in range(args.repeats):
-                order = list(runs.items())
+                order = [item for item in runs.items() if item[0] not in failed]
                 for name, run in order[::-1] if round_number % 2 else order:
-                    samples[name].append(marginal(run, args.requests))
+                    print(f"{kind}, round {round_number + 1}: {name}", flush=True)
+                    try:
+                        samples[name].append(marginal(run, args.requests))
+                    except CommandFailed as error:  # its row says why
+                        failed[name] = str(error)
             base = statistics.median(c for c, _ in samples[next(iter(runs))])
             for name, values in samples.items():
+                if name in failed:
+                    rows.append((f"{kind}: {name}", f"could not be run: {failed[name][-300:]}"))
+                    continue
                 cpu = statistics.median(c for c, _ in values)
                 rate = statistics.median(r for _, r in values)
-                rows.append((f"{'streaming' if stream else 'plain JSON'}: {name}",
-                             f"{cpu:.2f} ms CPU/request ({cpu / base:.2f}x the raw SDK), {rate:.0f} requests/s"))
+                rows.append((f"{kind}: {name}", f"{cpu:.2f} ms CPU/request ({cpu / base:.2f}x the raw SDK), "
+                                                f"{rate:.0f} requests/s"))
     emit(f"Client cost against nginx ({args.requests} requests, concurrency {CONCURRENCY})", rows,
          to_results=not args.no_append)
     print(json.dumps(rows, indent=1))

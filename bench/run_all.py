@@ -25,7 +25,9 @@ FULL = [
     ["bench_load.py"],                                    # 8. open-loop accuracy and highest sustained rate
     ["bench_workloads.py"],                               # 9. trace replay vs raw SDK; 1,000 sessions' memory
     ["bench_first_run.py"],                               # 10. torch threads; README's main command, quiet and busy
-    ["bench_client_cost.py"],                             # 11. CPU per request against nginx vs the raw SDK
+    ["bench_client_cost.py", "--peers"],                  # 11. CPU per request against nginx vs the raw SDK, AIPerf, GuideLLM
+    ["bench_open_loop_peers.py"],                         # 12. open loop under overload, the same contenders
+    ["bench_ttft_peers.py"],                              # 13. TTFT and ITL on GuideLLM's mock server, vs the peers
 ]
 QUICK = [
     ["bench_throughput.py", "--calls", "200", "--repeats", "1", "--no-append"],
