@@ -399,7 +399,9 @@ class CallLogger:
         self.store = run.client._tracking_client.store
         if isinstance(run.client, Reconnecting):  # the server's version was asked for at set-up
             self.store = Reconnecting(self.store, run.outage)
-        self.trace_ids: list[str] = []
+        self.rows = _trace_rows(self.store, run) if traces else None  # a local sqlite store: rows straight in
+        self.trace_ids: list[str] = []  # every trace written
+        self.unlinked: list[str] = []  # written by log_spans: linked to the run at close
         self.traces_failed = False
         self.logged: set[int] = set()  # prompt indices a resumed run logged before it stopped
 
@@ -416,21 +418,35 @@ class CallLogger:
 
     def close(self) -> None:
         """Link the written traces to the run."""
-        for chunk in _chunks(self.trace_ids, self.LINK_BATCH):
+        for chunk in _chunks(self.unlinked, self.LINK_BATCH):
             self.run.client.link_traces_to_run(chunk, self.run.run_id)
         if self.traces:
             self.run.log_tags({"pikeclient.traces": str(len(self.trace_ids))})
 
-    def _write_spans(self, spans: list[Span]) -> None:
+    def _write_spans(self, spans: list[dict[str, Any]]) -> None:
+        if self.rows is not None:
+            try:
+                self.rows.write(spans)  # linked to the run in the same transaction
+                self.trace_ids.extend(span["trace_id"] for span in spans)
+                return
+            except Exception as error:  # noqa: BLE001 - MLflow's own way below writes them instead
+                from pikeclient.tracking.trace_rows import Mismatch
+
+                if isinstance(error, Mismatch):
+                    log.warning("traces go through MLflow's log_spans from now on: %s", error)
+                    self.rows = None
+                # else (a trace already in the store: a resumed call): MLflow's log_spans updates it
         try:
-            self.store.log_spans(self.run.experiment_id, spans)
+            self.store.log_spans(self.run.experiment_id, [Span.from_dict(span) for span in spans])
         except Exception as error:  # noqa: BLE001 - traces are extra: the run's results stay intact
             self.traces_failed = True
             log.warning("writing traces failed; no more traces for this run: %s", error)
             return
-        self.trace_ids.extend(span.trace_id for span in spans)
+        self.trace_ids.extend(span["trace_id"] for span in spans)
+        self.unlinked.extend(span["trace_id"] for span in spans)
 
-    def _span(self, record: Mapping[str, Any], messages: Any) -> Span:
+    def _span(self, record: Mapping[str, Any], messages: Any) -> dict[str, Any]:
+        """The call's trace: one LLM span, as the dictionary ``Span.from_dict`` reads."""
         trace_id = call_trace_id(self.run.run_id, record["id"], record.get("repeat") or 0, record["start_time"])
         start_ns = int(record["start_time"] * 1e9)
         duration = sum(record.get(name) or 0.0 for name in ("latency_s", "backoff_s", "throttle_s", "send_delay_s"))
@@ -466,13 +482,23 @@ class CallLogger:
                                                        "total_tokens": usage["total_tokens"]}
         if record.get("error"):
             attributes["pikeclient.error"] = record["error"]
-        return Span.from_dict({
+        return {
             "trace_id": trace_id, "span_id": os.urandom(8).hex(), "parent_span_id": None, "name": "chat",
             "start_time_unix_nano": start_ns, "end_time_unix_nano": start_ns + int(duration * 1e9),
             "events": [], "links": [],
             "status": {"code": "STATUS_CODE_ERROR" if record.get("error") else "STATUS_CODE_OK", "message": ""},
             "attributes": {k: json.dumps(v, ensure_ascii=False) for k, v in attributes.items()},
-        })
+        }
+
+
+def _trace_rows(store: Any, run: MlflowRun) -> Any:
+    """A :class:`pikeclient.tracking.trace_rows.TraceRows` for a local sqlite store it was verified
+    against, else None (MLflow's ``log_spans``)."""
+    if type(store).__name__ != "SqlAlchemyStore":  # a server's REST store: imports nothing more
+        return None
+    from pikeclient.tracking import trace_rows
+
+    return trace_rows.TraceRows(store, run.experiment_id, run.run_id) if trace_rows.usable(store) else None
 
 
 def _series(records: Iterable[Mapping[str, Any]]) -> list[Metric]:
