@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 # Per-call series (step = prompt index), logged as the calls end.
 SERIES_LATENCY = "call/latency_s"
 SERIES_TOKENS = "call/completion_tokens"
+# Calls are written (series and traces, a few transactions) when this many have arrived, or when the
+# experiment has sent nothing more for this long: few transactions, and the UI a second behind the calls.
+WRITE_BATCH = 1000
+WRITE_EVERY_S = 1.0
 # MLflow's limits for one log_batch call.
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
@@ -551,8 +555,13 @@ def sidecar_main(conn: Any) -> None:
     scored: list = []  # the calls' scores, attached to their traces once every trace is written
     inbox: deque = deque()  # messages read while waiting for a tracking server (so the experiment never blocks)
     outage.while_waiting = lambda: _drain(conn, inbox)
+    written = time.monotonic()  # when calls were last written
     try:
         while True:
+            if buffer and not inbox and not _poll(conn, written + WRITE_EVERY_S - time.monotonic()):
+                calls.write(buffer)  # caught up, and nothing more came for a while
+                buffer, written = [], time.monotonic()
+                continue
             try:
                 message = inbox.popleft() if inbox else conn.recv()
             except (EOFError, OSError):  # the experiment process is gone
@@ -562,9 +571,9 @@ def sidecar_main(conn: Any) -> None:
                 _answer(conn, "run", run.run_id)
             elif message[0] == "calls":
                 buffer.extend(message[1])
-                if len(buffer) >= 500 or not (inbox or conn.poll()):  # write when caught up, or in 500s
+                if len(buffer) >= WRITE_BATCH:
                     calls.write(buffer)
-                    buffer = []
+                    buffer, written = [], time.monotonic()
             elif message[0] == "assessments":
                 scored.extend(message[1])
                 if run is not None:  # every call is written first: its trace is there for its scores
@@ -669,6 +678,14 @@ def _unrecorded_run(client: MlflowClient, experiment_id: str, setup: Mapping[str
     runs = client.search_runs([experiment_id], f"tags.`pikeclient.output_dir` = '{folder}' and "
                               "attributes.status != 'FINISHED'", max_results=1)
     return runs[0].info.run_id if runs else None
+
+
+def _poll(conn: Any, timeout: float) -> bool:
+    """Whether a message (or the end of the pipe) is there within ``timeout`` seconds."""
+    try:
+        return conn.poll(max(timeout, 0.0))
+    except (EOFError, OSError):
+        return True  # the next read finds out
 
 
 def _answer(conn: Any, kind: str, value: Any) -> None:
