@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -34,6 +35,7 @@ from pikeclient.core.errors import one_line
 from pikeclient.tracking.assessments import AssessmentLogger, call_trace_id, log_call_assessments
 from pikeclient.tracking.job_file import write_job_file
 from pikeclient.tracking.remote import TRACKING_PROCESS_HTTP_ENV
+from pikeclient.tracking.sidecar import METRIC_CALLS_CPU, METRIC_CPU
 
 log = logging.getLogger(__name__)
 
@@ -408,6 +410,7 @@ class CallLogger:
         self.unlinked: list[str] = []  # written by log_spans: linked to the run at close
         self.traces_failed = False
         self.logged: set[int] = set()  # prompt indices a resumed run logged before it stopped
+        self.cpu_s = 0.0  # this process's CPU seconds spent logging the calls (series, traces, links)
 
     def write(self, calls: list[tuple[Mapping[str, Any], Any]]) -> None:
         """Log a batch of (record, messages): answers from the response cache are no calls of this run,
@@ -416,16 +419,20 @@ class CallLogger:
                  and not (record.get("resumed") and record["index"] in self.logged)]
         if not calls:
             return
+        started = time.process_time()
         self.run._log_metric_objects(_series(record for record, _ in calls))
         if self.traces and not self.traces_failed:
             self._write_spans([self._span(record, messages) for record, messages in calls])
+        self.cpu_s += time.process_time() - started
 
     def close(self) -> None:
         """Link the written traces to the run."""
+        started = time.process_time()
         for chunk in _chunks(self.unlinked, self.LINK_BATCH):
             self.run.client.link_traces_to_run(chunk, self.run.run_id)
         if self.traces:
             self.run.log_tags({"pikeclient.traces": str(len(self.trace_ids))})
+        self.cpu_s += time.process_time() - started
 
     def _write_spans(self, spans: list[dict[str, Any]]) -> None:
         if self.rows is not None:
@@ -592,9 +599,11 @@ def sidecar_main(conn: Any) -> None:
                 _, metrics, tags, end_time_ms, records_path, output_dir, log_records, status = message
                 run.log_tags(tags)
                 run.log_results(metrics, Path(records_path), Path(output_dir), log_records=log_records)
+                cost = {METRIC_CPU: own_cpu_s(), METRIC_CALLS_CPU: calls.cpu_s}
+                run.log_metrics(cost)
                 run.end(status, end_time_ms)  # before answering: the experiment need not wait for this process
                 status = "ENDED"
-                _answer(conn, "done", run.run_id)
+                _answer(conn, "done", {"run_id": run.run_id, **cost})
                 return
             elif message[0] == "end":
                 status = message[1]
@@ -678,6 +687,12 @@ def _unrecorded_run(client: MlflowClient, experiment_id: str, setup: Mapping[str
     runs = client.search_runs([experiment_id], f"tags.`pikeclient.output_dir` = '{folder}' and "
                               "attributes.status != 'FINISHED'", max_results=1)
     return runs[0].info.run_id if runs else None
+
+
+def own_cpu_s() -> float:
+    """This process's CPU seconds so far (user + system)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _poll(conn: Any, timeout: float) -> bool:

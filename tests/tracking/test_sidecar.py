@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pikeclient.tracking.process import SERIES_LATENCY
-from pikeclient.tracking.sidecar import TrackingSidecar
+from pikeclient.tracking.sidecar import METRIC_CALLS_CPU, METRIC_CPU, TrackingSidecar
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 
@@ -47,14 +47,29 @@ def test_calls_reach_the_store_while_the_run_goes_on(sidecar, tmp_path):
         tracking.add(r, SimpleNamespace(messages=MESSAGES))
     tracking._flush()  # what the sidecar sends every 64 calls
     tracking._expect("run")  # the answer to begin
+    experiment = client.get_run(tracking.run_id).info.experiment_id
+
+    def logged():
+        return (len(client.get_metric_history(tracking.run_id, SERIES_LATENCY)),
+                len(client.search_traces(locations=[experiment], run_id=tracking.run_id, max_results=10)))
+
     deadline = time.monotonic() + 30
-    while len(history := client.get_metric_history(tracking.run_id, SERIES_LATENCY)) < 3:
-        assert time.monotonic() < deadline
+    while logged() != (3, 3):  # a second or so after the calls, not at the end of the run
+        assert time.monotonic() < deadline, logged()
         time.sleep(0.2)
-    assert len(history) == 3  # a second or so after the calls, not at the end of the run
-    run = client.get_run(tracking.run_id)
-    assert run.info.status == "RUNNING"
-    traces = client.search_traces(locations=[run.info.experiment_id], run_id=run.info.run_id, max_results=10)
-    assert len(traces) == 3
+    assert client.get_run(tracking.run_id).info.status == "RUNNING"
     finish(tracking, tmp_path, records)
     assert client.get_run(tracking.run_id).info.status == "FINISHED"
+
+
+def test_finish_says_what_the_tracking_process_cost(sidecar, tmp_path):
+    tracking, client = sidecar
+    tracking.begin(time.time())
+    records = [record(n) for n in range(200)]
+    for r in records:
+        tracking.add(r, SimpleNamespace(messages=MESSAGES))
+    finished = finish(tracking, tmp_path, records)
+    # Importing MLflow alone is a second of CPU; logging 200 calls, some milliseconds.
+    assert finished.run_id == tracking.run_id and finished.cpu_s > 0.5 and 0 < finished.calls_cpu_s < finished.cpu_s
+    metrics = client.get_run(finished.run_id).data.metrics
+    assert metrics[METRIC_CPU] == pytest.approx(finished.cpu_s) and metrics[METRIC_CALLS_CPU] == finished.calls_cpu_s
