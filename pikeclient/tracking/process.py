@@ -405,7 +405,8 @@ class CallLogger:
         self.store = run.client._tracking_client.store
         if isinstance(run.client, Reconnecting):  # the server's version was asked for at set-up
             self.store = Reconnecting(self.store, run.outage)
-        self.rows = _trace_rows(self.store, run) if traces else None  # a local sqlite store: rows straight in
+        # A local sqlite store: the rows written straight in (pikeclient.tracking.store_rows), else None.
+        self.series_rows, self.rows = _store_rows(self.store, run, traces)
         self.trace_ids: list[str] = []  # every trace written
         self.unlinked: list[str] = []  # written by log_spans: linked to the run at close
         self.traces_failed = False
@@ -420,7 +421,7 @@ class CallLogger:
         if not calls:
             return
         started = time.process_time()
-        self.run._log_metric_objects(_series(record for record, _ in calls))
+        self._write_series(_series(record for record, _ in calls))
         if self.traces and not self.traces_failed:
             self._write_spans([self._span(record, messages) for record, messages in calls])
         self.cpu_s += time.process_time() - started
@@ -434,6 +435,15 @@ class CallLogger:
             self.run.log_tags({"pikeclient.traces": str(len(self.trace_ids))})
         self.cpu_s += time.process_time() - started
 
+    def _write_series(self, metrics: list[Metric]) -> None:
+        if self.series_rows is not None:
+            try:
+                self.series_rows.write(metrics)
+                return
+            except MlflowException:  # a value there already (a resumed call): log_batch leaves it out
+                pass
+        self.run._log_metric_objects(metrics)
+
     def _write_spans(self, spans: list[dict[str, Any]]) -> None:
         if self.rows is not None:
             try:
@@ -441,7 +451,7 @@ class CallLogger:
                 self.trace_ids.extend(span["trace_id"] for span in spans)
                 return
             except Exception as error:  # noqa: BLE001 - MLflow's own way below writes them instead
-                from pikeclient.tracking.trace_rows import Mismatch
+                from pikeclient.tracking.store_rows import Mismatch
 
                 if isinstance(error, Mismatch):
                     log.warning("traces go through MLflow's log_spans from now on: %s", error)
@@ -502,14 +512,17 @@ class CallLogger:
         }
 
 
-def _trace_rows(store: Any, run: MlflowRun) -> Any:
-    """A :class:`pikeclient.tracking.trace_rows.TraceRows` for a local sqlite store it was verified
-    against, else None (MLflow's ``log_spans``)."""
+def _store_rows(store: Any, run: MlflowRun, traces: bool) -> tuple[Any, Any]:
+    """:mod:`pikeclient.tracking.store_rows`' writers of the series and (with ``traces``) the traces, for a
+    local sqlite store they were verified against; else None each (MLflow's ``log_batch``, ``log_spans``)."""
     if type(store).__name__ != "SqlAlchemyStore":  # a server's REST store: imports nothing more
-        return None
-    from pikeclient.tracking import trace_rows
+        return None, None
+    from pikeclient.tracking import store_rows
 
-    return trace_rows.TraceRows(store, run.experiment_id, run.run_id) if trace_rows.usable(store) else None
+    if not store_rows.usable(store):
+        return None, None
+    return (store_rows.SeriesRows(store, run.run_id),
+            store_rows.TraceRows(store, run.experiment_id, run.run_id) if traces else None)
 
 
 def _series(records: Iterable[Mapping[str, Any]]) -> list[Metric]:

@@ -1,5 +1,5 @@
-"""Traces written as rows (pikeclient.tracking.trace_rows) are what MLflow's own log_spans writes for the same
-calls: every row of every trace table, and the traces MLflow reads back through its public API."""
+"""Series and traces written as rows (pikeclient.tracking.store_rows) are what MLflow's own log_batch and
+log_spans write for the same calls: every row of every table, and what MLflow reads back through its API."""
 
 import json
 import logging
@@ -7,9 +7,10 @@ import sqlite3
 import time
 
 import pytest
+from mlflow.entities import Metric
 from mlflow.entities.span import Span
 
-from pikeclient.tracking import trace_rows
+from pikeclient.tracking import store_rows
 from pikeclient.tracking.process import CallLogger, MlflowRun, get_or_create_experiment, open_client
 
 NOW = time.time()
@@ -113,8 +114,8 @@ def test_mlflow_reads_the_same_traces(tmp_path):
 
 def test_a_span_mlflow_would_store_differently_sends_the_traces_through_log_spans(tmp_path, monkeypatch, caplog):
     client, experiment, run, calls = store(tmp_path, "rows.db")
-    original = trace_rows.stored_span
-    monkeypatch.setattr(trace_rows, "stored_span", lambda span: {**original(span), "name": "not what MLflow stores"})
+    original = store_rows.stored_span
+    monkeypatch.setattr(store_rows, "stored_span", lambda span: {**original(span), "name": "not what MLflow stores"})
     with caplog.at_level(logging.WARNING):
         calls.write(CALLS[:2])
         calls.write(CALLS[2:])
@@ -137,9 +138,57 @@ def test_a_trace_already_in_the_store_is_updated_by_log_spans(tmp_path):
 
 def test_other_stores_keep_log_spans(tmp_path, monkeypatch):
     _, _, _, calls = store(tmp_path, "rows.db")
-    assert trace_rows.usable(calls.store)
-    monkeypatch.setattr(trace_rows.mlflow, "__version__", "3.99.0")  # not read against this version's log_spans
-    assert not trace_rows.usable(calls.store)
+    assert store_rows.usable(calls.store)
+    monkeypatch.setattr(store_rows.mlflow, "__version__", "3.99.0")  # not read against this version's log_spans
+    assert not store_rows.usable(calls.store)
     monkeypatch.setenv("MLFLOW_SQL_TRACE_ROLLUPS_ENABLED", "true")
-    monkeypatch.setattr(trace_rows.mlflow, "__version__", trace_rows.VERIFIED_MLFLOW[0] + ".0")
-    assert not trace_rows.usable(calls.store)
+    monkeypatch.setattr(store_rows.mlflow, "__version__", store_rows.VERIFIED_MLFLOW[0] + ".0")
+    assert not store_rows.usable(calls.store)
+
+
+def metric_rows(path, table):
+    with sqlite3.connect(path) as db:
+        return db.execute(f"SELECT key, value, timestamp, step, is_nan FROM {table} "
+                          "ORDER BY key, step, timestamp, value, is_nan").fetchall()
+
+
+def test_series_rows_equal_what_log_batch_writes(tmp_path):
+    client_a, _, run_a, rows_logger = store(tmp_path, "rows.db")
+    client_b, _, run_b, _ = store(tmp_path, "batch.db")
+    assert rows_logger.series_rows is not None
+    t = int(NOW * 1000)
+    batches = [
+        [Metric("call/latency_s", 0.25, t, 0), Metric("call/latency_s", 0.5, t + 5, 2),
+         Metric("call/completion_tokens", 30, t, 0), Metric("call/completion_tokens", 12, t + 5, 2),
+         Metric("call/latency_s", 0.25, t, 0)],  # an exact repeat: stored once
+        [Metric("call/latency_s", 0.75, t + 1, 1), Metric("call/completion_tokens", 7, t + 1, 1)],  # earlier steps
+        [Metric("call/latency_s", float("nan"), t + 9, 3), Metric("call/latency_s", float("inf"), t + 9, 4),
+         Metric("call/latency_s", 0.1, t + 9, 4), Metric("other", -float("inf"), t, 0),
+         Metric("call/completion_tokens", 12, t + 5, 2 + 0)],  # the same latest again: no change
+    ]
+    for batch in batches:
+        rows_logger._write_series(batch)  # the last batch repeats a value: log_batch writes that one
+        client_b.log_batch(run_b.run_id, metrics=batch)
+    for table in ("metrics", "latest_metrics"):
+        assert metric_rows(tmp_path / "rows.db", table) == metric_rows(tmp_path / "batch.db", table), table
+    assert client_a.get_run(run_a.run_id).data.metrics == client_b.get_run(run_b.run_id).data.metrics
+    assert ([(m.step, str(m.value)) for m in client_a.get_metric_history(run_a.run_id, "call/latency_s")] ==
+            [(m.step, str(m.value)) for m in client_b.get_metric_history(run_b.run_id, "call/latency_s")])  # nan
+
+
+def test_series_already_in_the_store_go_through_log_batch(tmp_path):
+    # A resumed call whose values reached MLflow before the stop: the rows' INSERT is refused, log_batch
+    # leaves out what is there.
+    client, _, run, calls = store(tmp_path, "rows.db")
+    calls.write(CALLS[:2])
+    calls.write(CALLS[:3])
+    history = client.get_metric_history(run.run_id, "call/latency_s")
+    assert sorted(m.step for m in history) == [0, 1]  # call 2 failed: no latency
+    assert calls.series_rows is not None
+
+
+def test_a_run_that_is_not_active_takes_no_series(tmp_path):
+    client, _, run, calls = store(tmp_path, "rows.db")
+    client.delete_run(run.run_id)
+    with pytest.raises(Exception, match="active"):
+        calls.write(CALLS[:1])

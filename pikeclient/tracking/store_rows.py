@@ -1,20 +1,23 @@
-"""Calls' traces written straight into a local sqlite store's tables, one transaction per batch.
+"""Calls' series and traces written straight into a local sqlite store's tables, one transaction per batch.
 
-MLflow's ``log_spans`` is its only way to write many traces at once, and on a sqlite store it costs
-about 3 ms of CPU per trace (ORM objects, a flush, an UPDATE and a MERGE per trace): more than the
-call it describes. A pikeclient trace is always one root LLM span whose trace is new, so what
-``log_spans`` ends up storing is known: one ``trace_info`` row with its previews, token and cost
-columns; two ``trace_tags`` (artifact location, spans location); one ``spans`` row whose content is the
-span as MLflow translates it (attributes sanitized, cost added). :class:`TraceRows` inserts exactly
-those rows with SQLAlchemy Core (executemany, using MLflow's own table definitions and helpers), and
-links the traces to the run (``entity_associations``, as ``link_traces_to_run`` does) in the same
-transaction: about 0.1 ms a trace.
+MLflow's own batch calls cost more CPU than the calls they describe: ``log_spans``, its only way to write
+many traces at once, about 3 ms per trace on a sqlite store (ORM objects, a flush, an UPDATE and a MERGE
+per trace); ``log_batch`` about 0.1 ms per metric value (an ORM object each, and the run's latest value
+updated attribute by attribute). What they store for a pikeclient run is known:
 
-It is used only where that equivalence was checked: MLflow's plain ``SqlAlchemyStore`` on sqlite, the
-MLflow minor version in :data:`VERIFIED_MLFLOW`, SQL trace rollups off. The first span of every batch is
-also translated by MLflow itself and compared; any difference, or a trace that exists already (a
-resumed call), sends the batch through ``log_spans`` (see ``CallLogger``). tests/tracking/test_trace_rows.py
-compares every row with what ``log_spans`` writes for the same calls.
+- a call's trace is one root LLM span of a new trace: one ``trace_info`` row with its previews, token and
+  cost columns; two ``trace_tags`` (artifact location, spans location); one ``spans`` row whose content is
+  the span as MLflow translates it (attributes sanitized, cost added); and the link to the run
+  (``entity_associations``, as ``link_traces_to_run`` makes it). :class:`TraceRows` writes those.
+- a call's series values are ``metrics`` rows, and each key's ``latest_metrics`` row moves to the value
+  with the highest (step, timestamp, value). :class:`SeriesRows` writes those.
+
+Both insert with SQLAlchemy Core (executemany), using MLflow's own table definitions and helpers: about
+0.1 ms a call. They are used only where that equivalence was checked: MLflow's plain ``SqlAlchemyStore``
+on sqlite, the MLflow minor version in :data:`VERIFIED_MLFLOW`, SQL trace rollups off. The first span of
+every batch is also translated by MLflow itself and compared; any difference, or a row that exists
+already (a resumed call), sends the batch through MLflow's own call (see ``CallLogger``).
+tests/tracking/test_store_rows.py compares every row with what MLflow's calls write for the same calls.
 """
 
 from __future__ import annotations
@@ -27,8 +30,19 @@ from functools import lru_cache
 from typing import Any
 
 import mlflow
+from mlflow.entities import Metric
+from mlflow.entities.lifecycle_stage import LifecycleStage
 from mlflow.entities.span import Span
-from mlflow.store.tracking.dbmodels.models import SqlEntityAssociation, SqlSpan, SqlTraceInfo, SqlTraceTag
+from mlflow.exceptions import MlflowException
+from mlflow.store.tracking.dbmodels.models import (
+    SqlEntityAssociation,
+    SqlLatestMetric,
+    SqlMetric,
+    SqlRun,
+    SqlSpan,
+    SqlTraceInfo,
+    SqlTraceTag,
+)
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore, _try_parse_json_string
 from mlflow.store.tracking.utils.sql_trace_rollups import rollups_enabled
 from mlflow.store.tracking.utils.trace_analytics import (
@@ -52,9 +66,11 @@ from mlflow.tracing.utils.truncation import _get_truncated_preview
 from mlflow.utils.mlflow_tags import MLFLOW_ARTIFACT_LOCATION
 from mlflow.utils.time import get_current_time_millis
 from mlflow.utils.uri import append_to_uri_path
-from sqlalchemy import insert
+from mlflow.utils.validation import _validate_metric
+from sqlalchemy import insert, select, update
 
-# MLflow minor versions whose log_spans was read and whose rows tests/tracking/test_trace_rows.py matches.
+# MLflow minor versions whose log_spans and log_batch were read and whose rows tests/tracking/test_store_rows.py
+# matches.
 VERIFIED_MLFLOW = ("3.17",)
 SPANS_IN_TRACKING_STORE = "TRACKING_STORE"  # mlflow.entities.trace_location.SpansLocation.TRACKING_STORE
 
@@ -151,6 +167,56 @@ class TraceRows:
                 _try_parse_json_string(attributes.get(SpanAttributeKey.MODEL_PROVIDER))),
         }
         return info, row
+
+
+class SeriesRows:
+    """Writes batches of a run's metric values (``Metric`` entities) as ``log_batch`` stores them."""
+
+    def __init__(self, store: SqlAlchemyStore, run_id: str) -> None:
+        self.store = store
+        self.run_id = run_id
+
+    def write(self, metrics: Sequence[Metric]) -> None:
+        """Insert the values and move each key's latest value, in one transaction; raises MlflowException
+        (nothing written) if the run is not active or a value is there already (a resumed call)."""
+        if not metrics:
+            return
+        rows, seen = [], set()
+        for metric in metrics:
+            if metric in seen:  # log_batch drops a batch's exact repeats
+                continue
+            seen.add(metric)
+            _validate_metric(metric.key, metric.value, metric.timestamp, metric.step)
+            is_nan, value = self.store.sanitize_metric_value(metric.value)
+            rows.append({"key": metric.key, "value": value, "timestamp": metric.timestamp, "step": metric.step,
+                         "is_nan": is_nan, "run_uuid": self.run_id})
+        latest: dict[str, dict[str, Any]] = {}  # per key, the first row with the highest (step, timestamp, value)
+        for row in rows:
+            best = latest.get(row["key"])
+            if best is None or _order(row) > _order(best):
+                latest[row["key"]] = row
+        with self.store.ManagedSessionMaker(read_only=False) as session:
+            stage = session.execute(select(SqlRun.lifecycle_stage).where(SqlRun.run_uuid == self.run_id)).scalar()
+            if stage != LifecycleStage.ACTIVE:
+                raise MlflowException(f"The run {self.run_id} must be in the 'active' state. Current state is {stage}.")
+            session.execute(insert(SqlMetric.__table__), rows)
+            table = SqlLatestMetric.__table__
+            stored = {row.key: row for row in session.execute(
+                select(table.c.key, table.c.step, table.c.timestamp, table.c.value)
+                .where(table.c.run_uuid == self.run_id, table.c.key.in_(sorted(latest))))}
+            new = [row for key, row in latest.items() if key not in stored]
+            if new:
+                session.execute(insert(table), new)
+            for key, row in latest.items():
+                if key in stored and _order(row) > tuple(stored[key][1:]):
+                    session.execute(update(table).where(table.c.run_uuid == self.run_id, table.c.key == key)
+                                    .values(value=row["value"], step=row["step"], timestamp=row["timestamp"],
+                                            is_nan=row["is_nan"]))
+
+
+def _order(row: Mapping[str, Any]) -> tuple[int, int, float]:
+    """How log_batch tells a key's latest value: the highest step, then timestamp, then value."""
+    return row["step"], row["timestamp"], row["value"]
 
 
 def stored_span(span: Mapping[str, Any]) -> dict[str, Any]:
