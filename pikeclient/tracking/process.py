@@ -50,6 +50,8 @@ WRITE_EVERY_S = 1.0
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAM_LENGTH = 6000
+# json.dumps(value, ensure_ascii=False) without a new encoder per call (json.dumps makes one for any option).
+_dumps = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def open_client(uri: str, artifact_root: str | None = None) -> MlflowClient:
@@ -380,7 +382,7 @@ def write_records_table(records_path: Path, table_path: Path) -> Path:
         for number, line in enumerate(lines):
             record = json.loads(line)
             flat = {**record, **{k: record["usage"].get(k) for k in ("prompt_tokens", "completion_tokens")}}
-            out.write(("," if number else "") + json.dumps([flat.get(c) for c in TABLE_COLUMNS], ensure_ascii=False))
+            out.write(("," if number else "") + _dumps([flat.get(c) for c in TABLE_COLUMNS]))
         out.write("]}")
     return table_path
 
@@ -508,7 +510,7 @@ class CallLogger:
             "start_time_unix_nano": start_ns, "end_time_unix_nano": start_ns + int(duration * 1e9),
             "events": [], "links": [],
             "status": {"code": "STATUS_CODE_ERROR" if record.get("error") else "STATUS_CODE_OK", "message": ""},
-            "attributes": {k: json.dumps(v, ensure_ascii=False) for k, v in attributes.items()},
+            "attributes": {k: _dumps(v) for k, v in attributes.items()},
         }
 
 

@@ -73,6 +73,11 @@ from sqlalchemy import insert, select, update
 # matches.
 VERIFIED_MLFLOW = ("3.17",)
 SPANS_IN_TRACKING_STORE = "TRACKING_STORE"  # mlflow.entities.trace_location.SpansLocation.TRACKING_STORE
+_ANY_TRACE = "tr-" + "0" * 32
+
+
+# json.dumps(value, ensure_ascii=False) without a new encoder per call (json.dumps makes one for any option).
+_dumps = json.JSONEncoder(ensure_ascii=False).encode
 
 
 class Mismatch(Exception):
@@ -93,7 +98,10 @@ class TraceRows:
         self.store = store
         self.experiment_id = int(experiment_id)
         self.run_id = run_id
-        self.artifact_location = store.get_experiment(experiment_id).artifact_location
+        # Where log_spans says a trace's artifacts go, for any trace id (they all look alike: tr- and 32 hex digits).
+        self.artifact_uri = append_to_uri_path(store.get_experiment(experiment_id).artifact_location,
+                                               SqlAlchemyStore.TRACE_FOLDER_NAME, _ANY_TRACE,
+                                               SqlAlchemyStore.ARTIFACTS_FOLDER_NAME)
 
     def write(self, spans: Sequence[Mapping[str, Any]]) -> None:
         """Insert the traces of ``spans`` (each a new trace's root span) in one transaction; raises
@@ -111,8 +119,7 @@ class TraceRows:
             rows.append(row)
             trace_id = span["trace_id"]
             tags.append({"request_id": trace_id, "key": MLFLOW_ARTIFACT_LOCATION,
-                         "value": append_to_uri_path(self.artifact_location, SqlAlchemyStore.TRACE_FOLDER_NAME,
-                                                     trace_id, SqlAlchemyStore.ARTIFACTS_FOLDER_NAME)})
+                         "value": self.artifact_uri.replace(_ANY_TRACE, trace_id)})
             tags.append({"request_id": trace_id, "key": TraceTagKey.SPANS_LOCATION, "value": SPANS_IN_TRACKING_STORE})
             links.append({"association_id": uuid.uuid4().hex, "source_type": "trace", "source_id": trace_id,
                           "destination_type": "run", "destination_id": self.run_id, "created_time": now})
@@ -158,7 +165,7 @@ class TraceRows:
             "type": _try_parse_json_string(attributes.get(SpanAttributeKey.SPAN_TYPE)), "status": status,
             "start_time_unix_nano": start_ns, "end_time_unix_nano": end_ns,
             # As log_spans dumps it (TraceJSONEncoder only matters for values JSON cannot hold: none here).
-            "content": json.dumps(content, ensure_ascii=False),
+            "content": _dumps(content),
             "input_cost": finite_float_or_none(span_cost.get("input_cost")),
             "output_cost": finite_float_or_none(span_cost.get("output_cost")),
             "total_cost": finite_float_or_none(span_cost.get("total_cost")),
