@@ -21,6 +21,7 @@ from pikeclient.backends._http import (
     ASYNC_HOOKS,
     SYNC_HOOKS,
     LazyClients,
+    aiohttp_transport,
     json_body,
     send_delay,
     status_error,
@@ -271,9 +272,11 @@ def check_url(url: str, key: str) -> str:
 
 
 def sdk_http_client(aio: bool = False) -> Any:
-    """The SDK's own default HTTP client (its timeouts and connection limits), reading the wire clock."""
+    """The SDK's own default HTTP client (its timeouts and connection limits), reading the wire clock; the
+    async one over aiohttp where it is installed (``_http.AioHTTPTransport``: half the CPU per request)."""
     if aio:
-        return openai.DefaultAsyncHttpxClient(event_hooks=ASYNC_HOOKS)
+        return openai.DefaultAsyncHttpxClient(event_hooks=ASYNC_HOOKS,
+                                              transport=aiohttp_transport(openai.DEFAULT_CONNECTION_LIMITS))
     return openai.DefaultHttpxClient(event_hooks=SYNC_HOOKS)
 
 

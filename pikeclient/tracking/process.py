@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -34,16 +35,23 @@ from pikeclient.core.errors import one_line
 from pikeclient.tracking.assessments import AssessmentLogger, call_trace_id, log_call_assessments
 from pikeclient.tracking.job_file import write_job_file
 from pikeclient.tracking.remote import TRACKING_PROCESS_HTTP_ENV
+from pikeclient.tracking.sidecar import METRIC_CALLS_CPU, METRIC_CPU
 
 log = logging.getLogger(__name__)
 
 # Per-call series (step = prompt index), logged as the calls end.
 SERIES_LATENCY = "call/latency_s"
 SERIES_TOKENS = "call/completion_tokens"
+# Calls are written (series and traces, a few transactions) when this many have arrived, or when the
+# experiment has sent nothing more for this long: few transactions, and the UI a second behind the calls.
+WRITE_BATCH = 1000
+WRITE_EVERY_S = 1.0
 # MLflow's limits for one log_batch call.
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAM_LENGTH = 6000
+# json.dumps(value, ensure_ascii=False) without a new encoder per call (json.dumps makes one for any option).
+_dumps = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def open_client(uri: str, artifact_root: str | None = None) -> MlflowClient:
@@ -374,7 +382,7 @@ def write_records_table(records_path: Path, table_path: Path) -> Path:
         for number, line in enumerate(lines):
             record = json.loads(line)
             flat = {**record, **{k: record["usage"].get(k) for k in ("prompt_tokens", "completion_tokens")}}
-            out.write(("," if number else "") + json.dumps([flat.get(c) for c in TABLE_COLUMNS], ensure_ascii=False))
+            out.write(("," if number else "") + _dumps([flat.get(c) for c in TABLE_COLUMNS]))
         out.write("]}")
     return table_path
 
@@ -399,9 +407,13 @@ class CallLogger:
         self.store = run.client._tracking_client.store
         if isinstance(run.client, Reconnecting):  # the server's version was asked for at set-up
             self.store = Reconnecting(self.store, run.outage)
-        self.trace_ids: list[str] = []
+        # A local sqlite store: the rows written straight in (pikeclient.tracking.store_rows), else None.
+        self.series_rows, self.rows = _store_rows(self.store, run, traces)
+        self.trace_ids: list[str] = []  # every trace written
+        self.unlinked: list[str] = []  # written by log_spans: linked to the run at close
         self.traces_failed = False
         self.logged: set[int] = set()  # prompt indices a resumed run logged before it stopped
+        self.cpu_s = 0.0  # this process's CPU seconds spent logging the calls (series, traces, links)
 
     def write(self, calls: list[tuple[Mapping[str, Any], Any]]) -> None:
         """Log a batch of (record, messages): answers from the response cache are no calls of this run,
@@ -410,27 +422,54 @@ class CallLogger:
                  and not (record.get("resumed") and record["index"] in self.logged)]
         if not calls:
             return
-        self.run._log_metric_objects(_series(record for record, _ in calls))
+        started = time.process_time()
+        self._write_series(_series(record for record, _ in calls))
         if self.traces and not self.traces_failed:
             self._write_spans([self._span(record, messages) for record, messages in calls])
+        self.cpu_s += time.process_time() - started
 
     def close(self) -> None:
         """Link the written traces to the run."""
-        for chunk in _chunks(self.trace_ids, self.LINK_BATCH):
+        started = time.process_time()
+        for chunk in _chunks(self.unlinked, self.LINK_BATCH):
             self.run.client.link_traces_to_run(chunk, self.run.run_id)
         if self.traces:
             self.run.log_tags({"pikeclient.traces": str(len(self.trace_ids))})
+        self.cpu_s += time.process_time() - started
 
-    def _write_spans(self, spans: list[Span]) -> None:
+    def _write_series(self, metrics: list[Metric]) -> None:
+        if self.series_rows is not None:
+            try:
+                self.series_rows.write(metrics)
+                return
+            except MlflowException:  # a value there already (a resumed call): log_batch leaves it out
+                pass
+        self.run._log_metric_objects(metrics)
+
+    def _write_spans(self, spans: list[dict[str, Any]]) -> None:
+        if self.rows is not None:
+            try:
+                self.rows.write(spans)  # linked to the run in the same transaction
+                self.trace_ids.extend(span["trace_id"] for span in spans)
+                return
+            except Exception as error:  # noqa: BLE001 - MLflow's own way below writes them instead
+                from pikeclient.tracking.store_rows import Mismatch
+
+                if isinstance(error, Mismatch):
+                    log.warning("traces go through MLflow's log_spans from now on: %s", error)
+                    self.rows = None
+                # else (a trace already in the store: a resumed call): MLflow's log_spans updates it
         try:
-            self.store.log_spans(self.run.experiment_id, spans)
+            self.store.log_spans(self.run.experiment_id, [Span.from_dict(span) for span in spans])
         except Exception as error:  # noqa: BLE001 - traces are extra: the run's results stay intact
             self.traces_failed = True
             log.warning("writing traces failed; no more traces for this run: %s", error)
             return
-        self.trace_ids.extend(span.trace_id for span in spans)
+        self.trace_ids.extend(span["trace_id"] for span in spans)
+        self.unlinked.extend(span["trace_id"] for span in spans)
 
-    def _span(self, record: Mapping[str, Any], messages: Any) -> Span:
+    def _span(self, record: Mapping[str, Any], messages: Any) -> dict[str, Any]:
+        """The call's trace: one LLM span, as the dictionary ``Span.from_dict`` reads."""
         trace_id = call_trace_id(self.run.run_id, record["id"], record.get("repeat") or 0, record["start_time"])
         start_ns = int(record["start_time"] * 1e9)
         duration = sum(record.get(name) or 0.0 for name in ("latency_s", "backoff_s", "throttle_s", "send_delay_s"))
@@ -466,13 +505,26 @@ class CallLogger:
                                                        "total_tokens": usage["total_tokens"]}
         if record.get("error"):
             attributes["pikeclient.error"] = record["error"]
-        return Span.from_dict({
+        return {
             "trace_id": trace_id, "span_id": os.urandom(8).hex(), "parent_span_id": None, "name": "chat",
             "start_time_unix_nano": start_ns, "end_time_unix_nano": start_ns + int(duration * 1e9),
             "events": [], "links": [],
             "status": {"code": "STATUS_CODE_ERROR" if record.get("error") else "STATUS_CODE_OK", "message": ""},
-            "attributes": {k: json.dumps(v, ensure_ascii=False) for k, v in attributes.items()},
-        })
+            "attributes": {k: _dumps(v) for k, v in attributes.items()},
+        }
+
+
+def _store_rows(store: Any, run: MlflowRun, traces: bool) -> tuple[Any, Any]:
+    """:mod:`pikeclient.tracking.store_rows`' writers of the series and (with ``traces``) the traces, for a
+    local sqlite store they were verified against; else None each (MLflow's ``log_batch``, ``log_spans``)."""
+    if type(store).__name__ != "SqlAlchemyStore":  # a server's REST store: imports nothing more
+        return None, None
+    from pikeclient.tracking import store_rows
+
+    if not store_rows.usable(store):
+        return None, None
+    return (store_rows.SeriesRows(store, run.run_id),
+            store_rows.TraceRows(store, run.experiment_id, run.run_id) if traces else None)
 
 
 def _series(records: Iterable[Mapping[str, Any]]) -> list[Metric]:
@@ -525,8 +577,13 @@ def sidecar_main(conn: Any) -> None:
     scored: list = []  # the calls' scores, attached to their traces once every trace is written
     inbox: deque = deque()  # messages read while waiting for a tracking server (so the experiment never blocks)
     outage.while_waiting = lambda: _drain(conn, inbox)
+    written = time.monotonic()  # when calls were last written
     try:
         while True:
+            if buffer and not inbox and not _poll(conn, written + WRITE_EVERY_S - time.monotonic()):
+                calls.write(buffer)  # caught up, and nothing more came for a while
+                buffer, written = [], time.monotonic()
+                continue
             try:
                 message = inbox.popleft() if inbox else conn.recv()
             except (EOFError, OSError):  # the experiment process is gone
@@ -536,9 +593,9 @@ def sidecar_main(conn: Any) -> None:
                 _answer(conn, "run", run.run_id)
             elif message[0] == "calls":
                 buffer.extend(message[1])
-                if len(buffer) >= 500 or not (inbox or conn.poll()):  # write when caught up, or in 500s
+                if len(buffer) >= WRITE_BATCH:
                     calls.write(buffer)
-                    buffer = []
+                    buffer, written = [], time.monotonic()
             elif message[0] == "assessments":
                 scored.extend(message[1])
                 if run is not None:  # every call is written first: its trace is there for its scores
@@ -557,9 +614,11 @@ def sidecar_main(conn: Any) -> None:
                 _, metrics, tags, end_time_ms, records_path, output_dir, log_records, status = message
                 run.log_tags(tags)
                 run.log_results(metrics, Path(records_path), Path(output_dir), log_records=log_records)
+                cost = {METRIC_CPU: own_cpu_s(), METRIC_CALLS_CPU: calls.cpu_s}
+                run.log_metrics(cost)
                 run.end(status, end_time_ms)  # before answering: the experiment need not wait for this process
                 status = "ENDED"
-                _answer(conn, "done", run.run_id)
+                _answer(conn, "done", {"run_id": run.run_id, **cost})
                 return
             elif message[0] == "end":
                 status = message[1]
@@ -643,6 +702,20 @@ def _unrecorded_run(client: MlflowClient, experiment_id: str, setup: Mapping[str
     runs = client.search_runs([experiment_id], f"tags.`pikeclient.output_dir` = '{folder}' and "
                               "attributes.status != 'FINISHED'", max_results=1)
     return runs[0].info.run_id if runs else None
+
+
+def own_cpu_s() -> float:
+    """This process's CPU seconds so far (user + system)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _poll(conn: Any, timeout: float) -> bool:
+    """Whether a message (or the end of the pipe) is there within ``timeout`` seconds."""
+    try:
+        return conn.poll(max(timeout, 0.0))
+    except (EOFError, OSError):
+        return True  # the next read finds out
 
 
 def _answer(conn: Any, kind: str, value: Any) -> None:

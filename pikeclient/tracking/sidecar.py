@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,21 @@ from pikeclient.core.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SEND_BATCH = 64  # calls per pipe message: fewer syscalls and pickles, still near-live in the UI
+# What the tracking process cost, logged in the run (CPU seconds, user + system): in all, from its start
+# (importing MLflow, opening the store) to the run's end; and of that, logging the calls (series, traces).
+METRIC_CPU = "tracking/cpu_s"
+METRIC_CALLS_CPU = "tracking/calls_cpu_s"
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A run the tracking process has completed, and what that process cost: CPU seconds (user + system)
+    from its start (importing MLflow, opening the store) to the run's end, and of them the seconds spent
+    logging the calls (series, traces). Its CPU is not the experiment process's: add it for the client's."""
+
+    run_id: str
+    cpu_s: float
+    calls_cpu_s: float
 
 
 class TrackingSidecar:
@@ -80,17 +96,18 @@ class TrackingSidecar:
         self._send(("assessments", calls))
 
     def finish(self, metrics: Mapping[str, float], tags: Mapping[str, str], end_time: float, records_path: Path,
-               output_dir: Path, *, log_records: bool, status: str = "FINISHED") -> str:
-        """Log the run's results and end it (FINISHED, or FAILED for a run with too many errors)."""
+               output_dir: Path, *, log_records: bool, status: str = "FINISHED") -> Finished:
+        """Log the run's results and end it (FINISHED, or FAILED for a run with too many errors); returns
+        the run's id and what the tracking process cost (also logged in the run: METRIC_CPU, METRIC_CALLS_CPU)."""
         self._flush()
         self._send(("finish", dict(metrics), dict(tags), int(end_time * 1000), str(records_path), str(output_dir),
                     log_records, status))
         if self.run_id is None:
             self._expect("run")
-        self._expect("done")  # every call, trace and artifact is in the store and the run has ended
+        done = self._expect("done")  # every call, trace and artifact is in the store and the run has ended
         self._close()  # and the process has exited: its CPU is over when the command returns
         assert self.run_id is not None
-        return self.run_id
+        return Finished(self.run_id, done[METRIC_CPU], done[METRIC_CALLS_CPU])
 
     def end(self, status: str) -> None:
         """End the run as FAILED or KILLED (what was logged so far stays); before ``start``, just stop."""
@@ -127,7 +144,7 @@ class TrackingSidecar:
         except (OSError, BrokenPipeError) as error:
             raise ConfigError(f"the tracking process stopped: {self._exit_reason()}") from error
 
-    def _expect(self, expected: str) -> None:
+    def _expect(self, expected: str) -> Any:
         kind, value = self._recv()
         if kind == "error":
             raise ConfigError(f"tracking: {value}")
@@ -136,6 +153,7 @@ class TrackingSidecar:
         if kind == "run":
             self.run_id = value
             log.info("MLflow run %s", value)
+        return value
 
     def _recv(self) -> tuple[str, Any]:
         try:

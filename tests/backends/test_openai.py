@@ -191,3 +191,42 @@ def test_the_client_time_before_the_send_is_reported_apart(api_env, stream):
             served = timings[f"call {i} a b c" if i < 32 else "call sync a b c"]
             assert result.ttft_s >= served.first - served.received
     assert max(r.send_delay_s for r in results) > min(r.send_delay_s for r in results)
+
+
+def test_async_calls_go_over_aiohttp_with_the_sdks_headers(server, api_env):
+    # The async SDK client sends through aiohttp (half the CPU of httpx2's own transport): the key, the
+    # call's request id and the JSON body arrive as they would through httpx2.
+    from pikeclient.backends._http import AioHTTPTransport
+    from pikeclient.core.request_id import request_id
+
+    c = client(server)
+    assert isinstance(c.async_sdk._client._transport, AioHTTPTransport)
+
+    async def call():
+        with request_id("0123abcd"):
+            return await c.achat([{"role": "user", "content": "over aiohttp"}], max_tokens=7)
+
+    assert asyncio.run(call()).text == "You said: over aiohttp"
+    received = server.log[-1]
+    assert received.headers.get("authorization") == f"Bearer {API_KEY}"
+    assert received.headers.get("x-request-id") == "0123abcd"
+    assert received.body["max_tokens"] == 7 and received.body["messages"][0]["content"] == "over aiohttp"
+
+
+def test_a_client_serves_one_asyncio_run_after_another_without_warnings(server, api_env, recwarn, caplog):
+    # Each asyncio.run ends its loop; the aiohttp session made in it is closed with it (never "unclosed").
+    import gc
+
+    c = client(server, stream=True)
+    assert asyncio.run(c.agenerate("one")) == "You said: one"
+    assert asyncio.run(c.agenerate("two")) == "You said: two"
+    del c  # as at the end of a script that never closed it
+    gc.collect()
+    assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]
+    assert "Unclosed" not in caplog.text
+
+
+def test_a_dropped_connection_is_a_connection_error_not_a_timeout(server, api_env):
+    server.faults = FaultPlan(script=["drop"])
+    with pytest.raises(LLMConnectionError):
+        asyncio.run(client(server, retry={"max_attempts": 1}).achat([{"role": "user", "content": "hi"}]))
