@@ -217,6 +217,9 @@ def test_a_client_serves_one_asyncio_run_after_another_without_warnings(server, 
     # Each asyncio.run ends its loop; the aiohttp session made in it is closed with it (never "unclosed").
     import gc
 
+    gc.collect()  # what earlier tests left is theirs, not this test's
+    recwarn.clear()
+    caplog.clear()
     c = client(server, stream=True)
     assert asyncio.run(c.agenerate("one")) == "You said: one"
     assert asyncio.run(c.agenerate("two")) == "You said: two"
