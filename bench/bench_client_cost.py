@@ -7,8 +7,11 @@ so what is measured is the client. Each contender runs as its own process tree (
 process, a load tool's worker processes included) twice, with --requests and with a fifth of them; the
 marginal CPU per request is the difference of the two CPU totals (user + system, children included)
 over the difference of requests, so start-up (imports, MLflow's store, a tool's services) is left out;
-requests/s likewise: the difference of requests over the difference of the commands' wall times. The
-tree is measured by bench/_proctree.py: a process that outlives the command is waited for and counted.
+requests/s likewise, the difference of requests over the difference of the commands' wall times (which
+counts the work a tool does per request after its calls), and also --requests over the long run's calls
+(from its first send to its last answer, as the contender stamped them; less noisy where a tool's
+start-up varies by seconds). The tree is measured by bench/_proctree.py: a process that outlives the
+command is waited for and counted. pikeclient runs get a fresh MLflow store each.
 Median of --repeats, interleaved (every other round in reverse order). Contenders, closed loop at
 concurrency 64:
 
@@ -31,22 +34,23 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import REPO, write_prompts  # noqa: E402
 from bench._nginx import nginx_server  # noqa: E402
-from bench._peers import (aiperf_command, aiperf_prompts, guidellm_command, read_aiperf,  # noqa: E402
-                          read_guidellm, tiny_tokenizer)
+from bench._peers import (Call, aiperf_command, aiperf_prompts, guidellm_command, read_aiperf,  # noqa: E402
+                          read_guidellm, read_records, span, tiny_tokenizer)
 from bench._proctree import CommandFailed, run_tree  # noqa: E402
 from bench._report import command_line, emit  # noqa: E402
 
 CONCURRENCY = 64
 RAW = """
-import asyncio, sys
+import asyncio, json, sys, time
 from openai import AsyncOpenAI
-url, n, stream = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+url, n, stream, out = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
 async def main():
     client = AsyncOpenAI(base_url=url, api_key="x", max_retries=0)
     slots = asyncio.Semaphore(%d)
@@ -60,11 +64,22 @@ async def main():
                     pass
             else:
                 await client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+    first = time.time()
     await asyncio.gather(*(one(i) for i in range(n)))
+    json.dump([first, time.time()], open(out, "w"))
 asyncio.run(main())
 """ % CONCURRENCY
 
-Run = Callable[[int], tuple[float, float]]  # n requests -> (CPU seconds of the tree, wall seconds of the command)
+
+
+@dataclass(frozen=True)
+class Sample:
+    cpu_s: float  # the whole process tree's
+    wall_s: float  # the command's
+    calls_s: float  # from the first send to the last answer, as the contender stamped them
+
+
+Run = Callable[[int], Sample]  # n requests -> what running them took
 
 
 def contenders(url: str, stream: bool, folder: Path, peers: bool) -> dict[str, Run]:
@@ -73,35 +88,45 @@ def contenders(url: str, stream: bool, folder: Path, peers: bool) -> dict[str, R
     prefix = "/stream" if stream else ""
     base = f"{url}{prefix}/v1"
 
-    def measured(command: list[str]) -> tuple[float, float]:
-        tree = run_tree(command, env, folder)
-        return tree.cpu_s, tree.command_s
+    def fresh(name: str) -> Path:
+        out = folder / name
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        return out
 
-    def raw(n: int) -> tuple[float, float]:
-        return measured([sys.executable, "-c", RAW, base, str(n), "1" if stream else "0"])
+    def measured(command: list[str], calls: Callable[[], list[Call]], n: int) -> Sample:
+        tree = run_tree(command, env, folder)
+        answered = calls()
+        if len(answered) != n:
+            raise CommandFailed(f"{len(answered)} of {n} requests answered")
+        return Sample(tree.cpu_s, tree.command_s, span(answered))
+
+    def raw(n: int) -> Sample:
+        out = fresh("raw") / "span.json"  # [first send, last answer]: a failed call fails the command
+
+        def calls() -> list[Call]:
+            first, last = json.loads(out.read_text())
+            return [Call(first, last)] * n
+        return measured([sys.executable, "-c", RAW, base, str(n), "1" if stream else "0", str(out)], calls, n)
 
     def pikeclient(*overrides: str) -> Run:
-        def run(n: int) -> tuple[float, float]:
-            prompts = write_prompts(folder / f"prompts-{n}.jsonl", n)
+        def run(n: int) -> Sample:
+            runs = fresh("runs")  # its own MLflow store: the same at every run, so start-up cancels out
             return measured([sys.executable, str(REPO / "run.py"), "llm=openai", f"llm.base_url={base}",
-                             f"llm.stream={str(stream).lower()}", f"dataset.path={prompts}",
-                             f"load.concurrency={CONCURRENCY}", "experiment.warmup=0",
-                             f"paths.runs_dir={folder / 'runs'}", *overrides])
+                             f"llm.stream={str(stream).lower()}",
+                             f"dataset.path={write_prompts(folder / 'prompts.jsonl', n)}",
+                             f"load.concurrency={CONCURRENCY}", "experiment.warmup=0", f"paths.runs_dir={runs}",
+                             *overrides], lambda: read_records(runs), n)
         return run
 
-    def peer(name: str, command: Callable[..., list[str]], read: Callable[[Path], list]) -> Run:
-        def run(n: int) -> tuple[float, float]:
-            out = folder / f"{name}-out"
-            out.mkdir()
-            prompts = (aiperf_prompts(folder / f"aiperf-prompts-{n}.jsonl", n) if name == "aiperf"
-                       else write_prompts(folder / f"prompts-{n}.jsonl", n))
-            result = measured(command(url, prefix, stream=stream, prompts=prompts, out=out, requests=n,
-                                      tokenizer=tiny_tokenizer(folder / "tokenizer"), concurrency=CONCURRENCY))
-            answered = len(read(out))
-            shutil.rmtree(out)
-            if answered != n:
-                raise CommandFailed(f"{answered} of {n} requests answered")
-            return result
+    def peer(name: str, command: Callable[..., list[str]], read: Callable[[Path], list[Call]]) -> Run:
+        def run(n: int) -> Sample:
+            out = fresh(name)
+            prompts = (aiperf_prompts(folder / "aiperf-prompts.jsonl", n) if name == "aiperf"
+                       else write_prompts(folder / "prompts.jsonl", n))
+            return measured(command(url, prefix, stream=stream, prompts=prompts, out=out, requests=n,
+                                    tokenizer=tiny_tokenizer(folder / "tokenizer"), concurrency=CONCURRENCY),
+                            lambda: read(out), n)
         return run
 
     runs = {"raw AsyncOpenAI + semaphore": raw,
@@ -115,12 +140,14 @@ def contenders(url: str, stream: bool, folder: Path, peers: bool) -> dict[str, R
     return runs
 
 
-def marginal(run: Run, requests: int) -> tuple[float, float]:
-    """(CPU ms per request, requests/s), both beyond start-up: the long run less the short one."""
-    small_cpu, small_wall = run(requests // 5)
-    cpu, wall = run(requests)
+def marginal(run: Run, requests: int) -> tuple[float, float, float]:
+    """(CPU ms per request and requests/s beyond start-up: the long run less the short one; requests/s
+    during the long run's calls)."""
+    small, long = run(requests // 5), run(requests)
     extra = requests - requests // 5
-    return (cpu - small_cpu) / extra * 1000, extra / (wall - small_wall)
+    longer = long.wall_s - small.wall_s  # <= 0 where start-up varied by more than the extra calls took
+    return ((long.cpu_s - small.cpu_s) / extra * 1000, extra / longer if longer > 0 else float("nan"),
+            requests / long.calls_s)
 
 
 def main() -> None:
@@ -132,7 +159,7 @@ def main() -> None:
         for stream in (False, True):
             kind = "streaming" if stream else "plain JSON"
             runs = contenders(url, stream, Path(tmp), args.peers)
-            samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+            samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in runs}
             failed: dict[str, str] = {}
             for round_number in range(args.repeats):
                 order = [item for item in runs.items() if item[0] not in failed]
@@ -142,15 +169,17 @@ def main() -> None:
                         samples[name].append(marginal(run, args.requests))
                     except CommandFailed as error:  # its row says why
                         failed[name] = str(error)
-            base = statistics.median(c for c, _ in samples[next(iter(runs))])
+            base = statistics.median(c for c, _, _ in samples[next(iter(runs))])
             for name, values in samples.items():
                 if name in failed:
                     rows.append((f"{kind}: {name}", f"could not be run: {failed[name][-300:]}"))
                     continue
-                cpu = statistics.median(c for c, _ in values)
-                rate = statistics.median(r for _, r in values)
-                rows.append((f"{kind}: {name}", f"{cpu:.2f} ms CPU/request ({cpu / base:.2f}x the raw SDK), "
-                                                f"{rate:.0f} requests/s"))
+                cpu, calls_rate = (statistics.median(v[i] for v in values) for i in (0, 2))
+                walls = [v[1] for v in values if v[1] == v[1]]  # NaN: not measured
+                wall_rate = f"{statistics.median(walls):.0f}" if walls else "-"
+                rows.append((f"{kind}: {name}", f"{cpu:.2f} ms CPU/request ({cpu / base:.2f}x the raw SDK); "
+                                                f"{calls_rate:.0f} requests/s during the calls, {wall_rate} "
+                                                "from the commands' wall times"))
     emit(f"Client cost against nginx ({args.requests} requests, concurrency {CONCURRENCY})", rows,
          to_results=not args.no_append)
     print(json.dumps(rows, indent=1))

@@ -9,8 +9,9 @@ compared with; the mock server itself runs on this machine too (an asyncio sleep
 delivers can be a little later than set. Run in one sitting, contenders interleaved, --requests streamed
 requests at each concurrency:
 
-- pikeclient, default tracking: ``run.py llm=openai llm.stream=true load.concurrency=C`` (records'
-  ``ttft_s``, ``itl_s``);
+- pikeclient, its defaults (tracking with traces; ``load.workers`` chosen by pikeclient: one process at
+  these concurrencies): ``run.py llm=openai llm.stream=true load.concurrency=C`` (records' ``ttft_s``,
+  ``itl_s``);
 - GuideLLM 0.8.1: ``--profile kind=concurrent,streams=C``, streamed (``time_to_first_token_ms``,
   ``inter_token_latency_ms`` per request);
 - AIPerf 0.13: ``--streaming --concurrency C``, with the server's token counts (``time_to_first_token``,
