@@ -18,7 +18,7 @@ from pikeclient.run.load import build_strategy
 from pikeclient.run.workers import choose_workers, shares
 from pikeclient.testing.server import FakeLLMServer
 from tests.conftest import API_KEY, REPO, files_containing, mlflow_runs, run_py
-from tests.tracking.test_scaleout import ray_head  # noqa: F401 - the fixture: a Ray head on loopback
+from tests.tracking.test_scaleout import ray_head_node
 
 ENV = {"OPENAI_API_KEY": API_KEY}
 
@@ -183,8 +183,15 @@ def test_ctrl_c_with_workers_then_resume_calls_only_what_is_missing(tmp_path):
     assert mlflow_run["status"] == "FINISHED" and mlflow_run["tags"]["pikeclient.workers"] == "2"
 
 
-@pytest.mark.parametrize("ray_head", ["no_token"], indirect=True)
-def test_ray_workers_on_a_local_head_record_every_prompt_once(server, ray_head, tmp_path):  # noqa: F811
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray head on loopback for this test alone: stopped (by its process group) before the next test, so
+    that no second head runs beside the launcher tests' own."""
+    with ray_head_node(False, tmp_path / "ray-node") as node:
+        yield node
+
+
+def test_ray_workers_on_a_local_head_record_every_prompt_once(server, ray_head, tmp_path):
     dataset = write_dataset(tmp_path / "prompts.jsonl", 60)
     proc = run_py(*args(server, dataset, "load.concurrency=4", "load.backend=ray", "load.workers=2",
                         f"load.ray_address={ray_head.address}"),

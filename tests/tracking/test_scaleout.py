@@ -7,6 +7,8 @@ and a Ray head node. Jobs are ``run.py`` subprocesses against the loopback LLM s
 
 from __future__ import annotations
 
+import contextlib
+
 import glob
 import json
 import os
@@ -315,6 +317,13 @@ ONE_MACHINE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLE
 
 @pytest.fixture(scope="session", params=["token", "no_token"])
 def ray_head(request, tmp_path_factory) -> Iterator[RayNode]:
+    """A Ray head for this module's tests (see :func:`ray_head_node`)."""
+    with ray_head_node(request.param == "token", tmp_path_factory.mktemp("ray-node")) as node:
+        yield node
+
+
+@contextlib.contextmanager
+def ray_head_node(token_mode: bool, node_dir: Path) -> Iterator[RayNode]:
     """A Ray head node on loopback (its own process group, stopped here), started in its own folder.
 
     Ray 2.5x turns token authentication on for a head whose user has ``~/.ray/auth_token`` (written by
@@ -322,6 +331,7 @@ def ray_head(request, tmp_path_factory) -> Iterator[RayNode]:
     cluster are started here, each with a private HOME and temp folder: nothing earlier runs left in
     ``~/.ray`` or ``/tmp/ray`` is read.
     """
+    node_dir.mkdir(parents=True, exist_ok=True)
     ray = Path(sys.executable).with_name("ray")
     if not ray.exists():
         pytest.skip("Ray is not installed: pip install -e '.[team]'")
@@ -331,7 +341,7 @@ def ray_head(request, tmp_path_factory) -> Iterator[RayNode]:
     head_home, driver_home = temp / "head-home", temp / "driver-home"
     driver_home.mkdir(parents=True)
     driver_env = {**ONE_MACHINE, "HOME": str(driver_home), "RAY_TMPDIR": str(temp)}
-    if request.param == "token":  # as on a machine where Ray ran before; the driver joins as README says
+    if token_mode:  # as on a machine where Ray ran before; the driver joins as README says
         token = head_home / ".ray" / "auth_token"
         token.parent.mkdir(parents=True)
         token.write_text(secrets.token_hex(32))
@@ -348,7 +358,6 @@ def ray_head(request, tmp_path_factory) -> Iterator[RayNode]:
                f"--ray-client-server-port={free_port()}", f"--dashboard-port={free_port()}",
                f"--dashboard-agent-listen-port={free_port()}",
                "--min-worker-port=0", "--max-worker-port=0"]  # workers: ports the OS picks
-    node_dir = tmp_path_factory.mktemp("ray-node")
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
                                start_new_session=True, cwd=node_dir)
     try:
