@@ -255,9 +255,12 @@ class AioHTTPTransport(httpx2.AsyncBaseTransport):
             data: Any = request.content or None
         except httpx2.RequestNotRead:
             data = request.stream
+        url = request.url
+        if url.userinfo:  # httpx2 has made it the Basic header; httpcore, too, sends no user:key@ on the wire
+            url = url.copy_with(userinfo=b"")
         try:
             response = await session.request(
-                request.method, str(request.url), headers=request.headers.multi_items(), data=data,
+                request.method, str(url), headers=request.headers.multi_items(), data=data,
                 allow_redirects=False, auto_decompress=False, compress=False,  # httpx2 decodes, as with httpcore
                 timeout=aiohttp.ClientTimeout(total=None, connect=timeout.get("pool"),
                                               sock_connect=timeout.get("connect"), sock_read=timeout.get("read")))

@@ -200,10 +200,16 @@ def test_an_interrupted_replay_resumes_from_its_first_unsent_request(tmp_path):
         args = ("llm=openai", f"llm.base_url={server.url}/v1", "load=replay", f"load.trace={trace}",
                 "tracking.traces=false")
         first = _popen(args, tmp_path)
-        _wait_for(lambda: len(server.log) >= 4 or first.poll() is not None)
+        outputs = tmp_path / "runs" / "outputs"
+
+        def written() -> int:  # answered requests already in the records file (a line is flushed whole)
+            lines = [line for path in outputs.rglob("records.jsonl") for line in path.read_text().splitlines()]
+            return sum(json.loads(line)["error"] is None for line in lines if line.endswith("}"))
+
+        _wait_for(lambda: written() >= 4 or first.poll() is not None)
         first.send_signal(signal.SIGINT)
         first.communicate(timeout=120)
-        [path] = (tmp_path / "runs" / "outputs").rglob("records.jsonl")
+        [path] = outputs.rglob("records.jsonl")
         answered = {json.loads(line)["id"] for line in path.read_text().splitlines()
                     if json.loads(line)["error"] is None}
         mark = len(server.log)
