@@ -9,7 +9,7 @@ reading's alone.
 
     with capture(port, folder / "run.pcap"):
         ...  # the tool's run
-    wire = streams(folder / "run.pcap", port)  # [Stream(sent, first, last, tokens), ...]
+    wire = streams(folder / "run.pcap", port)  # [Stream(sent, first, last, tokens, request_id), ...]
 
 tcpdump (Debian's ``tcpdump``) needs root or CAP_NET_RAW; :func:`available` says whether it can run.
 """
@@ -29,18 +29,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _TOKEN = re.compile(rb'"content":\s*"(?:[^"\\]|\\.)')  # a delta that carries text (not a role-only one)
+_REQUEST_ID = re.compile(rb"(?i)\r\nx-request-id:\s*([!-~]+)")  # pikeclient names each request (core.request_id)
 _LINK_HEADER = {0: 4, 1: 14, 113: 16, 276: 20}  # null/loopback, Ethernet (Linux lo), Linux SLL, SLL2
 
 
 @dataclass(frozen=True)
 class Stream:
     """One streamed request on the wire (epoch seconds): its first byte out, the first and last packets
-    back that carried tokens, and how many tokens (events with text) came."""
+    back that carried tokens, how many tokens (events with text) came, and the request's id."""
 
     sent: float
     first: float
     last: float
     tokens: int
+    request_id: str | None = None  # its X-Request-Id header, where the client sent one
 
     @property
     def ttft_s(self) -> float:
@@ -123,18 +125,19 @@ def streams(path: Path, port: int) -> list[Stream]:
     arrival. Connections carry requests one after another (HTTP/1.1 keep-alive), so the packets back
     between two requests belong to the first.
     """
-    open_: dict[int, list] = {}  # client port -> [sent, first, last, tokens] of its request now
+    open_: dict[int, list] = {}  # client port -> [sent, first, last, tokens, request id] of its request now
     done: list[Stream] = []
 
     def close(state: list) -> None:
         if state[1] is not None:
-            done.append(Stream(state[0], state[1], state[2], state[3]))
+            done.append(Stream(*state))
 
     for stamp, source, destination, payload in packets(path):
         if destination == port and payload.startswith(b"POST "):
             if source in open_:
                 close(open_[source])
-            open_[source] = [stamp, None, None, 0]
+            named = _REQUEST_ID.search(payload)
+            open_[source] = [stamp, None, None, 0, named.group(1).decode() if named else None]
         elif source == port and destination in open_:
             tokens = len(_TOKEN.findall(payload))
             if tokens:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -24,28 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import REPO, write_prompts  # noqa: E402
 from bench._proctree import run_tree  # noqa: E402
-from bench._wire import _TOKEN, capture, packets  # noqa: E402
+from bench._wire import capture, streams  # noqa: E402
 from bench.bench_ttft_peers import mock_server  # noqa: E402
-
-REQUEST_ID = re.compile(rb"(?i)x-request-id:\s*([0-9a-f]+)")
-
-
-def wire_times(pcap: Path, port: int) -> dict[str, list]:
-    """Request id -> [first packet out, first packet back carrying a token]."""
-    wire: dict[str, list] = {}
-    current: dict[int, str] = {}
-    for stamp, source, destination, payload in packets(pcap):
-        if destination == port and payload.startswith(b"POST "):
-            found = REQUEST_ID.search(payload)
-            if found:
-                current[source] = found.group(1).decode()
-                wire[current[source]] = [stamp, None]
-        elif source == port and destination in current and _TOKEN.search(payload):
-            times = wire[current[destination]]
-            if times[1] is None:
-                times[1] = stamp
-    return wire
-
 
 def main() -> None:
     concurrency = int(sys.argv[1]) if len(sys.argv) > 1 else 64
@@ -60,18 +39,18 @@ def main() -> None:
                       f"dataset.path={write_prompts(folder / 'prompts.jsonl', 256)}",
                       f"load.concurrency={concurrency}", "experiment.warmup=0", f"paths.runs_dir={runs}", *overrides],
                      env, folder)
-        wire = wire_times(pcap, port)
+        wire = {stream.request_id: stream for stream in streams(pcap, port)}
         [records] = list((runs / "outputs").rglob("records.jsonl"))
         send, first, error = [], [], []
         for line in records.read_text().splitlines():
             record = json.loads(line)
-            times = wire.get(record["request_id"])
-            if not times or times[1] is None or record.get("ttft_s") is None:
+            stream = wire.get(record["request_id"])
+            if stream is None or record.get("ttft_s") is None:
                 continue
             sent = record["start_time"] + (record.get("send_delay_s") or 0.0)
-            send.append((sent - times[0]) * 1000)
-            first.append((sent + record["ttft_s"] - times[1]) * 1000)
-            error.append((record["ttft_s"] - (times[1] - times[0])) * 1000)
+            send.append((sent - stream.sent) * 1000)
+            first.append((sent + record["ttft_s"] - stream.first) * 1000)
+            error.append((record["ttft_s"] - stream.ttft_s) * 1000)
 
     def q(values: list[float]) -> str:
         return f"p50 {statistics.median(values):+.2f}, p90 {sorted(values)[int(len(values) * 0.9)]:+.2f} ms"
