@@ -1,18 +1,22 @@
 """The experiment's side of tracking: MLflow runs in a separate process, fed through a pipe.
 
 The experiment process never imports mlflow. Importing it (~1.5 s of CPU) happens while the
-experiment loads its prompts and client; opening the store (~0.8 s) and MLflow's ORM work per logged
-value happen on another core while the calls run, so tracking adds no GIL pauses to the latencies
-being measured. When the experiment process
+experiment loads its prompts and client; opening the store (~0.8 s) happens in parallel, and the calls'
+series and traces are written there at idle CPU priority while the calls run (see
+``pikeclient.tracking.process.Background``), so tracking adds no GIL pauses to the latencies being
+measured and takes no CPU a call wants. Messages go out through a thread of this process, never
+holding up its event loop. When the experiment process
 dies (even by SIGKILL), the sidecar sees its pipe close and marks the run KILLED.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -61,6 +65,13 @@ class TrackingSidecar:
         self.run_id: str | None = None
         self.pending: list[tuple[dict[str, Any], Any]] = []
         self.closed = False
+        # Messages go out through a thread of their own: the tracking process writes in batches and is
+        # niced while the calls run, so its socket may be full a while; the experiment's event loop
+        # must never wait for it (a blocked send made every request due then late).
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.send_error: BaseException | None = None
+        self.sender = threading.Thread(target=self._send_all, name="tracking-sender", daemon=True)
+        self.sender.start()
 
     def start(self, setup: Mapping[str, Any]) -> None:
         """Open the store and the experiment described by ``setup``; the run itself comes with ``begin``."""
@@ -120,9 +131,11 @@ class TrackingSidecar:
         try:
             self._flush()
             self._send(("end", status))
-        except ConfigError:  # the tracking process died: end its run from a fresh one
-            self._end_from_outside(status)
+        except ConfigError:
+            pass
         self._close()
+        if self.send_error is not None:  # the tracking process died: end its run from a fresh one
+            self._end_from_outside(status)
 
     def _end_from_outside(self, status: str) -> None:
         if self.run_id is None:
@@ -139,10 +152,17 @@ class TrackingSidecar:
             self.pending = []
 
     def _send(self, message: tuple) -> None:
-        try:
-            self.conn.send(message)
-        except (OSError, BrokenPipeError) as error:
-            raise ConfigError(f"the tracking process stopped: {self._exit_reason()}") from error
+        if self.send_error is not None:
+            raise ConfigError(f"the tracking process stopped: {self._exit_reason()}") from self.send_error
+        self.outbox.put(message)
+
+    def _send_all(self) -> None:
+        while (message := self.outbox.get()) is not None:
+            if self.send_error is None:  # after a failure, what is left is dropped
+                try:
+                    self.conn.send(message)
+                except (OSError, BrokenPipeError) as error:
+                    self.send_error = error
 
     def _expect(self, expected: str) -> Any:
         kind, value = self._recv()
@@ -169,6 +189,8 @@ class TrackingSidecar:
 
     def _close(self, wait: bool = True) -> None:
         self.closed = True
+        self.outbox.put(None)  # what is queued is sent first
+        self.sender.join(60)
         self.conn.close()
         if not wait:
             return  # subprocess reaps it once it has exited

@@ -1,8 +1,14 @@
 """The tracking process as the experiment drives it (TrackingSidecar): calls reach the store while the run
 goes on, and what the process cost comes back with the finished run."""
 
+import contextlib
 import json
+import os
+import signal
+import sys
+import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -73,3 +79,53 @@ def test_finish_says_what_the_tracking_process_cost(sidecar, tmp_path):
     assert finished.run_id == tracking.run_id and finished.cpu_s > 0.5 and 0 < finished.calls_cpu_s < finished.cpu_s
     metrics = client.get_run(finished.run_id).data.metrics
     assert metrics[METRIC_CPU] == pytest.approx(finished.cpu_s) and metrics[METRIC_CALLS_CPU] == finished.calls_cpu_s
+
+
+def test_a_stopped_tracking_process_never_holds_up_the_experiment(sidecar, tmp_path):
+    """The experiment's sends go through a thread of its own: with the tracking process frozen (SIGSTOP),
+    calls worth a hundred times a socket's buffer are queued without waiting, and all reach the store
+    once it runs again."""
+    tracking, client = sidecar
+    tracking.begin(time.time())
+    tracking._expect("run")
+    big = SimpleNamespace(messages=[{"role": "user", "content": "x" * 10_000}])
+    records = [record(n) for n in range(2_000)]  # 20 MB of messages
+    os.kill(tracking.process.pid, signal.SIGSTOP)
+    try:
+        adding = threading.Thread(target=lambda: [tracking.add(r, big) for r in records], daemon=True)
+        adding.start()
+        adding.join(120)  # a hang guard: a blocked send would wait here until the process runs again
+        assert not adding.is_alive(), "add() waited for the stopped tracking process"
+    finally:
+        os.kill(tracking.process.pid, signal.SIGCONT)
+    finish(tracking, tmp_path, records)
+    assert len(client.get_metric_history(tracking.run_id, SERIES_LATENCY)) == 2_000
+    assert client.get_run(tracking.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is Linux's")
+def test_the_calls_are_written_at_idle_priority_and_the_rest_at_normal(sidecar, tmp_path):
+    """While the calls run, the thread writing them is SCHED_IDLE (it takes no CPU a call wants); the
+    process's main thread, which finishes the run, keeps the normal policy."""
+    tracking, client = sidecar
+    tracking.begin(time.time())
+    tracking._expect("run")
+    pid = tracking.process.pid
+
+    def policies():  # field 41 of /proc/PID/task/TID/stat: 0 SCHED_OTHER, 5 SCHED_IDLE
+        found = {}
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                found[int(task.name)] = int((task / "stat").read_text().rsplit(")", 1)[1].split()[38])
+        return found
+
+    deadline = time.monotonic() + 30
+    while 5 not in policies().values():
+        assert time.monotonic() < deadline, policies()
+        time.sleep(0.1)
+    assert policies()[pid] == 0
+    records = [record(n) for n in range(300)]
+    for r in records:
+        tracking.add(r, SimpleNamespace(messages=MESSAGES))
+    finish(tracking, tmp_path, records)
+    assert len(client.get_metric_history(tracking.run_id, SERIES_LATENCY)) == 300
