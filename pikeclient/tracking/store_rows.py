@@ -25,8 +25,9 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
+from operator import itemgetter
 from typing import Any
 
 import mlflow
@@ -67,7 +68,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_ARTIFACT_LOCATION
 from mlflow.utils.time import get_current_time_millis
 from mlflow.utils.uri import append_to_uri_path
 from mlflow.utils.validation import _validate_metric
-from sqlalchemy import insert, select, update
+from sqlalchemy import Table, insert, select, update
 
 # MLflow minor versions whose log_spans and log_batch were read and whose rows tests/tracking/test_store_rows.py
 # matches.
@@ -124,10 +125,10 @@ class TraceRows:
             links.append({"association_id": uuid.uuid4().hex, "source_type": "trace", "source_id": trace_id,
                           "destination_type": "run", "destination_id": self.run_id, "created_time": now})
         with self.store.ManagedSessionMaker(read_only=False) as session:
-            session.execute(insert(SqlTraceInfo.__table__), infos)
-            session.execute(insert(SqlTraceTag.__table__), tags)
-            session.execute(insert(SqlSpan.__table__), rows)
-            session.execute(insert(SqlEntityAssociation.__table__), links)
+            _insert(session, SqlTraceInfo.__table__, infos)
+            _insert(session, SqlTraceTag.__table__, tags)
+            _insert(session, SqlSpan.__table__, rows)
+            _insert(session, SqlEntityAssociation.__table__, links)
 
     def _check(self, span: Mapping[str, Any], content: Mapping[str, Any]) -> None:
         expected = translate_span_when_storing(Span.from_dict(dict(span)))
@@ -206,7 +207,7 @@ class SeriesRows:
             stage = session.execute(select(SqlRun.lifecycle_stage).where(SqlRun.run_uuid == self.run_id)).scalar()
             if stage != LifecycleStage.ACTIVE:
                 raise MlflowException(f"The run {self.run_id} must be in the 'active' state. Current state is {stage}.")
-            session.execute(insert(SqlMetric.__table__), rows)
+            _insert(session, SqlMetric.__table__, rows)
             table = SqlLatestMetric.__table__
             stored = {row.key: row for row in session.execute(
                 select(table.c.key, table.c.step, table.c.timestamp, table.c.value)
@@ -219,6 +220,28 @@ class SeriesRows:
                     session.execute(update(table).where(table.c.run_uuid == self.run_id, table.c.key == key)
                                     .values(value=row["value"], step=row["step"], timestamp=row["timestamp"],
                                             is_nan=row["is_nan"]))
+
+
+def _insert(session: Any, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert ``rows`` (each with the same keys, every column that has a default among them) through the
+    driver's executemany, with the statement SQLAlchemy compiles for them: its own executemany builds and
+    processes a parameter dict per row, two thirds of the time these inserts took."""
+    if not rows:
+        return
+    connection = session.connection()
+    statement, values = _statement(connection.dialect, table, tuple(rows[0]))
+    connection.exec_driver_sql(statement, [values(row) for row in rows])
+
+
+@lru_cache(maxsize=64)
+def _statement(dialect: Any, table: Table, keys: tuple[str, ...]) -> tuple[str, Callable[[Mapping], tuple]]:
+    """The INSERT SQLAlchemy runs for rows with these keys, and what makes a row its parameters."""
+    compiled = insert(table).compile(dialect=dialect, column_keys=list(keys))
+    names = tuple(compiled.positiontup or ())
+    if not compiled.positional or set(names) != set(keys):  # a default left to SQLAlchemy, or named parameters
+        raise ValueError(f"rows for {table.name} must give every column SQLAlchemy sets: {sorted(names)}")
+    pick = itemgetter(*names)
+    return str(compiled), (pick if len(names) > 1 else lambda row: (pick(row),))
 
 
 def _order(row: Mapping[str, Any]) -> tuple[int, int, float]:
