@@ -28,7 +28,7 @@ from pikeclient.core.request_id import request_id
 from pikeclient.core.types import ChatResult, Message
 from pikeclient.run.cache import ResponseCache, cache_key, request_digest
 from pikeclient.run.dataset import PromptItem
-from pikeclient.run.headroom import Behind, CpuMeter, InFlight, LoopLag
+from pikeclient.run.headroom import Behind, CpuMeter, InFlight, LoopLag, settle_heap
 from pikeclient.run.load import Concurrency, Limit, Strategy
 from pikeclient.run.redact import Redactor
 from pikeclient.run.resume import Earlier
@@ -93,6 +93,7 @@ async def run_prompts(
             stats.warmup_calls = await pool.warm_up(warmup)
         else:
             stats.warmup_calls = await warm_up(client, prompts, warmup, strategy.max_in_flight)
+        settle_heap()
         stats.start_time = time.time()
         if on_begin is not None:
             on_begin(stats.start_time)

@@ -6,7 +6,7 @@ statistics, the limits and the MLflow run; N workers (:mod:`pikeclient.run.worke
 event loop, client and connection pool, make the calls:
 
 - open loop (``constant``, ``poisson``, ``replay``): this process walks the schedule and hands each
-  request, with the time it is due, to the worker with the fewest calls out, a little ahead of time
+  request, with the time it is due, to each worker in turn (``_next_link``), a little ahead of time
   (``LOOKAHEAD_S``); the worker sends it when it is due and measures its dispatch delay against that
   same schedule; ``max_in_flight`` is split between the workers;
 - closed loop (``concurrency``): the concurrency is split between the workers, each kept supplied with
@@ -155,6 +155,7 @@ class WorkerPool:
 
     LOOKAHEAD_S = 0.05  # an open loop's requests reach their worker this long before they are due
     TICK_S = 0.01  # the schedule is handed out at most this often
+    BEHIND = 256  # an open loop skips a worker with this many more calls out than the least busy one
     KILL_AFTER_S = 15.0  # after Ctrl-C, a worker that has not reported by then is killed
 
     def __init__(self, links: list[_Link], plan: WorkerPlan, prompts: Sequence[PromptItem], open_loop: bool,
@@ -165,6 +166,7 @@ class WorkerPool:
         self.todo: Iterator[tuple[int, PromptItem]] = iter(())
         self.exhausted = False
         self.stopped = False
+        self.turn = -1  # the worker an open loop handed its last request to
         self.closer: Any = None  # Ray: what ends the actors
 
     @classmethod
@@ -249,7 +251,7 @@ class WorkerPool:
         await asyncio.gather(*readers)
 
     async def _hand_out(self, pairs: Iterable[tuple[tuple[int, PromptItem], float]]) -> None:
-        """An open loop's schedule, each request to the least busy worker ``LOOKAHEAD_S`` before it is due."""
+        """An open loop's schedule, each request to the next worker ``LOOKAHEAD_S`` before it is due."""
         calls = self.calls
         for (index, _item), offset in pairs:
             if self._stopping() or not all(limit.allows(calls.sent, offset) for limit in calls.limits):
@@ -260,11 +262,20 @@ class WorkerPool:
                 await asyncio.sleep(max(ahead, self.TICK_S))
                 if self._stopping():
                     break
-            link = min(self.links, key=_outstanding)
+            link = self._next_link()
             link.give(index, offset)
             calls.sent += 1
         self._flush_all()
         self._end_all()
+
+    def _next_link(self) -> _Link:
+        """An open loop's next worker: each in turn, so that each sends an even share of the schedule (the
+        one with the fewest calls out took every request while the other's records were on their way,
+        then sent at twice its share); one far behind the others (``BEHIND`` calls more out) is skipped."""
+        self.turn = (self.turn + 1) % len(self.links)
+        link = self.links[self.turn]
+        fewest = min(self.links, key=_outstanding)
+        return fewest if link.outstanding - fewest.outstanding > self.BEHIND else link
 
     def _top_up(self, link: _Link) -> None:
         """A closed loop: keep ``link`` supplied (its slots busy and as many prompts queued behind them)."""
