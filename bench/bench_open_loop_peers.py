@@ -143,12 +143,13 @@ def target(outcomes: list[Outcome], rate: float) -> str:
 
 
 def main() -> None:
-    args = command_line(__doc__, rates="500,1000,2000", duration=20.0, repeats=1).parse_args()
+    args = command_line(__doc__, rates="500,1000,2000", duration=20.0, repeats=1, only="").parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     rows = [("server", "nginx, fixed plain JSON answer"),
             ("each run", f"rate x {args.duration:g} s requests, offered on an even schedule")]
     with nginx_server() as url, tempfile.TemporaryDirectory() as tmp:
-        runs = contenders(url, Path(tmp), timeout=10 * args.duration + 300)
+        runs = {name: run for name, run in contenders(url, Path(tmp), timeout=10 * args.duration + 300).items()
+                if args.only.lower() in name.lower()}  # --only: the contenders whose name holds this text
         for rate in rates:
             n = round(rate * args.duration)
             samples: dict[str, list[Outcome]] = {name: [] for name in runs}
