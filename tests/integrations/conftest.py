@@ -99,12 +99,17 @@ def tracked_run(runs_dir: Path, run_id: str | None = None) -> Any:
 
 def ended_run(runs_dir: Path, timeout: float = 60.0) -> Any:
     """The one run, once it has ended: after a SIGTERM its tracking process ends it, a moment after the
-    workflow's process is gone."""
+    workflow's process is gone (and creates it first if the calls left it no CPU to do so before)."""
     deadline = time.monotonic() + timeout
     while True:
-        run = tracked_run(runs_dir)
-        if run.info.status != "RUNNING" or time.monotonic() > deadline:
-            return run
+        try:
+            run = tracked_run(runs_dir)
+        except AssertionError:  # not created yet
+            if time.monotonic() > deadline:
+                raise
+        else:
+            if run.info.status != "RUNNING" or time.monotonic() > deadline:
+                return run
         time.sleep(0.2)
 
 
