@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import gc
 import json
 import logging
@@ -589,9 +588,10 @@ def sidecar_main(conn: Any) -> None:
                 continue
             if message is None:  # the experiment process is gone
                 break
-            if message[0] == "begin":  # the run is created by the writer, on CPU the calls leave over
-                writer = Background(conn, functools.partial(_begin, client, experiment_id, setup, outage,
-                                                            start_time_ms=message[1]))
+            if message[0] == "begin":  # created at once: a resume after a kill finds the run and its run.json
+                run, calls = _begin(client, experiment_id, setup, outage, start_time_ms=message[1])
+                writer = Background(calls)
+                _answer(conn, "run", run.run_id)
             elif message[0] == "calls":
                 buffer.extend(message[1])
                 if len(buffer) >= WRITE_BATCH:
@@ -599,18 +599,16 @@ def sidecar_main(conn: Any) -> None:
                     buffer, written = [], time.monotonic()
             elif message[0] == "assessments":
                 scored.extend(message[1])
-                if writer is not None:  # every call is written first: its trace is there for its scores
-                    run, calls, left = writer.stop()
-                    calls.write(left + buffer)
+                if run is not None:  # every call is written first: its trace is there for its scores
+                    calls.write(writer.stop() + buffer)
                     buffer = []
                     _assess(run, calls, setup, scored)
                     scored = []
             elif message[0] == "finish":
-                if writer is None:  # no measured part (every prompt was answered before): still one run
-                    writer = Background(conn, functools.partial(_begin, client, experiment_id, setup, outage,
-                                                                start_time_ms=message[3]), start=False)
-                run, calls, left = writer.stop()
-                calls.write(left + buffer)  # the rest, at this thread's priority
+                if run is None:  # no measured part (every prompt was answered before): still one run
+                    run, calls = _begin(client, experiment_id, setup, outage, start_time_ms=message[3])
+                    _answer(conn, "run", run.run_id)
+                calls.write((writer.stop() if writer else []) + buffer)  # the rest, at this thread's priority
                 buffer = []
                 calls.close()
                 _assess(run, calls, setup, scored)
@@ -632,46 +630,39 @@ def sidecar_main(conn: Any) -> None:
         _answer(conn, "error", one_line(error))
         inbox.read_to_the_end()
     finally:
-        if writer is not None and status != "ENDED":
-            run, calls, left = writer.stop(raise_error=False)
-            if run is not None:
-                with contextlib.suppress(Exception):
-                    calls.write(left + buffer)  # what arrived before a failure or a kill is still logged
-                    calls.close()
-                run.end(status)
+        if run is not None and status != "ENDED":
+            with contextlib.suppress(Exception):
+                # what arrived before a failure or a kill is still logged
+                calls.write((writer.stop(raise_error=False) if writer else []) + buffer)
+                calls.close()
+            run.end(status)
 
 
 class Background:
-    """Creates the run (``begin``: answered ``run`` on ``conn``), then writes batches of calls
-    (``CallLogger.write``), in a thread of its own at the lowest CPU priority, while the calls run.
+    """Writes batches of calls (``CallLogger.write``) in a thread of its own, at the lowest CPU priority,
+    while the calls run.
 
-    Series and traces cost this process about 0.2 ms of CPU a call, and creating the run (params,
-    dataset) a few hundred milliseconds as the calls start; at 1,000 calls a second on two cores that
-    was CPU the calls' workers lacked (dispatch delay p99 of 50-200 ms). At idle priority
-    (``SCHED_IDLE``, where the OS has it) this work uses only CPU no other process wants: the calls
+    Series and traces cost this process about 0.2 ms of CPU a call; at 1,000 calls a second on two
+    cores that was CPU the calls' workers lacked (dispatch delay p99 of 50-200 ms). At idle priority
+    (``SCHED_IDLE``, where the OS has it) the writing uses only CPU no other process wants: the calls
     keep their timing, and where they fill the machine it is done after them. A lowered thread cannot be
-    raised again: ``stop`` waits for the step under way (the run's creation, or one ``CHUNK`` of
-    calls), then the rest is written by the caller at normal priority. ``start=False``: everything
-    happens in ``stop``, in the caller's thread.
+    raised again: ``stop`` waits for the chunk under way (``CHUNK`` calls, one transaction) and hands back
+    the rest, for the caller to write at normal priority.
     """
 
-    CHUNK = 250  # calls per transaction: a stop waits for at most one chunk
+    CHUNK = 250
 
-    def __init__(self, conn: Any, begin: Any, start: bool = True) -> None:
-        self.conn = conn
-        self.begin = begin
-        self.run: MlflowRun | None = None
-        self.calls: CallLogger | None = None
+    def __init__(self, calls: CallLogger) -> None:
+        self.calls = calls
         self.batches: queue.SimpleQueue = queue.SimpleQueue()
         self.left: list = []  # not written when told to stop
         self.stopping = False
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._work, name="tracking-writer", daemon=True) if start else None
-        if self.thread is not None:
-            self.thread.start()
+        self.thread = threading.Thread(target=self._write, name="tracking-writer", daemon=True)
+        self.thread.start()
 
     def put(self, batch: list) -> None:
-        """Write ``batch`` when there is CPU to spare; raises what made the run's creation or a write fail."""
+        """Write ``batch`` when there is CPU to spare; raises what made an earlier write fail."""
         if self.error is not None:
             raise self.error
         if self.stopping:  # calls after the scores (a rerun's last ones): written now, at normal priority
@@ -679,35 +670,19 @@ class Background:
         else:
             self.batches.put(batch)
 
-    def stop(self, raise_error: bool = True) -> tuple[MlflowRun | None, CallLogger | None, list]:
-        """Wait for the step under way; returns the run, its CallLogger and the calls not written yet (in
-        order). The run is created here if the thread had not done it (its creation failed: raised)."""
+    def stop(self, raise_error: bool = True) -> list:
+        """Wait for the chunk under way; returns the calls not written yet (in order)."""
         if not self.stopping:
             self.stopping = True
             self.batches.put(None)
-            if self.thread is not None:
-                self.thread.join()
-            if self.run is None and self.error is None:
-                self._begin()
-        while (batch := self.batches.get_nowait() if not self.batches.empty() else None) is not None:
-            self.left.extend(batch)
+            self.thread.join()
         left, self.left = self.left, []
         if self.error is not None and raise_error:
             raise self.error
-        return self.run, self.calls, left
+        return left
 
-    def _begin(self) -> None:
-        try:
-            self.run, self.calls = self.begin()
-        except Exception as error:  # noqa: BLE001 - raised in the main thread (put, stop)
-            self.error = error
-            return
-        _answer(self.conn, "run", self.run.run_id)
-
-    def _work(self) -> None:
+    def _write(self) -> None:
         lowest_priority()
-        if not self.stopping:
-            self._begin()
         while (batch := self.batches.get()) is not None:
             for start in range(0, len(batch), self.CHUNK):
                 if self.stopping or self.error is not None:

@@ -65,9 +65,10 @@ class TrackingSidecar:
         self.run_id: str | None = None
         self.pending: list[tuple[dict[str, Any], Any]] = []
         self.closed = False
-        # Messages go out through a thread of their own: the tracking process writes in batches and is
-        # niced while the calls run, so its socket may be full a while; the experiment's event loop
-        # must never wait for it (a blocked send made every request due then late).
+        # The calls go out through a thread of their own: the tracking process writes in batches, at idle
+        # priority, so its socket may be full a while; the experiment's event loop must never wait for it
+        # (a blocked send made every request due then late). Every other message is sent at once, after
+        # the calls queued before it, so that a process killed right after still told it (``begin``).
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.send_error: BaseException | None = None
         self.sender = threading.Thread(target=self._send_all, name="tracking-sender", daemon=True)
@@ -148,17 +149,31 @@ class TrackingSidecar:
 
     def _flush(self) -> None:
         if self.pending:
-            self._send(("calls", self.pending))
+            self._check_sent()
+            self.outbox.put(("calls", self.pending))
             self.pending = []
 
     def _send(self, message: tuple) -> None:
+        """``message`` sent now, after the calls queued before it."""
+        sent = threading.Event()
+        self.outbox.put(sent)
+        sent.wait()  # the sender has sent everything before it, and sends nothing until more is queued
+        self._check_sent()
+        try:
+            self.conn.send(message)
+        except (OSError, BrokenPipeError) as error:
+            self.send_error = error
+            self._check_sent()
+
+    def _check_sent(self) -> None:
         if self.send_error is not None:
             raise ConfigError(f"the tracking process stopped: {self._exit_reason()}") from self.send_error
-        self.outbox.put(message)
 
     def _send_all(self) -> None:
         while (message := self.outbox.get()) is not None:
-            if self.send_error is None:  # after a failure, what is left is dropped
+            if isinstance(message, threading.Event):
+                message.set()
+            elif self.send_error is None:  # after a failure, what is left is dropped
                 try:
                     self.conn.send(message)
                 except (OSError, BrokenPipeError) as error:
