@@ -99,7 +99,7 @@ def tracked_run(runs_dir: Path, run_id: str | None = None) -> Any:
 
 def ended_run(runs_dir: Path, timeout: float = 60.0) -> Any:
     """The one run, once it has ended: after a SIGTERM its tracking process ends it, a moment after the
-    workflow's process is gone (and creates it first if the calls left it no CPU to do so before)."""
+    workflow's process is gone (and creates it first if the workflow died before its ``begin`` was read)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
