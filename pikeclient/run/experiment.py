@@ -139,7 +139,8 @@ def _run(settings: RunSettings, output_dir: Path, hydra_info: dict[str, Any], tr
             stats = asyncio.run(run_prompts(
                 client, prompts, settings.strategy, sink,
                 on_record=on_record, cache=cache, fail_fast=experiment.fail_fast,
-                warmup=warmup, earlier=earlier, on_begin=on_begin, redactor=redactor,
+                warmup=warmup, earlier=earlier, before_start=tracking.open_run if tracking else None,
+                on_begin=on_begin, redactor=redactor,
                 limits=settings.limits, slo=settings.slo, workers=worker_plan(settings, client),
                 stop_when_behind=experiment.stop_when_behind))
         if scraper is not None:  # the counters' last values, then the server's series on the run's time axis

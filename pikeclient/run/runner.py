@@ -66,6 +66,7 @@ async def run_prompts(
     fail_fast: bool = False,
     warmup: int = 0,
     earlier: Earlier | None = None,
+    before_start: Callable[[], None] | None = None,
     on_begin: Callable[[float], None] | None = None,
     redactor: Redactor | None = None,
     limits: Sequence[Limit] = (),
@@ -77,8 +78,10 @@ async def run_prompts(
 
     ``load`` is a strategy from ``pikeclient.run.load`` (an int means that many workers in a closed loop).
     ``warmup`` calls go first and are discarded. Prompts answered in ``earlier`` are not called again;
-    ``limits`` end the sending early. An authentication error stops the run (every further call would
-    fail the same way), and so does any error retrying cannot fix when ``fail_fast`` is set. With
+    ``limits`` end the sending early. ``before_start`` runs after the warm-up, before the clock starts;
+    ``on_begin`` gets the measured start (epoch seconds). An authentication error stops the run (every
+    further call would fail the same way), and so does any error retrying cannot fix when ``fail_fast``
+    is set. With
     ``workers`` (more than one), the calls are made in worker processes under this one's schedule
     (``pikeclient.run.workers``); records, statistics and limits stay here.
     """
@@ -93,6 +96,8 @@ async def run_prompts(
             stats.warmup_calls = await pool.warm_up(warmup)
         else:
             stats.warmup_calls = await warm_up(client, prompts, warmup, strategy.max_in_flight)
+        if before_start is not None:  # record keeping set up now (the MLflow run): none of its work while measuring
+            before_start()
         settle_heap()
         stats.start_time = time.time()
         if on_begin is not None:
