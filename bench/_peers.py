@@ -60,6 +60,7 @@ class Call:
     ttft_s: float | None = None
     itl_s: float | None = None
     dispatch_s: float | None = None
+    request_id: str | None = None  # the id the request carried on the wire (X-Request-Id), where the tool sets one
 
 
 # --- GuideLLM ---------------------------------------------------------------------------------------
@@ -120,7 +121,7 @@ def read_aiperf(out: Path) -> list[Call]:
             continue
         calls.append(Call(meta["request_start_ns"] / 1e9, meta["request_end_ns"] / 1e9,
                           ms(value(metrics.get("time_to_first_token"))),
-                          ms(value(metrics.get("inter_token_latency")))))
+                          ms(value(metrics.get("inter_token_latency"))), request_id=meta.get("x_request_id")))
     return calls
 
 
@@ -149,7 +150,7 @@ def read_records(runs_dir: Path) -> list[Call]:
         r = json.loads(line)
         if r.get("error") is None:
             calls.append(Call(r["start_time"], r["end_time"], r.get("ttft_s"), r.get("itl_s"),
-                              r.get("dispatch_delay_s")))
+                              r.get("dispatch_delay_s"), r.get("request_id")))
     return calls
 
 

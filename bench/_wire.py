@@ -9,13 +9,15 @@ reading's alone.
 
     with capture(port, folder / "run.pcap"):
         ...  # the tool's run
-    wire = streams(folder / "run.pcap", port)  # [Stream(sent, first, last, tokens, request_id), ...]
+    wire = streams(folder / "run.pcap", port)  # [Stream(sent, first, last, tokens, request_id, reused), ...]
+    pairs = match(calls, wire)  # each call (bench._peers.Call) with its request on the wire
 
 tcpdump (Debian's ``tcpdump``) needs root or CAP_NET_RAW; :func:`available` says whether it can run.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import re
@@ -43,6 +45,7 @@ class Stream:
     last: float
     tokens: int
     request_id: str | None = None  # its X-Request-Id header, where the client sent one
+    reused: bool = False  # a later request on its connection: the tool's send stamp came after the connect
 
     @property
     def ttft_s(self) -> float:
@@ -125,7 +128,7 @@ def streams(path: Path, port: int) -> list[Stream]:
     arrival. Connections carry requests one after another (HTTP/1.1 keep-alive), so the packets back
     between two requests belong to the first.
     """
-    open_: dict[int, list] = {}  # client port -> [sent, first, last, tokens, request id] of its request now
+    open_: dict[int, list] = {}  # client port -> [sent, first, last, tokens, request id, reused] of its request now
     done: list[Stream] = []
 
     def close(state: list) -> None:
@@ -134,10 +137,11 @@ def streams(path: Path, port: int) -> list[Stream]:
 
     for stamp, source, destination, payload in packets(path):
         if destination == port and payload.startswith(b"POST "):
-            if source in open_:
+            reused = source in open_
+            if reused:
                 close(open_[source])
             named = _REQUEST_ID.search(payload)
-            open_[source] = [stamp, None, None, 0, named.group(1).decode() if named else None]
+            open_[source] = [stamp, None, None, 0, named.group(1).decode() if named else None, reused]
         elif source == port and destination in open_:
             tokens = len(_TOKEN.findall(payload))
             if tokens:
@@ -149,3 +153,41 @@ def streams(path: Path, port: int) -> list[Stream]:
     for state in open_.values():
         close(state)
     return done
+
+
+def match(calls: list, wire: list[Stream]) -> list[tuple]:
+    """Each call (``bench._peers.Call``: ``start``, ``ttft_s``, ``request_id``) with its request on the
+    wire: by request id where both carry one (pikeclient's ``X-Request-Id``, AIPerf's ``X-Request-ID``),
+    else the stream whose send and first token lie nearest the call's (GuideLLM names no request),
+    nearest pairs first. Calls without a TTFT or without a stream left are not in the result."""
+    by_id = {stream.request_id: stream for stream in wire if stream.request_id}
+    pairs, left = [], []
+    for call in calls:
+        if call.ttft_s is None:
+            continue
+        stream = by_id.pop(call.request_id, None) if call.request_id else None
+        if stream is not None:
+            pairs.append((call, stream))
+        else:
+            left.append(call)
+    if not left:
+        return pairs
+    named = {id(stream) for _, stream in pairs}
+    free = sorted((stream for stream in wire if id(stream) not in named), key=lambda stream: stream.sent)
+    sends = [stream.sent for stream in free]
+    window = 128  # sends within a few ms of each other at most a concurrency apart
+    candidates = []
+    for i, call in enumerate(left):
+        at = bisect.bisect_left(sends, call.start)
+        for j in range(max(0, at - window), min(len(free), at + window)):
+            stream = free[j]
+            cost = abs(stream.sent - call.start) + abs(stream.first - (call.start + call.ttft_s))
+            candidates.append((cost, i, j))
+    candidates.sort()
+    taken_calls, taken_streams = set(), set()
+    for _, i, j in candidates:
+        if i not in taken_calls and j not in taken_streams:
+            taken_calls.add(i)
+            taken_streams.add(j)
+            pairs.append((left[i], free[j]))
+    return pairs

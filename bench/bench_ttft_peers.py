@@ -3,8 +3,9 @@
     python bench/bench_ttft_peers.py [--requests 256] [--concurrencies 8,64] [--repeats 3] [--no-append]
 
 As root with tcpdump installed (apt-get install tcpdump), each run is also captured on loopback (bench/_wire.py)
-and every tool's TTFT and ITL p50 are compared with the same requests' on the wire: the reading's own error,
-apart from what the load did to the server.
+and every tool's TTFT is compared with the same request's on the wire (matched by request id, or by time
+for GuideLLM, which names none): the reading's own error, apart from what the load did to the server.
+Each connection's first request is reported apart (a tool's send stamp there comes before the connect).
 
 The server is ``guidellm mock-server --ttft-ms 100 --itl-ms 10 --output-tokens 50`` (GuideLLM 0.8.1, in
 its own virtual environment; started here and stopped by its process id): every streamed answer's first
@@ -51,7 +52,7 @@ from bench._peers import (Call, aiperf_command, aiperf_prompts, guidellm_command
                           read_aiperf, read_guidellm, read_raw, read_records, tiny_tokenizer)
 from bench._proctree import CommandFailed, run_tree  # noqa: E402
 from bench._wire import available as wire_available  # noqa: E402
-from bench._wire import capture, streams  # noqa: E402
+from bench._wire import capture, match, streams  # noqa: E402
 from bench._report import command_line, emit  # noqa: E402
 
 TTFT_MS, ITL_MS, OUTPUT_TOKENS = 100, 10, 50
@@ -127,18 +128,32 @@ def contenders(url: str, folder: Path) -> dict[str, Run]:
             "raw AsyncOpenAI + semaphore (reference)": raw}
 
 
-Sample = tuple[float, ...]  # TTFT p50, ITL p50 (s), mean in flight, nearest other send p50 (s)[, wire TTFT, ITL p50]
+Sample = tuple[float, ...]  # TTFT p50, ITL p50 (s), mean in flight, nearest other send p50 (s)[, wire figures]
 
 
-def on_the_wire(sample: Sample, capture: Path | None, port: int) -> Sample:
-    """``sample`` and, from the run's packet capture, the same requests' TTFT p50 and ITL p50 on the wire."""
+def on_the_wire(sample: Sample, calls: list[Call], capture: Path | None, port: int) -> Sample:
+    """``sample`` and, from the run's packet capture, the same requests' TTFT p50 and ITL p50 on the wire,
+    then the reading's own error request by request (bench._wire.match: the tool's TTFT minus the same
+    request's on the wire): p50 over all requests, over those sent on a connection already open, and over
+    each connection's first request (whose reading may hold the connect), with how many those were."""
     if capture is None:
         return sample
     wire = streams(capture, port)
     itls = [w.itl_s for w in wire if w.itl_s is not None]
     if not wire or not itls:
         raise CommandFailed(f"the capture holds {len(wire)} streamed requests")
-    return (*sample, statistics.median(w.ttft_s for w in wire), statistics.median(itls))
+    pairs = match(calls, wire)
+    if len(pairs) < len(calls) * 0.9:
+        raise CommandFailed(f"only {len(pairs)} of {len(calls)} calls matched to the capture")
+    errors = [(call.ttft_s - stream.ttft_s, stream.reused) for call, stream in pairs]
+    later = [error for error, reused in errors if reused]
+    first = [error for error, reused in errors if not reused]
+    return (*sample, statistics.median(w.ttft_s for w in wire), statistics.median(itls),
+            statistics.median(error for error, _ in errors), median_or_nan(later), median_or_nan(first), len(first))
+
+
+def median_or_nan(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
 
 
 def medians(calls: list[Call], n: int) -> Sample:
@@ -164,14 +179,17 @@ def describe(ttft: float, itl: float, in_flight: float, nearest: float, *wire: f
             f"({itl * 1000 / ITL_MS - 1:+.2%}); {in_flight:.1f} in flight, sends {nearest * 1000:.2f} ms from the "
             "nearest other (p50)")
     if wire:
-        text += (f"; on the wire TTFT p50 {wire[0] * 1000:.2f} ms (read {(ttft - wire[0]) * 1000:+.2f} ms), ITL p50 "
-                 f"{wire[1] * 1000:.3f} ms (read {(itl - wire[1]) * 1000:+.3f} ms)")
+        text += (f"; on the wire TTFT p50 {wire[0] * 1000:.2f} ms, ITL p50 {wire[1] * 1000:.3f} ms (read "
+                 f"{(itl - wire[1]) * 1000:+.3f} ms); TTFT read minus the wire, request by request: p50 "
+                 f"{wire[2] * 1000:+.2f} ms ({wire[3] * 1000:+.2f} ms on open connections, {wire[4] * 1000:+.2f} ms "
+                 f"on the {wire[5]:.0f} connections' first requests)")
     return text
 
 
 def bars(concurrency: int, errors: dict[str, float], wire_errors: dict[str, float]) -> list[tuple[str, str]]:
     """Issue 24's bar, pikeclient's TTFT p50 error at most the best peer's: against the server's set delay
-    (as the issue measured it) and, where captured, against the wire (the reading's own error)."""
+    (as the issue measured it) and, where captured, against the wire (the reading's own error, request by
+    request)."""
     rows = []
     mine = "pikeclient default tracking"
     for against, table, unit in (("the set 100 ms", errors, "%"), ("the wire", wire_errors, " ms")):
@@ -205,7 +223,7 @@ def main() -> None:
                     try:
                         with (contextlib.nullcontext() if no_capture else capture(port, Path(tmp) / "run.pcap")) as pcap:
                             calls = run(concurrency, args.requests)
-                        samples[name].append(on_the_wire(medians(calls, args.requests), pcap, port))
+                        samples[name].append(on_the_wire(medians(calls, args.requests), calls, pcap, port))
                     except CommandFailed as error:
                         failed[name] = str(error)
                     else:
@@ -217,8 +235,8 @@ def main() -> None:
                     continue
                 median = [statistics.median(sample[k] for sample in values) for k in range(len(values[0]))]
                 errors[name] = abs(median[0] * 1000 / TTFT_MS - 1)
-                if len(median) > 4:  # the reading's own error: the tool's p50 against the same requests' on the wire
-                    wire_errors[name] = statistics.median(abs(sample[0] - sample[4]) for sample in values)
+                if len(median) > 4:  # the reading's own error: each request against itself on the wire
+                    wire_errors[name] = abs(median[6])  # over all requests: a first one's connect is the tool's
                 rows.append((f"concurrency {concurrency}: {name}", describe(*median)))
             rows += bars(concurrency, errors, wire_errors)
     emit("TTFT and ITL on GuideLLM's mock server: pikeclient, GuideLLM, AIPerf", rows,

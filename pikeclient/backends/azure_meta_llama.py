@@ -24,7 +24,6 @@ from pikeclient.backends._http import (
     SYNC_HOOKS,
     LazyClients,
     json_body,
-    send_delay,
     status_error,
     transport_error,
     wire_clock,
@@ -135,17 +134,17 @@ class AzureMetaLlamaClient(BaseLLMClient):
 
     def _complete(self, messages: list[Message], params: SamplingParams) -> Completion:
         start = time.perf_counter()
-        with wire_clock() as sent, bounded(attempt_bounds(self.total_timeout, self.timeout, params.max_tokens)):
+        with wire_clock() as clock, bounded(attempt_bounds(self.total_timeout, self.timeout, params.max_tokens)):
             try:
                 response = self._clients.sync.post(self.url, params=self.params, json=self._body(messages, params))
                 completion = self._parse(response)
             except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
                 raise transport_error(error) or error from error
-        return replace(completion, send_delay_s=send_delay(start, sent))
+        return replace(completion, send_delay_s=clock.send_delay(start), connect_s=clock.connect_s)
 
     async def _acomplete(self, messages: list[Message], params: SamplingParams) -> Completion:
         start = time.perf_counter()
-        with wire_clock() as sent:
+        with wire_clock() as clock:
             async with abounded(attempt_bounds(self.total_timeout, self.timeout, params.max_tokens)):
                 try:
                     response = await self._clients.aio.post(self.url, params=self.params,
@@ -153,7 +152,7 @@ class AzureMetaLlamaClient(BaseLLMClient):
                     completion = self._parse(response)
                 except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
                     raise transport_error(error) or error from error
-        return replace(completion, send_delay_s=send_delay(start, sent))
+        return replace(completion, send_delay_s=clock.send_delay(start), connect_s=clock.connect_s)
 
     def _body(self, messages: list[Message], params: SamplingParams) -> dict[str, Any]:
         if self.api == "aml_score":

@@ -23,7 +23,6 @@ from pikeclient.backends._http import (
     LazyClients,
     aiohttp_transport,
     json_body,
-    send_delay,
     status_error,
     transport_error,
     wire_clock,
@@ -195,32 +194,32 @@ class OpenAIClient(BaseLLMClient):
 
     def _complete(self, messages: list[Message], params: SamplingParams) -> Completion:
         start = time.perf_counter()
-        with wire_clock() as sent, bounded(attempt_bounds(self.total_timeout, self.timeout, params.max_tokens)):
+        with wire_clock() as clock, bounded(attempt_bounds(self.total_timeout, self.timeout, params.max_tokens)):
             try:
                 response = self.sdk.post(CHAT_PATH, cast_to=httpx2.Response, body=self._request(messages, params),
                                          stream=self.stream)
                 with contextlib.closing(response):
-                    completion = (read_stream(response.iter_bytes(), response, sent[0] if sent else start)
+                    completion = (read_stream(response.iter_bytes(), response, clock.sent or start)
                                   if self.stream else _completion(json_body(response)))
             except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
                 raise translate_error(error) from error
-        return replace(completion, send_delay_s=send_delay(start, sent))
+        return replace(completion, send_delay_s=clock.send_delay(start), connect_s=clock.connect_s)
 
     async def _acomplete(self, messages: list[Message], params: SamplingParams) -> Completion:
         start = time.perf_counter()
-        with wire_clock() as sent:
+        with wire_clock() as clock:
             async with abounded(attempt_bounds(self.total_timeout, self.timeout, params.max_tokens)):
                 try:
                     response = await self.async_sdk.post(CHAT_PATH, cast_to=httpx2.Response,
                                                          body=self._request(messages, params), stream=self.stream)
                     try:
-                        completion = (await aread_stream(response.aiter_bytes(), response, sent[0] if sent else start)
+                        completion = (await aread_stream(response.aiter_bytes(), response, clock.sent or start)
                                       if self.stream else _completion(json_body(response)))
                     finally:
                         await response.aclose()
                 except Exception as error:  # noqa: BLE001 - translated or re-raised as-is
                     raise translate_error(error) from error
-        return replace(completion, send_delay_s=send_delay(start, sent))
+        return replace(completion, send_delay_s=clock.send_delay(start), connect_s=clock.connect_s)
 
     def _request(self, messages: list[Message], params: SamplingParams) -> dict[str, Any]:
         request: dict[str, Any] = {

@@ -196,15 +196,16 @@ class BaseLLMClient(abc.ABC):
 
     def _finish(self, messages: list[Message], outcome: RetryOutcome[Completion], elapsed: float,
                 throttled: float = 0.0, usage: Usage | None = None) -> ChatResult:
-        """Latency is the time in attempts from the send: retry waits, rate-limit waits and the client's
-        time before the last attempt's request went out are reported apart."""
+        """Latency is the time in attempts from the send: retry waits, rate-limit waits, the client's
+        time before the last attempt's request went out and its new connection's set-up are reported apart."""
         completion = outcome.value
         usage = usage or self._usage(messages, completion)
         return ChatResult(
             text=completion.text,
             finish_reason=completion.finish_reason,
             usage=usage,
-            latency_s=elapsed - outcome.backoff_s - throttled - (completion.send_delay_s or 0.0),
+            latency_s=elapsed - outcome.backoff_s - throttled - (completion.send_delay_s or 0.0)
+            - (completion.connect_s or 0.0),
             attempts=outcome.attempts,
             backoff_s=outcome.backoff_s,
             throttle_s=throttled,
@@ -212,6 +213,7 @@ class BaseLLMClient(abc.ABC):
             itl_s=completion.itl_s,
             tpot_s=time_per_output_token(completion.decode_s, usage.completion_tokens),
             send_delay_s=completion.send_delay_s,
+            connect_s=completion.connect_s,
             model=completion.model or self.model,
         )
 

@@ -102,8 +102,10 @@ class Completion:
     itl_s: float | None = None
     decode_s: float | None = None
     # HTTP backends: the attempt's client time before its request went out (building it, waiting for
-    # a connection or for the event loop); TTFT and latency count from the send.
+    # a connection or for the event loop), and a new connection's set-up (None: a kept one); TTFT and
+    # latency count from the request's first bytes written.
     send_delay_s: float | None = None
+    connect_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,8 @@ class ChatResult:
     ``latency_s`` is the time spent in attempts (retry and rate-limit waits are ``backoff_s`` and
     ``throttle_s``), the last attempt counted from when its request went out: the client's own time
     before that (building the request, waiting for a connection or for the event loop) is
-    ``send_delay_s`` (HTTP backends; None where nothing is sent). Streaming calls also carry ``ttft_s``
+    ``send_delay_s`` (HTTP backends; None where nothing is sent), and a new connection's set-up (TCP,
+    TLS) is ``connect_s`` (None when the request went on a kept connection). Streaming calls also carry ``ttft_s``
     (first output text, from the send), ``itl_s`` (mean gap between output chunks after the first) and
     ``tpot_s`` ((time after the first output chunk) / (completion tokens - 1)).
     """
@@ -129,6 +132,7 @@ class ChatResult:
     itl_s: float | None = None
     tpot_s: float | None = None
     send_delay_s: float | None = None
+    connect_s: float | None = None
     model: str | None = None
     cached: bool = False
 

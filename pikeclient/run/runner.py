@@ -423,8 +423,8 @@ def record_answer(record: dict[str, Any], result: ChatResult) -> dict[str, Any]:
     record["end_time"] = time.time()
     record.update(response=data.pop("text"), **data, error=None, error_kind=None)
     if result.cached:  # an earlier answer: none of its timings or attempts belong to this run
-        record.update(latency_s=None, ttft_s=None, itl_s=None, tpot_s=None, send_delay_s=None, attempts=0,
-                      backoff_s=0.0, throttle_s=0.0, output_tokens_per_s=None)
+        record.update(latency_s=None, ttft_s=None, itl_s=None, tpot_s=None, send_delay_s=None, connect_s=None,
+                      attempts=0, backoff_s=0.0, throttle_s=0.0, output_tokens_per_s=None)
     else:
         tokens = result.usage.completion_tokens
         record["output_tokens_per_s"] = tokens / result.latency_s if tokens and result.latency_s > 0 else None

@@ -83,6 +83,7 @@ class RunStats:
     scheduled_latencies: list[float] = field(default_factory=list)  # open loop: from when due to the answer
     send_times: list[float] = field(default_factory=list)  # epoch seconds each measured call started
     send_delays: list[float] = field(default_factory=list)  # client time before each request went out
+    connects: list[float] = field(default_factory=list)  # each new connection's set-up (requests that made one)
     loop_lags: list[float] = field(default_factory=list)
     spans: list[tuple[float, float, float]] = field(default_factory=list)  # (start, end, session), measured calls
     segments: list[tuple[float, float]] = field(default_factory=list)  # earlier processes' measured spans (resume)
@@ -137,6 +138,7 @@ class RunStats:
                            record.get("session", 0)))
         for name, values in (("ttft_s", self.ttfts), ("itl_s", self.itls), ("tpot_s", self.tpots),
                              ("output_tokens_per_s", self.call_rates), ("send_delay_s", self.send_delays),
+                             ("connect_s", self.connects),
                              ("latency_from_schedule_s", self.scheduled_latencies)):
             if record.get(name) is not None:
                 values.append(record[name])
@@ -226,6 +228,9 @@ class RunStats:
             out["client/held_s"] = self.client_held_s
         if self.send_delays:
             out.update(_distribution("client/send_delay_", self.send_delays, STREAM_PERCENTILES))
+        if self.connects:  # left out of latency and TTFT, as the send delay is
+            out.update(_distribution("client/connect_", self.connects, STREAM_PERCENTILES))
+            out["client/connections_opened"] = len(self.connects)
         if self.slo is not None and self.slo.active and self.calls - self.cache_hits:
             out["SLO/attainment"] = self.slo_met / (self.calls - self.cache_hits)
             if self.wall_s > 0:
@@ -398,6 +403,9 @@ def format_summary(stats: RunStats, title: str) -> str:
     if "client/send_delay_p50" in m:  # the client's own time, left out of latency and TTFT
         rows.append(("client send delay p50 / p99 (ms)", f"{ms('client/send_delay_p50')} / "
                                                          f"{ms('client/send_delay_p99')}"))
+    if "client/connections_opened" in m:
+        rows.append(("new connections: set-up p50 / max (ms)", f"{m['client/connections_opened']:.0f}: "
+                     f"{ms('client/connect_p50')} / {ms('client/connect_max')}"))
     if "SLO/attainment" in m:
         rows.append(("SLO met / goodput (/s)", f"{m['SLO/attainment']:.1%} / {num('SLO/goodput', '{:.2f}')}"))
     for name, values in (("TTFT", stats.ttfts), ("ITL", stats.itls), ("TPOT", stats.tpots)):

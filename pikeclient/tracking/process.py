@@ -469,7 +469,8 @@ class CallLogger:
         """The call's trace: one LLM span, as the dictionary ``Span.from_dict`` reads."""
         trace_id = call_trace_id(self.run.run_id, record["id"], record.get("repeat") or 0, record["start_time"])
         start_ns = int(record["start_time"] * 1e9)
-        duration = sum(record.get(name) or 0.0 for name in ("latency_s", "backoff_s", "throttle_s", "send_delay_s"))
+        duration = sum(record.get(name) or 0.0 for name in ("latency_s", "backoff_s", "throttle_s", "send_delay_s",
+                                                             "connect_s"))
         usage = record["usage"]
         attributes = {
             SpanAttributeKey.REQUEST_ID: trace_id,
@@ -493,7 +494,7 @@ class CallLogger:
             # calls. The run's id keeps two runs' (a sweep's jobs') plays of one conversation apart.
             attributes[SpanAttributeKey.SESSION_ID] = f"{self.run.run_id[:8]}-{record['session_id']}"
             attributes["pikeclient.turn"] = record["turn"]
-        for name in ("ttft_s", "itl_s", "tpot_s", "send_delay_s"):
+        for name in ("ttft_s", "itl_s", "tpot_s", "send_delay_s", "connect_s"):
             if record.get(name) is not None:
                 attributes[f"pikeclient.{name}"] = record[name]
         if usage.get("total_tokens") is not None:

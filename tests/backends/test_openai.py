@@ -193,6 +193,26 @@ def test_the_client_time_before_the_send_is_reported_apart(api_env, stream):
     assert max(r.send_delay_s for r in results) > min(r.send_delay_s for r in results)
 
 
+def test_a_new_connections_set_up_is_recorded_apart_and_a_kept_one_has_none(api_env):
+    # Latency and TTFT count from the request's first bytes written; a call that had to open a connection
+    # (TCP, and the event loop's turns until the request could be written) says how long that took.
+    with FakeLLMServer(latency=0.02, keep_timings=True) as server:
+        c = client(server)
+        c.prepare()
+
+        async def two_in_turn():
+            return [await c.achat([{"role": "user", "content": f"async {i}"}]) for i in range(2)]
+
+        first, kept = asyncio.run(two_in_turn())
+        sync_first = c.chat([{"role": "user", "content": "sync 0"}])
+        sync_kept = c.chat([{"role": "user", "content": "sync 1"}])
+    for opened, reused in ((first, kept), (sync_first, sync_kept)):
+        assert opened.connect_s is not None and opened.connect_s >= 0
+        assert reused.connect_s is None
+        assert opened.latency_s >= 0.02 and reused.latency_s >= 0.02
+        assert opened.send_delay_s is not None and reused.send_delay_s is not None
+
+
 def test_async_calls_go_over_aiohttp_with_the_sdks_headers(server, api_env):
     # The async SDK client sends through aiohttp (half the CPU of httpx2's own transport): the key, the
     # call's request id and the JSON body arrive as they would through httpx2.

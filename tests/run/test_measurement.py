@@ -187,12 +187,17 @@ def test_streamed_runs_report_ttft_itl_tpot(server, tmp_path):
     for name in ("TTFT", "ITL", "TPOT"):
         assert f"{name} p50 / p90 / p99" in proc.stdout
     assert "client send delay p50 / p99 (ms)" in proc.stdout
+    assert "new connections: set-up p50 / max (ms)" in proc.stdout
     [run] = mlflow_runs(tmp_path / "runs")
     for key in ("TTFT/p50", "TTFT/p99", "ITL/p50", "ITL/p90", "TPOT/p50", "Throughput/call_output_tokens_per_s_p50",
-                "client/send_delay_p50", "client/send_delay_p99"):
+                "client/send_delay_p50", "client/send_delay_p99", "client/connect_p50"):
         assert key in run["metrics"], key
     [records] = job_records(tmp_path)
     assert all(r["send_delay_s"] >= 0 for r in records)
+    # Each connection is opened by one call, which says how long that took; the others went on kept ones.
+    opened = [r["connect_s"] for r in records if r["connect_s"] is not None]
+    assert 1 <= len(opened) == run["metrics"]["client/connections_opened"] <= len(records)
+    assert all(value >= 0 for value in opened)
     table = proc.stdout.split("\n\n")[0]  # the summary table (the first answers follow it)
     assert all(len(line) <= 100 for line in table.splitlines())
 
