@@ -404,8 +404,8 @@ def format_summary(stats: RunStats, title: str) -> str:
         rows.append(("client send delay p50 / p99 (ms)", f"{ms('client/send_delay_p50')} / "
                                                          f"{ms('client/send_delay_p99')}"))
     if "client/connections_opened" in m:
-        rows.append(("new connections: set-up p50 / max (ms)", f"{m['client/connections_opened']:.0f}: "
-                     f"{ms('client/connect_p50')} / {ms('client/connect_max')}"))
+        rows.append(("new connections: set-up p50 (ms)", f"{ms('client/connect_p50')} "
+                     f"({m['client/connections_opened']:.0f} opened, max {ms('client/connect_max')})"))
     if "SLO/attainment" in m:
         rows.append(("SLO met / goodput (/s)", f"{m['SLO/attainment']:.1%} / {num('SLO/goodput', '{:.2f}')}"))
     for name, values in (("TTFT", stats.ttfts), ("ITL", stats.itls), ("TPOT", stats.tpots)):
