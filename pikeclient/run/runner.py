@@ -123,7 +123,7 @@ async def run_prompts(
         calls.catch_signals()
         try:
             if pool is not None:
-                await pool.run(calls, todo, strategy, start, stats.start_time)
+                await pool.run(calls, todo, strategy, start, stats.start_time, done)
             elif getattr(strategy, "sessions", False):  # conversations, turn by turn (pikeclient.run.sessions)
                 await play_sessions(calls, prompts, done, strategy, start)
             elif strategy.open_loop:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 class Conversation:
     key: str
     turns: list[tuple[int, PromptItem]] = field(default_factory=list)  # (index in the run, item)
+    most: int | None = None  # at most this many of its unanswered turns are sent (a limit on requests)
 
 
 def conversations(prompts: Sequence[PromptItem]) -> Iterator[Conversation]:
@@ -49,18 +50,33 @@ def conversations(prompts: Sequence[PromptItem]) -> Iterator[Conversation]:
 async def play_sessions(calls: _Calls, prompts: Sequence[PromptItem], done: Mapping[int, dict[str, Any]],
                         strategy: Sessions, start: float) -> None:
     """Play every conversation of ``prompts`` not answered in ``done`` (a resumed run's earlier answers)."""
-    player = _Player(calls, done, strategy, start)
+    player = Player(calls, done, strategy, start)
     todo = (c for c in conversations(prompts) if not all(index in done for index, _ in c.turns))
     if strategy.rate is None:
-        async def user() -> None:
-            for conversation in todo:  # one shared iterator: each user takes the next conversation
-                if not calls.allowed(start):
-                    return
-                await player.play(conversation)
+        async def take() -> Conversation | None:
+            return next(todo, None)  # one shared iterator: each user takes the next conversation
 
-        await asyncio.gather(*(calls.track(user()) for _ in range(strategy.max_in_flight)))
-        return
-    slots = asyncio.Semaphore(strategy.max_in_flight)
+        await play_users(calls, player, take, strategy.max_in_flight, start)
+    else:
+        await play_arrivals(calls, player, _schedule(zip(todo, strategy.arrivals())), strategy.max_in_flight, start)
+
+
+async def play_users(calls: _Calls, player: Player, take: Callable[[], Awaitable[Conversation | None]], users: int,
+                     start: float) -> None:
+    """``users`` users, each playing the conversation ``take`` gives it, then the next, to the end."""
+    async def user() -> None:
+        while (conversation := await take()) is not None:
+            if not calls.allowed(start):
+                return
+            await player.play(conversation)
+
+    await asyncio.gather(*(calls.track(user()) for _ in range(users)))
+
+
+async def play_arrivals(calls: _Calls, player: Player, schedule: AsyncIterator[tuple[Conversation, float]],
+                        most: int, start: float) -> None:
+    """Each conversation of ``schedule`` begun at its time (seconds after ``start``), ``most`` at once at most."""
+    slots = asyncio.Semaphore(most)
 
     async def session(conversation: Conversation) -> None:
         try:
@@ -68,7 +84,7 @@ async def play_sessions(calls: _Calls, prompts: Sequence[PromptItem], done: Mapp
         finally:
             slots.release()
 
-    for conversation, offset in zip(todo, strategy.arrivals()):
+    async for conversation, offset in schedule:
         wait = start + offset - time.perf_counter()
         if wait > 0:
             await asyncio.sleep(wait)
@@ -80,23 +96,43 @@ async def play_sessions(calls: _Calls, prompts: Sequence[PromptItem], done: Mapp
         await asyncio.gather(*calls.tasks)
 
 
-class _Player:
-    def __init__(self, calls: _Calls, done: Mapping[int, dict[str, Any]], strategy: Sessions, start: float) -> None:
-        self.calls, self.done, self.strategy, self.start = calls, done, strategy, start
+async def _schedule(pairs: Iterable[tuple[Conversation, float]]) -> AsyncIterator[tuple[Conversation, float]]:
+    for pair in pairs:
+        yield pair
+
+
+class Player:
+    """Plays conversations turn by turn through ``calls``; ``on_end`` hears of each one played."""
+
+    def __init__(self, calls: _Calls, done: Mapping[int, dict[str, Any]], strategy: Sessions, start: float,
+                 on_end: Callable[[Conversation], None] | None = None) -> None:
+        self.calls, self.done, self.strategy, self.start, self.on_end = calls, done, strategy, start, on_end
 
     async def play(self, conversation: Conversation) -> None:
+        try:
+            await self._play(conversation)
+        finally:
+            if self.on_end is not None:
+                self.on_end(conversation)
+
+    async def _play(self, conversation: Conversation) -> None:
         """The conversation's unanswered turns, in order, each after the history so far."""
         history: list[Message] = []
         think = self.strategy.think_times(conversation.key)
         sent = False
+        left = conversation.most
         for position, (index, item) in enumerate(conversation.turns):
             record = self.done.get(index)
             if record is None:
+                if left == 0:  # the run's limit on requests leaves this conversation no more turns
+                    return
                 pause = next(think) if sent else 0.0
                 if pause > 0:
                     await asyncio.sleep(pause)
                 if not self.calls.allowed(self.start):
                     return
+                if left is not None:
+                    left -= 1
                 record = await self.calls.one(index, item, history=tuple(history), extra={
                     "session_id": conversation.key, "turn": item.turn or position + 1,
                     "turns": len(conversation.turns)})

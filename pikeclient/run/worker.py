@@ -10,11 +10,13 @@ Both speak the same frames (a 4-byte length, then a pickle). From the parent:
 - ``("go", start_epoch)``: the measured part begins (epoch seconds: the one clock all workers share);
 - ``("work", [(index, offset), ...])``: prompts to call; ``offset`` is when the request is due, in seconds
   after the start (an open loop), or None (a closed loop: as soon as one of this worker's slots is free);
+  with ``load=sessions``, conversations instead of prompts (``WorkerSetup.sessions``);
 - ``("stop", reason)``: send nothing more, finish the calls in flight; ``("cancel",)``: cancel them too
   (Ctrl-C); ``("end",)``: no more work.
 
-To the parent: ``("records", [record, ...])`` as calls end (a batch per turn of the event loop), and at
-the end ``("done", report)``: the worker's event-loop lag, CPU and in-flight limit.
+To the parent: ``("records", [record, ...], [a conversation's first turn, ...])`` as calls (and conversations) end,
+every ``Worker.FLUSH_S`` at most, and at the end ``("done", report)``: the worker's event-loop lag, CPU
+and in-flight limit.
 
 The calls are the runner's own (``_Calls.one``, its open and closed loops): timing, dispatch delay
 against the parent's schedule, retries and records are the same as in a one-process run. Ctrl-C in a
@@ -60,6 +62,9 @@ class WorkerSetup:
     # The variables the backend reads its key from (``llm.*_env``), as the run has them: a Ray actor on
     # another machine has its node's environment, not the run's.
     environment: dict[str, str] = field(default_factory=dict)
+    # ``load=sessions`` (its Sessions strategy): the work is conversations, played turn by turn here
+    # (``work`` entries ``((key, turn indices, most new turns or None, {index: earlier answer}), offset)``).
+    sessions: Any = None
 
 
 class Worker:
@@ -71,8 +76,9 @@ class Worker:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
         self.outbox: list[dict[str, Any]] = []
+        self.finished: list[int] = []  # conversations over since the last flush (load=sessions), by first turn
         self.flushing = False
-        self.queue: asyncio.Queue[tuple[int, float | None] | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[Any, float | None] | None] = asyncio.Queue()
         self.calls: Any = None  # the runner's _Calls, once set up
         self.listening: asyncio.Task | None = None
 
@@ -125,7 +131,9 @@ class Worker:
             cpu = CpuMeter()
             self.listening = asyncio.create_task(self.listen())
             try:
-                if setup.open_loop:
+                if setup.sessions is not None:
+                    await self.play(setup, calls, start)
+                elif setup.open_loop:
                     await calls.open_loop(self.schedule(setup.prompts), setup.slots, start)
                 else:
                     await calls.closed_loop(self.take(setup.prompts), setup.slots, start)
@@ -154,15 +162,53 @@ class Worker:
         """A call ended here: its record goes to the parent with the others that end within ``FLUSH_S``
         (at 1,000 calls a second a frame per call cost both processes a wake-up and a syscall each)."""
         self.outbox.append(record)
+        self._flush_soon()
+
+    def conversation_ended(self, conversation: Any) -> None:
+        """A conversation is over (played to its end, ended by an error, or stopped): the parent's to know,
+        after its records."""
+        self.finished.append(conversation.turns[0][0])
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
         if not self.flushing:
             self.flushing = True
             asyncio.get_running_loop().call_later(self.FLUSH_S, self.flush)
 
     def flush(self) -> None:
         self.flushing = False
-        if self.outbox:
-            self.writer.write(frame(("records", self.outbox)))
-            self.outbox = []
+        if self.outbox or self.finished:
+            self.writer.write(frame(("records", self.outbox, self.finished)))
+            self.outbox, self.finished = [], []
+
+    async def play(self, setup: WorkerSetup, calls: _WorkerCalls, start: float) -> None:
+        """``load=sessions``: the conversations the parent hands out, as one process plays them
+        (``pikeclient.run.sessions``): users taking one after another, or each begun at its time."""
+        from pikeclient.run.sessions import Conversation, Player, play_arrivals, play_users
+
+        done: dict[int, dict[str, Any]] = {}  # a resumed conversation's earlier answers: its history
+        player = Player(calls, done, setup.sessions, start, on_end=self.conversation_ended)
+
+        def unpack(entry: tuple) -> tuple[Conversation, float]:
+            (key, indices, most, answered), offset = entry
+            done.update({index: {"response": response} for index, response in answered.items()})
+            return Conversation(key, [(index, setup.prompts[index]) for index in indices], most), offset
+
+        if setup.sessions.rate is not None:
+            async def arrivals() -> AsyncIterator[tuple[Conversation, float]]:
+                while (entry := await self.queue.get()) is not None:
+                    yield unpack(entry)
+
+            await play_arrivals(calls, player, arrivals(), setup.slots, start)
+        else:
+            async def take() -> Conversation | None:
+                entry = await self.queue.get()
+                if entry is None:
+                    self.queue.put_nowait(None)  # the other users see the end too
+                    return None
+                return unpack(entry)[0]
+
+            await play_users(calls, player, take, setup.slots, start)
 
     async def listen(self) -> None:
         """The parent's messages while the calls run: more work, a stop, a cancel, the end."""

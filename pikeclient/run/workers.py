@@ -10,7 +10,11 @@ event loop, client and connection pool, make the calls:
   (``LOOKAHEAD_S``); the worker sends it when it is due and measures its dispatch delay against that
   same schedule; ``max_in_flight`` is split between the workers;
 - closed loop (``concurrency``): the concurrency is split between the workers, each kept supplied with
-  prompts so that none waits for this process between calls.
+  prompts so that none waits for this process between calls;
+- conversations (``sessions``): each conversation goes to one worker, which plays its turns in order
+  (each with the answers before it); the users, or the sessions a rate starts, are split between the
+  workers as calls are above. The records' history (a trace's messages) is rebuilt here from the
+  answers that come back.
 
 Every prompt goes to one worker once; records come back as calls end and are written, judged against
 the SLOs and counted here, as in a one-process run, so resume, limits, the over-saturation stop,
@@ -28,7 +32,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +44,7 @@ if TYPE_CHECKING:
     from pikeclient.run.cache import ResponseCache
     from pikeclient.run.load import Limit, Strategy
     from pikeclient.run.runner import _Calls
+    from pikeclient.run.shapes.sessions import Sessions
     from pikeclient.run.stats import RunStats
 
 log = logging.getLogger(__name__)
@@ -64,9 +69,6 @@ def check_workers(load: Any, strategy: Strategy) -> None:
         raise ConfigError(f"load.backend={load.backend!r}: allowed {', '.join(BACKENDS)}")
     if load.ray_address is not None and load.backend != "ray":
         raise ConfigError(f"load.ray_address={load.ray_address} applies to load.backend=ray, not {load.backend}")
-    if getattr(strategy, "sessions", False) and (load.workers or 1) > 1:
-        raise ConfigError("load.workers > 1 does not apply to load=sessions (a conversation's turns build on each "
-                          "other's answers): use load.workers=1")
 
 
 def usable_cores() -> int:
@@ -159,8 +161,13 @@ class WorkerPool:
     KILL_AFTER_S = 15.0  # after Ctrl-C, a worker that has not reported by then is killed
 
     def __init__(self, links: list[_Link], plan: WorkerPlan, prompts: Sequence[PromptItem], open_loop: bool,
-                 limits: Sequence[Limit]) -> None:
+                 limits: Sequence[Limit], sessions: Sessions | None = None) -> None:
         self.links, self.plan, self.prompts, self.open_loop, self.limits = links, plan, prompts, open_loop, limits
+        self.sessions = sessions  # load=sessions: the work handed out is conversations
+        self.scheduled = open_loop or (sessions is not None and sessions.rate is not None)  # handed out on time
+        self.done: Mapping[int, dict[str, Any]] = {}  # a resumed run's earlier answers
+        self.playing: dict[int, _Playing] = {}  # conversations handed out and not over, by their first turn
+        self.conversation_of: dict[int, int] = {}  # a turn handed out -> its conversation's first turn
         self.calls: _Calls | None = None
         self.start = 0.0
         self.todo: Iterator[tuple[int, PromptItem]] = iter(())
@@ -187,7 +194,8 @@ class WorkerPool:
             connections, closer = await spawn_processes(len(slots)), None
         links = [_Link(number, reader, writer, share, handle)
                  for number, ((reader, writer, handle), share) in enumerate(zip(connections, slots))]
-        pool = cls(links, plan, prompts, strategy.open_loop, limits)
+        sessions = strategy if getattr(strategy, "sessions", False) else None
+        pool = cls(links, plan, prompts, strategy.open_loop, limits, sessions)
         pool.closer = closer
         portable = portable_prompts(prompts)
         try:
@@ -197,7 +205,7 @@ class WorkerPool:
                     open_loop=strategy.open_loop, slots=link.slots, max_duration=max_duration, fail_fast=fail_fast,
                     stop_when_behind=stop_when_behind,
                     cache_path=plan.cache_path, cache_mode=plan.cache_mode,
-                    log_levels=log_levels(), environment=key_variables(plan.llm))))
+                    log_levels=log_levels(), environment=key_variables(plan.llm), sessions=sessions)))
             for link in links:
                 answer = await receive(link.reader)
                 if answer is None:
@@ -230,16 +238,24 @@ class WorkerPool:
         return done
 
     async def run(self, calls: _Calls, todo: Iterator[tuple[int, PromptItem]], strategy: Strategy, start: float,
-                  start_epoch: float) -> None:
-        """Hand out ``todo`` under ``strategy`` until it is done, stopped or interrupted; every record that
-        comes back goes through ``calls`` (written, counted, watched by the limits)."""
-        self.calls, self.start, self.todo = calls, start, todo
+                  start_epoch: float, done: Mapping[int, dict[str, Any]] | None = None) -> None:
+        """Hand out ``todo`` under ``strategy`` until it is done, stopped or interrupted (with ``load=sessions``,
+        the conversations not answered in ``done``); every record that comes back goes through ``calls``
+        (written, counted, watched by the limits)."""
+        self.calls, self.start, self.done = calls, start, done or {}
+        work: Iterator[Any] = todo
+        if self.sessions is not None:
+            from pikeclient.run.sessions import conversations
+
+            work = (c for c in conversations(self.prompts) if not all(i in self.done for i, _ in c.turns))
+        self.todo = work
         calls.on_interrupt = self.cancel
         for link in self.links:
             link.post(("go", start_epoch))
         readers = [asyncio.create_task(self._read(link)) for link in self.links]
-        if self.open_loop:
-            handing = calls.track(self._hand_out(strategy.schedule(todo)))
+        if self.scheduled:
+            schedule = zip(work, self.sessions.arrivals()) if self.sessions is not None else strategy.schedule(work)
+            handing = calls.track(self._hand_out(schedule))
             await asyncio.wait([handing])  # cancelled by Ctrl-C: the records still come in below
             if not handing.cancelled() and handing.exception() is not None:
                 self.cancel()
@@ -250,10 +266,11 @@ class WorkerPool:
                 self._top_up(link)
         await asyncio.gather(*readers)
 
-    async def _hand_out(self, pairs: Iterable[tuple[tuple[int, PromptItem], float]]) -> None:
-        """An open loop's schedule, each request to the next worker ``LOOKAHEAD_S`` before it is due."""
+    async def _hand_out(self, pairs: Iterable[tuple[Any, float]]) -> None:
+        """An open loop's schedule (or a rate's sessions), each to the next worker ``LOOKAHEAD_S`` before it
+        is due."""
         calls = self.calls
-        for (index, _item), offset in pairs:
+        for entry, offset in pairs:
             if self._stopping() or not all(limit.allows(calls.sent, offset) for limit in calls.limits):
                 break
             ahead = self.start + offset - self.LOOKAHEAD_S - time.perf_counter()
@@ -262,11 +279,33 @@ class WorkerPool:
                 await asyncio.sleep(max(ahead, self.TICK_S))
                 if self._stopping():
                     break
-            link = self._next_link()
-            link.give(index, offset)
-            calls.sent += 1
+            if not self._give(self._next_link(), entry, offset):
+                break
         self._flush_all()
         self._end_all()
+
+    def _give(self, link: _Link, entry: Any, offset: float | None) -> bool:
+        """A prompt ``(index, item)``, or a conversation, to ``link``; False if the limits leave it no call."""
+        calls = self.calls
+        if self.sessions is None:
+            link.give(entry[0], offset)
+            calls.sent += 1
+            return True
+        # A conversation's unanswered turns are counted as sent when handed out, as many as the limits let
+        # go (a worker sends no more of them); those never sent are taken back when it is over.
+        unanswered = sum(1 for index, _ in entry.turns if index not in self.done)
+        elapsed, most = time.perf_counter() - self.start, 0
+        while most < unanswered and all(limit.allows(calls.sent + most, elapsed) for limit in calls.limits):
+            most += 1
+        if most == 0:
+            return False
+        answered = {index: self.done[index]["response"] for index, _ in entry.turns if index in self.done}
+        indices = [index for index, _ in entry.turns]
+        self.playing[indices[0]] = _Playing(entry.turns, most, dict(answered))
+        self.conversation_of.update((index, indices[0]) for index in indices)
+        link.give((entry.key, indices, most if most < unanswered else None, answered), offset)
+        calls.sent += most
+        return True
 
     def _next_link(self) -> _Link:
         """An open loop's next worker: each in turn, so that each sends an even share of the schedule (the
@@ -278,15 +317,16 @@ class WorkerPool:
         return fewest if link.outstanding - fewest.outstanding > self.BEHIND else link
 
     def _top_up(self, link: _Link) -> None:
-        """A closed loop: keep ``link`` supplied (its slots busy and as many prompts queued behind them)."""
+        """A closed loop: keep ``link`` supplied (its slots busy and as many prompts queued behind them;
+        with ``load=sessions``, a conversation for each of its users)."""
         calls = self.calls
-        while not self.exhausted and link.outstanding < 2 * link.slots:
+        # A conversation lasts many calls: one each per user, or the first worker would queue them all.
+        want = link.slots if self.sessions is not None else 2 * link.slots
+        while not self.exhausted and link.outstanding < want:
             entry = next(self.todo, None) if calls.allowed(self.start) else None
-            if entry is None:
+            if entry is None or not self._give(link, entry, None):
                 self.exhausted = True
                 break
-            link.give(entry[0], None)
-            calls.sent += 1
         link.flush()
         if self.exhausted:
             self._end_all()
@@ -304,11 +344,18 @@ class WorkerPool:
                 return
             if message[0] == "records":
                 for record in message[1]:
+                    item = self.prompts[record["index"]]
+                    if self.sessions is None:
+                        link.outstanding -= 1
+                    else:
+                        item = self._in_conversation(record, item)
+                    calls.ended_call(record, item)
+                for first in message[2]:  # conversations over (load=sessions), by their first turn
                     link.outstanding -= 1
-                    calls.ended_call(record, self.prompts[record["index"]])
+                    self._conversation_over(first)
                 if self._stopping():
                     self._stop_all(self._stopping())
-                elif not self.open_loop:
+                elif not self.scheduled:
                     self._top_up(link)
             elif message[0] == "behind":  # a worker could not keep to the schedule: none of them can
                 if calls.behind is None:
@@ -318,6 +365,30 @@ class WorkerPool:
                 link.report = message[1]
                 link.writer.close()  # the worker waits for this to exit
                 return
+
+    def _in_conversation(self, record: dict[str, Any], item: PromptItem) -> PromptItem:
+        """A turn's item as its worker sent it: after the conversation's earlier turns and their answers."""
+        playing = self.playing[self.conversation_of[record["index"]]]
+        history: list[Any] = []
+        for position, (index, turn) in enumerate(playing.turns):
+            if index == record["index"]:
+                if record["error"] is not None:
+                    playing.failed_at = position
+                break
+            history += [*turn.messages, {"role": "assistant", "content": playing.answers.get(index)}]
+        playing.answers[record["index"]] = record["response"]
+        playing.received += 1
+        return replace(item, messages=(*history, *item.messages)) if history else item
+
+    def _conversation_over(self, first: int) -> None:
+        """Its turns handed out and never sent are taken back (as a one-process run never counted them);
+        after a failed turn, those after it are counted as not sent."""
+        playing = self.playing.pop(first)
+        for index, _ in playing.turns:
+            self.conversation_of.pop(index, None)
+        self.calls.sent -= playing.handed - playing.received
+        if playing.failed_at is not None:
+            self.calls.stats.turns.not_sent += len(playing.turns) - playing.failed_at - 1
 
     def _stopping(self) -> str | None:
         """Why the sending must stop (an error no retry fixes, Ctrl-C, the over-saturation stop), or None."""
@@ -385,6 +456,17 @@ class WorkerPool:
                     link.handle.wait()
         if self.closer is not None:
             await loop.run_in_executor(None, self.closer)
+
+
+@dataclass
+class _Playing:
+    """A conversation handed to a worker: its turns, how many new ones it may send, the answers so far."""
+
+    turns: list[tuple[int, PromptItem]]
+    handed: int
+    answers: dict[int, str | None]
+    received: int = 0
+    failed_at: int | None = None  # the position of the turn that failed and ended it
 
 
 def portable_prompts(prompts: Sequence[PromptItem]) -> Sequence[PromptItem]:

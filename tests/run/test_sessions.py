@@ -1,6 +1,6 @@
 """Multi-turn sessions: turn k carries the k-1 earlier real answers, think times, session arrivals, per-turn
 and per-session metrics, MLflow session ids, the cache, and a resumed run that plays on from the first
-unanswered turn."""
+unanswered turn; in one process and in worker processes (``load.workers``)."""
 
 import asyncio
 import json
@@ -13,6 +13,7 @@ from pikeclient.backends.openai import OpenAIClient
 from pikeclient.run.datasets.sharegpt import ShareGPTDataset
 from pikeclient.run.load import build_strategy
 from pikeclient.run.runner import run_prompts
+from pikeclient.run.workers import WorkerPlan
 from pikeclient.testing.answers import content_text
 from pikeclient.testing.server import FakeLLMServer
 from tests.conftest import API_KEY, mlflow_runs, run_py
@@ -26,17 +27,25 @@ def conversations(client):
     return ShareGPTDataset(path=str(DATA / "sharegpt.json"), conversations=True).read(client)
 
 
-def play(server, strategy, **kwargs):
+def play(server, strategy, workers=1, **kwargs):
+    llm = {"_target_": "pikeclient.backends.openai.OpenAIClient", "model": "gpt-4o", "base_url": f"{server.url}/v1"}
     client = OpenAIClient(model="gpt-4o", base_url=f"{server.url}/v1")
     items = conversations(client)
     records = []
-    stats = asyncio.run(run_prompts(client, items, strategy, on_record=lambda r, i: records.append((r, i)), **kwargs))
+    arguments = {"sampling": {}, "retry": {}, "rate_limit": {}}
+    plan = WorkerPlan(workers, llm=llm, client_arguments=arguments) if workers > 1 else None
+    stats = asyncio.run(run_prompts(client, items, strategy, on_record=lambda r, i: records.append((r, i)),
+                                    workers=plan, **kwargs))
     return items, stats, records
 
 
-def test_turn_k_carries_the_earlier_real_answers(api_env):
+WORKERS = pytest.mark.parametrize("workers", [1, 2], ids=["one process", "2 workers"])
+
+
+@WORKERS
+def test_turn_k_carries_the_earlier_real_answers(api_env, workers):
     with FakeLLMServer(api_key=API_KEY, answers={"France": "Paris, I would say."}) as server:
-        items, stats, records = play(server, build_strategy("sessions", users=3))
+        items, stats, records = play(server, build_strategy("sessions", users=3), workers)
         bodies = [r.body for r in server.log]
     answers = {(r["session_id"], r["turn"]): r["response"] for r, _ in records}
     assert len(records) == len(items) == 7 and stats.error_count == 0
@@ -68,20 +77,35 @@ def test_think_time_passes_between_an_answer_and_the_next_turn(api_env):
             assert record["start_time"] - by[(session, turn - 1)]["end_time"] >= 0.3 - 0.005
 
 
-def test_sessions_arrive_at_a_rate(api_env):
+@WORKERS
+def test_a_limit_on_requests_counts_turns_not_conversations(api_env, workers):
+    # 7 turns in 4 conversations; at most 4 requests go out, whichever worker plays them, and the turns past
+    # the limit are not counted as sent.
+    from pikeclient.run.load import MaxRequests
+
+    with FakeLLMServer(api_key=API_KEY, latency=0.02) as server:
+        _, stats, records = play(server, build_strategy("sessions", users=4), workers, limits=[MaxRequests(4)])
+        sent = len(server.log)
+    assert len(records) == sent == 4 and stats.error_count == 0
+    assert stats.metrics()["sessions/turns_not_sent"] == 0
+
+
+@WORKERS
+def test_sessions_arrive_at_a_rate(api_env, workers):
     with FakeLLMServer(api_key=API_KEY, latency=0.05) as server:
-        _, stats, records = play(server, build_strategy("sessions", rate=50, max_in_flight=2))
+        _, stats, records = play(server, build_strategy("sessions", rate=50, max_in_flight=2), workers)
     assert len(records) == 7 and stats.metrics()["sessions/completed"] == 4
     assert stats.requested_rate is None  # sessions per second are no request rate
 
 
-def test_a_failed_turn_ends_its_session(api_env):
+@WORKERS
+def test_a_failed_turn_ends_its_session(api_env, workers):
     from pikeclient.testing.server import FaultPlan
 
     # One user, in order: conv-a's two turns and conv-b's one answered, conv-c's first turn fails (400, not
-    # retried): its two later turns are never sent; conv-e is played after it.
+    # retried): its two later turns are never sent; conv-e is played after it. (One user is one worker's.)
     with FakeLLMServer(api_key=API_KEY, faults=FaultPlan(script=["ok", "ok", "ok", "400"])) as server:
-        _, stats, records = play(server, build_strategy("sessions", users=1))
+        _, stats, records = play(server, build_strategy("sessions", users=1), workers)
     assert [(r["session_id"], r["turn"], r["error_kind"]) for r, _ in records] == [
         ("conv-a", 1, None), ("conv-a", 2, None), ("conv-b", 1, None), ("conv-c", 1, "bad_request"),
         ("conv-e", 1, None)]
@@ -112,10 +136,11 @@ def test_a_sessions_run_logs_turn_series_and_mlflow_sessions(server, tmp_path):
     assert "7 from the response cache" in again.stdout
 
 
-def test_an_interrupted_sessions_run_plays_on_from_the_first_unanswered_turn(tmp_path):
+@WORKERS
+def test_an_interrupted_sessions_run_plays_on_from_the_first_unanswered_turn(tmp_path, workers):
     with FakeLLMServer(api_key=API_KEY, latency=0.05) as server:
         args = ("llm=openai", f"llm.base_url={server.url}/v1", "llm.model=gpt-4o", "load=sessions", "load.users=4",
-                "load.think_time_s=1.5", "tracking.traces=false", *SHAREGPT)
+                "load.think_time_s=1.5", "tracking.traces=false", f"load.workers={workers}", *SHAREGPT)
         first = _popen(args, tmp_path)
         _wait_for(lambda: answered(tmp_path) >= 4 or first.poll() is not None)  # every first turn, no second yet
         first.send_signal(signal.SIGINT)

@@ -88,7 +88,6 @@ def test_how_many_workers_a_run_gets():
     (("load.workers=0",), "load.workers=0 is out of range: allowed >= 1"),
     (("load.backend=threads",), "load.backend='threads': allowed processes, ray"),
     (("load.ray_address=127.0.0.1:6379",), "load.ray_address=127.0.0.1:6379 applies to load.backend=ray"),
-    (("load=sessions", "load.workers=2"), "load.workers > 1 does not apply to load=sessions"),
 ])
 def test_bad_worker_settings_fail_before_anything_starts(server, tmp_path, overrides, message):
     dataset = write_dataset(tmp_path / "prompts.jsonl", 5)
