@@ -51,7 +51,7 @@ class RunSettings:
         strategy = build_strategy(config.load.kind, **load)
         trace = getattr(strategy, "prompts", None)  # a replayed trace is the run's prompts too
         dataset = trace() if trace else build_dataset(config.dataset)
-        check_workers(config.load, strategy)
+        check_workers(config.load)
         if getattr(dataset, "conversations", False) and not getattr(strategy, "sessions", False):
             raise ConfigError(f"dataset.conversations=true needs load=sessions (turn k goes after the real answers to "
                               f"turns 1..k-1), not load={config.load.kind}")

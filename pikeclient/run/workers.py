@@ -61,7 +61,7 @@ class WorkerFailed(PikeError):
     """A worker could not start (its client failed to build) or stopped answering."""
 
 
-def check_workers(load: Any, strategy: Strategy) -> None:
+def check_workers(load: Any) -> None:
     """``load.workers``, ``load.backend`` and ``load.ray_address``, before anything starts."""
     if load.workers is not None and load.workers < 1:
         raise ConfigError(f"load.workers={load.workers} is out of range: allowed >= 1 (null: as the load needs)")
