@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,8 @@ def conversations(prompts: Sequence[PromptItem]) -> Iterator[Conversation]:
 async def play_sessions(calls: _Calls, prompts: Sequence[PromptItem], done: Mapping[int, dict[str, Any]],
                         strategy: Sessions, start: float) -> None:
     """Play every conversation of ``prompts`` not answered in ``done`` (a resumed run's earlier answers)."""
+    from pikeclient.run.runner import scheduled  # the runner imports this module
+
     player = Player(calls, done, strategy, start)
     todo = (c for c in conversations(prompts) if not all(index in done for index, _ in c.turns))
     if strategy.rate is None:
@@ -58,7 +60,7 @@ async def play_sessions(calls: _Calls, prompts: Sequence[PromptItem], done: Mapp
 
         await play_users(calls, player, take, strategy.max_in_flight, start)
     else:
-        await play_arrivals(calls, player, _schedule(zip(todo, strategy.arrivals())), strategy.max_in_flight, start)
+        await play_arrivals(calls, player, scheduled(zip(todo, strategy.arrivals())), strategy.max_in_flight, start)
 
 
 async def play_users(calls: _Calls, player: Player, take: Callable[[], Awaitable[Conversation | None]], users: int,
@@ -94,11 +96,6 @@ async def play_arrivals(calls: _Calls, player: Player, schedule: AsyncIterator[t
         calls.track(session(conversation))
     if calls.tasks:
         await asyncio.gather(*calls.tasks)
-
-
-async def _schedule(pairs: Iterable[tuple[Conversation, float]]) -> AsyncIterator[tuple[Conversation, float]]:
-    for pair in pairs:
-        yield pair
 
 
 class Player:
