@@ -156,6 +156,12 @@ class LazyClients(Generic[S, A]):
             self._async = self._make_async()
         return self._async
 
+    @property
+    def made(self) -> S | A:
+        """A client made already (for what both share, such as the base URL), else the sync one: making a
+        client costs ~20 ms (its TLS context), which an async run's first calls would wait for."""
+        return self._async if self._async is not None else self.sync
+
     def close(self) -> None:
         if self._sync is not None:
             self._sync.close()  # type: ignore[attr-defined]

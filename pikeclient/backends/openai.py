@@ -167,11 +167,17 @@ class OpenAIClient(BaseLLMClient):
         measured call pays for it, and on the event loop it delays every call in flight with it."""
         super().prepare()
         _ = self.async_sdk.chat.completions.with_raw_response  # the SDK imports its resources lazily
+        with contextlib.suppress(ImportError, AttributeError):
+            # What the async SDK's first request otherwise finds out in a thread it starts then (~2 ms).
+            from openai._base_client import get_platform
+
+            if self.async_sdk._platform is None:
+                self.async_sdk._platform = get_platform()
         with contextlib.suppress(ImportError):  # the HTTP transport's asyncio backend, loaded on first request
             importlib.import_module("anyio._backends._asyncio")
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "endpoint": str(self.sdk.base_url), "stream": self.stream}
+        return {**super().describe(), "endpoint": str(self._clients.made.base_url), "stream": self.stream}
 
     @property
     def measures_ttft(self) -> bool:

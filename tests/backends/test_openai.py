@@ -168,6 +168,28 @@ def test_prepare_leaves_no_one_time_work_to_the_first_measured_call(api_env):
     assert sorted(set(sys.modules) - before) == []
 
 
+def test_an_async_runs_first_call_starts_no_thread_and_describing_it_makes_no_sync_client(api_env):
+    # The async SDK's first request found out the platform in a thread it started (~2 ms), and describe()
+    # made the sync SDK client for its base URL (~20 ms, its TLS context): both on the measured calls' clock.
+    import threading
+
+    with FakeLLMServer(api_key=API_KEY) as server:
+        client = OpenAIClient(model="gpt-4o", base_url=f"{server.url}/v1")
+        client.prepare()
+
+        async def first_call() -> tuple[dict, set[str]]:
+            described = client.describe()
+            before = {thread.name for thread in threading.enumerate()}
+            await client.achat([{"role": "user", "content": "hello"}])
+            return described, {thread.name for thread in threading.enumerate()} - before
+
+        described, new_threads = asyncio.run(first_call())
+    assert new_threads == set()
+    assert described["endpoint"] == f"{server.url}/v1/"
+    assert client._clients._sync is None  # nothing of this run was sync
+    assert client.describe() == described
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_the_client_time_before_the_send_is_reported_apart(api_env, stream):
     # 32 calls started together: each waits for the SDK to build the ones before it. That wait is the
