@@ -26,6 +26,7 @@ from pikeclient.core.client import BaseLLMClient
 from pikeclient.core.errors import LLMError, PikeError
 from pikeclient.core.request_id import request_id
 from pikeclient.core.types import ChatResult, Message
+from pikeclient.run.alarm import Alarm
 from pikeclient.run.cache import ResponseCache, cache_key, request_digest
 from pikeclient.run.dataset import PromptItem
 from pikeclient.run.headroom import Behind, CpuMeter, InFlight, LoopLag, settle_heap
@@ -307,28 +308,27 @@ class _Calls:
                 slots.release()
 
         held: deque[tuple[float, float]] = deque()  # when the cap held the sending back (perf_counter spans)
-        async for (index, item), offset in schedule:
-            due = start + offset
-            wait = due - time.perf_counter()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            if not self.allowed(start):
-                break
-            waiting = time.perf_counter()
-            capped = slots.count >= slots.most  # every slot max_in_flight allows is taken: the server's doing
-            await slots.acquire()  # a slot under max_in_flight, and under the client's own limit while it lags
-            now = time.perf_counter()
-            behind = self.behind_judge.judge(now - due, now - start, capped)
-            if behind is not None:
-                slots.release()
-                self.fall_behind(behind)
-                break
-            held.append((waiting, now))
-            while held and held[0][1] <= due:
-                held.popleft()
-            # The part of this request's lateness during which the sending waited for a free slot, for it
-            # or for an earlier request: the server holding the schedule back, not the client's loop.
-            self.track(send(index, item, due, sum(max(0.0, end - max(begin, due)) for begin, end in held)))
+        with Alarm() as alarm:
+            async for (index, item), offset in schedule:
+                due = start + offset
+                await alarm.until(due)
+                if not self.allowed(start):
+                    break
+                waiting = time.perf_counter()
+                capped = slots.count >= slots.most  # every slot max_in_flight allows is taken: the server's
+                await slots.acquire()  # a slot under max_in_flight, and under the client's limit while it lags
+                now = time.perf_counter()
+                behind = self.behind_judge.judge(now - due, now - start, capped)
+                if behind is not None:
+                    slots.release()
+                    self.fall_behind(behind)
+                    break
+                held.append((waiting, now))
+                while held and held[0][1] <= due:
+                    held.popleft()
+                # The part of this request's lateness during which the sending waited for a free slot, for it
+                # or for an earlier request: the server holding the schedule back, not the client's loop.
+                self.track(send(index, item, due, sum(max(0.0, end - max(begin, due)) for begin, end in held)))
         if self.tasks:
             await asyncio.gather(*self.tasks)
 

@@ -12,12 +12,12 @@ and a resumed run plays them, from the first unanswered turn, with the earlier a
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pikeclient.core.types import Message
+from pikeclient.run.alarm import Alarm
 from pikeclient.run.dataset import PromptItem
 from pikeclient.run.shapes.sessions import Sessions
 
@@ -86,14 +86,13 @@ async def play_arrivals(calls: _Calls, player: Player, schedule: AsyncIterator[t
         finally:
             slots.release()
 
-    async for conversation, offset in schedule:
-        wait = start + offset - time.perf_counter()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        if not calls.allowed(start):
-            break
-        await slots.acquire()
-        calls.track(session(conversation))
+    with Alarm() as alarm:
+        async for conversation, offset in schedule:
+            await alarm.until(start + offset)
+            if not calls.allowed(start):
+                break
+            await slots.acquire()
+            calls.track(session(conversation))
     if calls.tasks:
         await asyncio.gather(*calls.tasks)
 
