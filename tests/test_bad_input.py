@@ -77,6 +77,7 @@ CASES = [
     (("llm=nope",), "Available options in 'llm'"),
     (("tracking.experiment_name=",), "tracking:"),
     (("tracking.tracking_uri=nosuchscheme://x",), "tracking:"),
+    (("tracking.live_cpu=0",), "tracking.live_cpu=0.0 is out of range: allowed > 0 and <= 1"),
     (("llm.timeout=-1",), "llm.timeout=-1 must be > 0 seconds"),
     (("llm.timeout=abc",), "llm.timeout='abc': expected a number"),
     (("llm.base_url=localhost:1234",), "llm.base_url='localhost:1234' is not an http(s) URL"),

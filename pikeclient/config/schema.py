@@ -70,6 +70,7 @@ class TrackingConfig:
     run_name: Optional[str] = None
     log_records: bool = True
     traces: bool = True
+    live_cpu: float = 0.1
     reconnect_timeout: float = 600.0
 
 
@@ -269,6 +270,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"experiment.records_file={records!r}: the job's folder keeps another file of that name")
     if experiment.resume is not None and not str(experiment.resume).strip():
         raise ConfigError("experiment.resume is empty: give a job folder, an MLflow run id, or latest")
+    if not 0 < cfg.tracking.live_cpu <= 1:
+        raise ConfigError(f"tracking.live_cpu={cfg.tracking.live_cpu} is out of range: allowed > 0 and <= 1")
     if cfg.tracking.reconnect_timeout < 0:
         raise ConfigError(f"tracking.reconnect_timeout={cfg.tracking.reconnect_timeout} is out of range: allowed >= 0")
     if not OmegaConf.is_dict(cfg.dataset) or "_target_" not in cfg.dataset:

@@ -346,6 +346,7 @@ def start_tracking(tracking: TrackingSidecar, settings: RunSettings, config: Map
         "config": run_params(config),  # resolved and redacted once, in _run
         "client": description,
         "traces": track.traces,
+        "live_cpu": track.live_cpu,
         "output_dir": str(output_dir),
         "resume_run_id": earlier.run_id if earlier else None,
         "resuming": settings.config.experiment.resume is not None,

@@ -57,6 +57,14 @@ def test_out_of_range_names_the_key(api_env):
         create_client(compose_cfg("llm=openai", "retry.max_attempts=0"))
 
 
+@pytest.mark.parametrize("share", ["0", "-0.5", "1.5"])
+def test_a_live_cpu_share_out_of_range_names_the_key(share):
+    from pikeclient.config.schema import validate
+
+    with pytest.raises(ConfigError, match=rf"tracking.live_cpu={float(share)} is out of range: allowed > 0 and <= 1"):
+        validate(compose_cfg(f"tracking.live_cpu={share}"))
+
+
 def test_negative_reconnect_timeout_names_the_key():
     from pikeclient.config.schema import validate
 

@@ -192,3 +192,28 @@ def test_a_run_that_is_not_active_takes_no_series(tmp_path):
     client.delete_run(run.run_id)
     with pytest.raises(Exception, match="active"):
         calls.write(CALLS[:1])
+
+
+def test_a_writer_kept_to_its_cpu_share_pauses_and_stop_hands_back_what_it_did_not_write(tmp_path):
+    # tracking.live_cpu: after each chunk the background writer pauses in proportion to the chunk's CPU; a
+    # share this small would pause for ages after its first chunk, and stop() must not wait for that.
+    import threading
+
+    from pikeclient.tracking.process import Background
+
+    _, _, _, calls = store(tmp_path, "share.db")
+    writer = Background(calls, share=1e-9)
+    batch = [(record(n), [{"role": "user", "content": f"q{n}"}]) for n in range(Background.CHUNK + 5)]
+    writer.put(batch)
+    deadline = time.monotonic() + 120
+    while len(calls.trace_ids) < Background.CHUNK and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(calls.trace_ids) == Background.CHUNK  # the first chunk, then the pause
+    left: list = []
+    stopping = threading.Thread(target=lambda: left.extend(writer.stop()))
+    stopping.start()
+    stopping.join(60)
+    assert not stopping.is_alive(), "stop() waited for the writer's pause"
+    assert [r["index"] for r, _ in left] == list(range(Background.CHUNK, Background.CHUNK + 5))
+    calls.write(left)  # what the tracking process then writes at normal priority
+    assert len(calls.trace_ids) == Background.CHUNK + 5
