@@ -66,6 +66,7 @@ class TrackingSidecar:
         self.tracking_uri = ""
         self.run_id: str | None = None
         self.begun = False
+        self.failed: ConfigError | None = None  # what the tracking process answered to open_run instead of a run
         self.pending: list[tuple[dict[str, Any], Any]] = []
         self.closed = False
         # The calls go out through a thread of their own: the tracking process writes in batches, at idle
@@ -96,10 +97,17 @@ class TrackingSidecar:
         """Create (or, resuming, reopen) the run now, before the measured part, and wait until it exists
         (at most ``OPEN_WAIT_S``): its params and dataset are written while no call is being timed (at the
         calls' start they delayed an open loop's sends by up to 50 ms). MLflow's start time is this moment.
-        A tracking server slower than that does not hold up the calls: the run is then awaited as they go."""
+        A tracking server slower than that does not hold up the calls: the run is then awaited as they go.
+        Nor does one that fails now (gone past ``tracking.reconnect_timeout`` while the run was being set up):
+        the calls go on, as when it fails later, and ``finish`` raises its error."""
         self.begin(time.time())
         if self.run_id is None and self.conn.poll(OPEN_WAIT_S):
-            self._expect("run")
+            try:
+                self._expect("run")
+            except ConfigError as error:
+                self.failed = error
+                log.warning("MLflow: %s; the calls go on (records on disk), the job fails after them", error)
+                return
         if self.run_id is None:
             log.warning("MLflow: the run is not created yet after %.0f s; the calls go on meanwhile", OPEN_WAIT_S)
 
@@ -116,7 +124,7 @@ class TrackingSidecar:
         self.pending.append((dict(record), list(item.messages)))
         if len(self.pending) >= SEND_BATCH:
             self._flush()
-        if self.run_id is None and self.conn.poll():
+        if self.run_id is None and self.failed is None and self.conn.poll():
             self._expect("run")
 
     def assess(self, calls: list[tuple[Any, ...]]) -> None:
@@ -129,6 +137,9 @@ class TrackingSidecar:
                output_dir: Path, *, log_records: bool, status: str = "FINISHED") -> Finished:
         """Log the run's results and end it (FINISHED, or FAILED for a run with too many errors); returns
         the run's id and what the tracking process cost (also logged in the run: METRIC_CPU, METRIC_CALLS_CPU)."""
+        if self.failed is not None:  # the tracking process has stopped logging (it reads on, to the end)
+            self._close()
+            raise self.failed
         self._flush()
         self._send(("finish", dict(metrics), dict(tags), int(end_time * 1000), str(records_path), str(output_dir),
                     log_records, status))

@@ -129,3 +129,31 @@ def test_the_calls_are_written_at_idle_priority_and_the_rest_at_normal(sidecar, 
         tracking.add(r, SimpleNamespace(messages=MESSAGES))
     finish(tracking, tmp_path, records)
     assert len(client.get_metric_history(tracking.run_id, SERIES_LATENCY)) == 300
+
+
+def test_a_run_that_fails_while_it_is_set_up_lets_the_calls_go_on_and_fails_at_their_end(tmp_path):
+    # Past tracking.reconnect_timeout a server gone while open_run sets the run up (tests/tracking/
+    # test_scaleout.py hit it by chance once the run was made before the calls): as when it goes later, the
+    # calls go on with their records on disk, and finish raises the tracking process's error in one line.
+    # Here the run's job file cannot be written: the same answer, deterministically.
+    from pikeclient.core.errors import ConfigError
+
+    (tmp_path / "a-file").write_text("")
+    tracking = TrackingSidecar()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.start({"tracking_uri": uri, "experiment_name": "sidecar", "run_name": "calls", "tags": {},
+                    "artifact_root": str(tmp_path / "artifacts"), "config": {}, "traces": True,
+                    "client": {"provider": "openai", "model": "gpt-4o-mini"},
+                    "output_dir": str(tmp_path / "a-file" / "job"), "resume_run_id": None, "resuming": False,
+                    "reconnect_timeout": 5.0, "dataset": {}})
+    try:
+        tracking.wait_ready()
+        tracking.open_run()  # does not raise: the calls are about to start
+        records = [record(n) for n in range(100)]
+        for r in records:
+            tracking.add(r, SimpleNamespace(messages=MESSAGES))
+        with pytest.raises(ConfigError, match=r"^tracking: .*a-file"):
+            finish(tracking, tmp_path, records)
+        assert tracking.process.wait(60) is not None  # and the tracking process is gone
+    finally:
+        tracking.end("KILLED")
