@@ -264,7 +264,15 @@ class MlflowRun:
         profile = json.dumps({"prompts": dataset.get("prompts")})
         entity = Dataset(name=str(dataset["name"]), digest=str(dataset["digest"])[:36], source_type="local",
                          source=json.dumps({"uri": str(dataset["source"])}), profile=profile)
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, [InputTag("mlflow.data.context", "eval")])])
+        inputs = [DatasetInput(entity, [InputTag("mlflow.data.context", "eval")])]
+        try:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        except MlflowException as error:
+            if "duplicate key" not in str(error) and "UNIQUE constraint" not in str(error):
+                raise
+            # Another run of this experiment logged the same prompt set at the same moment (a sweep's jobs
+            # against one server: MLflow looks the dataset up, then inserts it). It exists now: this links it.
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         path = Path(path)
